@@ -1,0 +1,241 @@
+"""Typed, frozen configurations, one per pipeline step.
+
+Each entry point parses its flags into one of these dataclasses, logs it with a single
+``mlflow.log_params(asdict(cfg))`` and passes it down. Field names are the MLproject parameter
+names and the CLI flag names (``image_size`` <-> ``--image-size``), one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+# The real database's class balance (3,616 COVID vs 10,192 Normal): the synthetic default mimics it.
+REAL_PREVALENCE = 3616 / (3616 + 10192)
+
+ENHANCE_METHODS = ("clahe", "gamma", "none")
+CLASS_WEIGHT_SCHEMES = ("none", "inverse", "balanced", "effective")
+THRESHOLD_RULES = ("youden", "sensitivity")
+OBJECTIVES = ("roc_auc", "sens_at_spec")
+PRUNERS = ("median", "percentile", "hyperband", "none")
+
+
+def parse_int_list(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """``"32,32,64"`` -> ``(32, 32, 64)``; an empty string gives an empty tuple."""
+    if isinstance(text, (tuple, list)):
+        return tuple(int(v) for v in text)
+    return tuple(int(part) for part in str(text).replace(" ", "").split(",") if part)
+
+
+def parse_str_list(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"COVID, Normal"`` -> ``("COVID", "Normal")``; keeps spaces inside names (``Viral Pneumonia``)."""
+    if isinstance(text, (tuple, list)):
+        return tuple(str(v) for v in text)
+    return tuple(part.strip() for part in str(text).split(",") if part.strip())
+
+
+def flat_params(cfg: Any) -> dict[str, Any]:
+    """The config as MLflow params: tuples become comma-separated strings (how they are passed in)."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        out[f.name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Everything that turns a decoded grey image into what the model sees.
+
+    Stored with every prepared dataset and every model, so the served model applies exactly the
+    training preprocessing.
+    """
+
+    image_size: int = 128
+    enhance: str = "clahe"
+    clip_limit: float = 2.0
+    tile_grid: int = 8
+    gamma: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.enhance not in ENHANCE_METHODS:
+            raise ValueError(f"enhance={self.enhance!r} is not one of {ENHANCE_METHODS}")
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError(f"image_size={self.image_size} must be between 16 and 1024 pixels")
+        if self.clip_limit <= 0 or self.tile_grid < 1 or self.gamma <= 0:
+            raise ValueError(
+                f"clip_limit ({self.clip_limit}), tile_grid ({self.tile_grid}) and gamma ({self.gamma}) "
+                "must be positive"
+            )
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Flags of ``preprocess``. ``data_dir=""`` means the built-in synthetic set."""
+
+    data_dir: str = ""
+    classes: tuple[str, ...] = ("COVID", "Normal")
+    positive_class: str = "COVID"
+    image_size: int = 128
+    enhance: str = "clahe"
+    clip_limit: float = 2.0
+    tile_grid: int = 8
+    gamma: float = 0.8
+    val_frac: float = 0.1
+    test_frac: float = 0.1
+    seed: int = 42
+    near_dup_distance: int = 4
+    out_dir: str = ".cxrexp/prepared"
+    workers: int = 0
+    max_pixels: int = 64_000_000
+    synthetic_count: int = 1200
+    synthetic_prevalence: float = REAL_PREVALENCE
+    synthetic_size: int = 256
+    synthetic_shortcut: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.positive_class not in self.classes:
+            raise ValueError(
+                f"positive_class={self.positive_class!r} is not among classes={list(self.classes)}"
+            )
+        if len(self.classes) < 2:
+            raise ValueError(f"classes={list(self.classes)}: need at least two classes")
+        if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
+            raise ValueError(
+                f"val_frac={self.val_frac} and test_frac={self.test_frac} must be in (0, 1) and sum below 1"
+            )
+        if not 0 <= self.synthetic_shortcut <= 1:
+            raise ValueError(f"synthetic_shortcut={self.synthetic_shortcut} must be in [0, 1]")
+        self.image_spec()  # validates the image fields
+
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(self.image_size, self.enhance, self.clip_limit, self.tile_grid, self.gamma)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Flags of ``train``. ``data=""`` runs (or reuses) ``preprocess`` with its defaults first."""
+
+    data: str = ""
+    preset: str = "default"
+    filters: tuple[int, ...] = (16, 32, 64, 128)
+    dense: tuple[int, ...] = (64,)
+    dropout: float = 0.2
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 15
+    patience: int = 5
+    lr_patience: int = 2
+    lr_factor: float = 0.5
+    class_weight: str = "inverse"
+    effective_beta: float = 0.999
+    augment: bool = False
+    seed: int = 42
+    threshold_rule: str = "youden"
+    target_sensitivity: float = 0.95
+    n_trials: int = 0
+    study_name: str = "cxrexp"
+    storage: str = ""
+    pruner: str = "median"
+    objective: str = "roc_auc"
+    target_specificity: float = 0.9
+    n_jobs: int = 1
+    trial_timeout: int = 0
+    registered_model_name: str = "cxr-covid-cnn"
+
+    def __post_init__(self) -> None:
+        if self.class_weight not in CLASS_WEIGHT_SCHEMES:
+            raise ValueError(f"class_weight={self.class_weight!r} is not one of {CLASS_WEIGHT_SCHEMES}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule={self.threshold_rule!r} is not one of {THRESHOLD_RULES}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} is not one of {OBJECTIVES}")
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"pruner={self.pruner!r} is not one of {PRUNERS}")
+        if not self.filters:
+            raise ValueError("filters is empty: give at least one conv block, e.g. 32,64")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
+
+
+# The published experiment's settings; `preset=seed` switches every default to these.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "seed": {
+        "filters": (32, 32, 64, 128, 256),
+        "dense": (256, 128),
+        "dropout": 0.2,
+        "learning_rate": 1e-3,
+        "batch_size": 32,
+        "epochs": 25,
+        "patience": 5,
+        "class_weight": "inverse",
+    },
+}
+# Preprocess side of the published experiment (299x299, CLAHE with OpenCV's defaults).
+SEED_IMAGE_SPEC = ImageSpec(image_size=299, enhance="clahe", clip_limit=40.0, tile_grid=8)
+
+
+def apply_preset(cfg: TrainConfig, explicitly_set: set[str]) -> TrainConfig:
+    """Replace defaults (not flags the user set) by the preset's values."""
+    overrides = {k: v for k, v in PRESETS[cfg.preset].items() if k not in explicitly_set}
+    return replace(cfg, **overrides)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Flags of ``evaluate``."""
+
+    model_uri: str = "models:/cxr-covid-cnn@challenger"
+    data: str = ""
+    threshold: float = -1.0  # < 0: the threshold stored with the model
+    prevalence: float = -1.0  # < 0: only the dataset's own prevalence
+    n_bootstrap: int = 1000
+    seed: int = 42
+    gradcam_per_cell: int = 2
+    min_lung_focus: float = 0.5
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """Flags of ``promote``."""
+
+    registered_model_name: str = "cxr-covid-cnn"
+    challenger_alias: str = "challenger"
+    champion_alias: str = "champion"
+    data: str = ""
+    min_sensitivity: float = 0.8
+    min_specificity: float = 0.8
+    min_roc_auc: float = 0.85
+    gate_on_ci_low: bool = False
+    primary_metric: str = "test_roc_auc"
+    margin: float = 0.01
+    require_audit: bool = True
+    dry_run: bool = False
+    rollback: bool = False
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+__all__ = [
+    "REAL_PREVALENCE",
+    "ImageSpec",
+    "PreprocessConfig",
+    "TrainConfig",
+    "EvaluateConfig",
+    "PromoteConfig",
+    "PRESETS",
+    "SEED_IMAGE_SPEC",
+    "apply_preset",
+    "flat_params",
+    "parse_int_list",
+    "parse_str_list",
+    "field_names",
+]
