@@ -1,0 +1,181 @@
+"""The ``cxrexp`` command. Subcommands mirror the MLproject entry points, flag for parameter.
+
+Flags are generated from the frozen config dataclasses, so ``MLproject`` parameters, CLI flags and
+config fields cannot drift apart: ``image_size`` <-> ``--image-size`` <-> ``ImageSpec.image_size``.
+Heavy imports (TensorFlow) happen inside the subcommand that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import MISSING, fields
+from typing import Any, Callable, Sequence
+
+from cxrexp.config import (
+    EvaluateConfig,
+    PreprocessConfig,
+    PromoteConfig,
+    TrainConfig,
+    parse_int_list,
+    parse_str_list,
+)
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, unknown class, wrong model URI): message, no traceback."""
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _converter(default: Any) -> Callable[[str], Any]:
+    if isinstance(default, bool):
+        return parse_bool
+    if isinstance(default, tuple):
+        return parse_int_list if default and isinstance(default[0], int) else parse_str_list
+    return type(default)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag-name`` per dataclass field; unset flags stay None so presets can tell them apart."""
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else None
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_converter(default),
+            default=None,
+            help=f"(default: {shown!r})",
+        )
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> tuple[Any, set[str]]:
+    """(config, names of the flags the user actually gave)."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    try:
+        return cls(**given), set(given)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrexp", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls, text in (
+        ("preprocess", PreprocessConfig, "CLAHE/resize a dataset (or the built-in synthetic one) and split it 80/10/10"),
+        ("train", TrainConfig, "train the CNN (optionally under an Optuna search) and register the best model"),
+        ("evaluate", EvaluateConfig, "test-split metrics with CIs, figures, Grad-CAM, shortcut audit, HTML report"),
+        ("promote", PromoteConfig, "move the challenger to champion when it passes the gates"),
+    ):
+        add_config_flags(sub.add_parser(name, help=text, description=text), cls)
+    main_parser = sub.add_parser("run", help="the whole pipeline: preprocess -> train -> evaluate (reusing finished steps)")
+    main_parser.add_argument("--data-dir", default="")
+    main_parser.add_argument("--image-size", type=int, default=PreprocessConfig.image_size)
+    main_parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    main_parser.add_argument("--n-trials", type=int, default=TrainConfig.n_trials)
+    main_parser.add_argument("--registered-model-name", default=TrainConfig.registered_model_name)
+    predict = sub.add_parser("predict", help="score a folder of X-ray images to CSV")
+    predict.add_argument("--model", required=True, help="models:/name@alias, models:/name/version or runs:/id/model")
+    predict.add_argument("folder", help="folder of PNG/JPEG images (searched recursively)")
+    predict.add_argument("--output", default="predictions.csv")
+    predict.add_argument("--batch-size", type=int, default=64)
+    rollback = sub.add_parser("rollback", help="restore the previous champion")
+    rollback.add_argument("--registered-model-name", default=PromoteConfig.registered_model_name)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "preprocess":
+        from cxrexp.steps import preprocess_step
+
+        cfg, _ = config_from_args(PreprocessConfig, args)
+        preprocess_step.run(cfg)
+        return 0
+    if args.command == "train":
+        from cxrexp.steps import train_step
+
+        cfg, given = config_from_args(TrainConfig, args)
+        train_step.run(cfg, explicitly_set=given)
+        return 0
+    if args.command == "evaluate":
+        from cxrexp.steps import evaluate_step
+
+        cfg, _ = config_from_args(EvaluateConfig, args)
+        evaluate_step.run(cfg)
+        return 0
+    if args.command == "promote":
+        from cxrexp.steps import promote_step
+
+        cfg, _ = config_from_args(PromoteConfig, args)
+        return promote_step.run(cfg)
+    if args.command == "rollback":
+        from cxrexp.steps import promote_step
+
+        return promote_step.rollback(args.registered_model_name)
+    if args.command == "predict":
+        from cxrexp.steps import predict_step
+
+        return predict_step.run(args.model, args.folder, args.output, args.batch_size)
+    if args.command == "run":
+        from cxrexp.steps import main_step
+
+        return main_step.run(
+            data_dir=args.data_dir,
+            image_size=args.image_size,
+            epochs=args.epochs,
+            n_trials=args.n_trials,
+            registered_model_name=args.registered_model_name,
+        )
+    raise AssertionError(args.command)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that carry a message for the user, not a bug: printed without a traceback."""
+    from cxrexp.data import DatasetError
+    from cxrexp.store import PreparedDataError
+
+    types: list[type[BaseException]] = [UserError, DatasetError, PreparedDataError, FileNotFoundError]
+    try:
+        from cxrexp.serving import ModelNotFound
+
+        types.append(ModelNotFound)
+    except ImportError:  # serving needs mlflow's pyfunc; the preprocess-only path must not
+        pass
+    return tuple(types)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _dispatch(args)
+    except user_error_types() as err:
+        print(f"cxrexp {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def entrypoint(command: str) -> None:
+    """Used by the scripts in entrypoints/: ``python entrypoints/train.py --epochs 3``."""
+    sys.exit(main([command, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

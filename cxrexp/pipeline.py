@@ -1,0 +1,275 @@
+"""Preprocess orchestration: discover -> decode/enhance in parallel -> group duplicates -> split -> store.
+
+No MLflow here: the preprocess step (``cxrexp/steps/preprocess.py``) logs what this returns. Work is
+streamed: worker processes decode one image at a time and the parent writes each result straight
+into a memory-mapped array, so peak memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from cxrexp import data as data_mod
+from cxrexp import preprocess, synthetic
+from cxrexp.config import ImageSpec, PreprocessConfig
+from cxrexp.store import DatasetWriter, PreparedDataError, PreparedDataset, open_prepared, stable_hash
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_CLASSES = ("COVID", "Normal")
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    dataset: PreparedDataset
+    reused: bool
+    seconds: float
+
+    @property
+    def skipped(self) -> pd.DataFrame:
+        return self.dataset.skipped()
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One unit of work for a worker: a file (and its mask) or a synthetic image index."""
+
+    row: int
+    path: str = ""
+    mask_path: str | None = None
+    synthetic_index: int = -1
+
+
+# Set once per worker process by _init_worker (spawned workers do not share the parent's globals).
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(spec: ImageSpec, max_pixels: int, synthetic_spec: synthetic.SyntheticSpec | None) -> None:
+    # One OpenCV thread per process: the pool already uses every core.
+    import cv2
+
+    cv2.setNumThreads(1)
+    _WORKER.update(spec=spec, max_pixels=max_pixels, synthetic_spec=synthetic_spec)
+
+
+def _process(task: _Task) -> tuple[int, preprocess.ProcessedImage | None, str]:
+    """Worker body: (row, processed image or None, reason it was skipped)."""
+    spec: ImageSpec = _WORKER["spec"]
+    try:
+        if task.synthetic_index >= 0:
+            return task.row, _process_synthetic(task.synthetic_index), ""
+        return task.row, preprocess.process_file(task.path, task.mask_path, spec, _WORKER["max_pixels"]), ""
+    except preprocess.ImageRejected as err:
+        return task.row, None, err.reason
+    except Exception as err:  # noqa: BLE001 - one bad file must never end the run
+        return task.row, None, f"unexpected error: {type(err).__name__}: {err}"
+
+
+def _process_synthetic(index: int) -> preprocess.ProcessedImage:
+    import hashlib
+
+    spec: ImageSpec = _WORKER["spec"]
+    item = synthetic.make_image(_WORKER["synthetic_spec"], index)
+    return preprocess.ProcessedImage(
+        image=preprocess.prepare(item.image, spec),
+        mask=preprocess.prepare_mask(item.mask, spec.image_size),
+        sha256=hashlib.sha256(item.image.tobytes()).hexdigest(),
+        phash=preprocess.perceptual_hash(item.image),
+        width=item.image.shape[1],
+        height=item.image.shape[0],
+    )
+
+
+def _file_fingerprint(records: list[data_mod.ImageRecord]) -> list[tuple[str, int, int, str]]:
+    """Path, size and mtime of every input: cheap to compute, changes when any file changes."""
+    out = []
+    for rec in records:
+        try:
+            st = os.stat(rec.path)
+            out.append((rec.path, st.st_size, st.st_mtime_ns, rec.mask_path or ""))
+        except OSError:
+            out.append((rec.path, -1, -1, rec.mask_path or ""))
+    return out
+
+
+def _common_params(cfg: PreprocessConfig) -> dict[str, Any]:
+    return {
+        "image_spec": asdict(cfg.image_spec()),
+        "val_frac": cfg.val_frac,
+        "test_frac": cfg.test_frac,
+        "seed": cfg.seed,
+        "near_dup_distance": cfg.near_dup_distance,
+        "max_pixels": cfg.max_pixels,
+    }
+
+
+def _plan(cfg: PreprocessConfig) -> tuple[list[_Task], pd.DataFrame, dict[str, Any], str, synthetic.SyntheticSpec | None]:
+    """Tasks, the per-row input table (source, class, label, mask, patient), params and cache key."""
+    params = _common_params(cfg)
+    if not cfg.data_dir:
+        syn = synthetic.SyntheticSpec(
+            count=cfg.synthetic_count,
+            prevalence=cfg.synthetic_prevalence,
+            size=cfg.synthetic_size,
+            seed=cfg.seed,
+            shortcut=cfg.synthetic_shortcut,
+        )
+        labels = synthetic.labels_for(syn)
+        names = np.where(labels == 1, SYNTHETIC_CLASSES[0], SYNTHETIC_CLASSES[1])
+        inputs = pd.DataFrame(
+            {
+                "source": [f"synthetic://{syn.seed}/{i}" for i in range(syn.count)],
+                "class_name": names,
+                "label": labels.astype(np.int64),
+                "patient_id": [None] * syn.count,
+            }
+        )
+        tasks = [_Task(row=i, synthetic_index=i) for i in range(syn.count)]
+        params.update(
+            source="synthetic",
+            classes=list(SYNTHETIC_CLASSES),
+            positive_class=SYNTHETIC_CLASSES[0],
+            synthetic=asdict(syn),
+            layout="synthetic",
+            notes=[],
+        )
+        key = "synthetic-" + stable_hash(params)
+        return tasks, inputs, params, key, syn
+
+    found = data_mod.discover(cfg.data_dir, cfg.classes, cfg.positive_class)
+    inputs = pd.DataFrame(
+        {
+            "source": [r.path for r in found.records],
+            "class_name": [r.class_name for r in found.records],
+            "label": np.array([r.label for r in found.records], dtype=np.int64),
+            "patient_id": [r.patient_id for r in found.records],
+        }
+    )
+    tasks = [_Task(row=i, path=r.path, mask_path=r.mask_path) for i, r in enumerate(found.records)]
+    params.update(
+        source=str(Path(cfg.data_dir).expanduser().resolve()),
+        classes=list(cfg.classes),
+        positive_class=cfg.positive_class,
+        synthetic=None,
+        layout=found.layout,
+        notes=list(found.notes),
+    )
+    key = "data-" + stable_hash({**params, "files": _file_fingerprint(found.records)})
+    return tasks, inputs, params, key, None
+
+
+def _start_method() -> str:
+    """fork starts workers in milliseconds; spawn costs seconds of imports per worker but is the only
+    safe choice once TensorFlow (or another threaded runtime) lives in the parent: forking its threads
+    can deadlock the child."""
+    if sys.platform.startswith("linux") and "tensorflow" not in sys.modules:
+        return "fork"
+    return "spawn"
+
+
+def _results(tasks: list[_Task], workers: int, init_args: tuple) -> Iterator[tuple[int, Any, str]]:
+    if workers <= 1:
+        _init_worker(*init_args)
+        yield from map(_process, tasks)
+        return
+    ctx = multiprocessing.get_context(_start_method())
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        yield from pool.imap_unordered(_process, tasks, chunksize=max(1, min(64, len(tasks) // (workers * 8) or 1)))
+
+
+def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
+    """Prepare the dataset described by ``cfg`` (or reuse the identical prepared one).
+
+    Raises ``data.DatasetError`` for a missing folder or unknown class and ``PreparedDataError`` when a
+    class is left with no usable image; in both cases nothing is left on disk that looks valid.
+    """
+    started = time.perf_counter()
+    tasks, inputs, params, key, syn = _plan(cfg)
+    final = Path(cfg.out_dir).expanduser().resolve() / key
+    if (final / "COMPLETE").is_file():
+        try:
+            return PreprocessResult(open_prepared(final), reused=True, seconds=time.perf_counter() - started)
+        except PreparedDataError as err:
+            log.warning("cached prepared dataset unusable, rebuilding: %s", err)
+
+    spec = cfg.image_spec()
+    workers = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
+    workers = min(workers, max(1, len(tasks)))
+    n = len(tasks)
+    sha = [""] * n
+    phash = np.zeros(n, dtype=np.uint64)
+    ok = np.zeros(n, dtype=bool)
+    has_mask = np.zeros(n, dtype=bool)
+    width = np.zeros(n, dtype=np.int64)
+    height = np.zeros(n, dtype=np.int64)
+    skipped: list[tuple[str, str]] = []
+
+    with DatasetWriter(cfg.out_dir, key, n, spec.image_size) as writer:
+        bar = tqdm(total=n, desc="preprocess", unit="img", disable=not progress, file=sys.stderr)
+        for row, item, reason in _results(tasks, workers, (spec, cfg.max_pixels, syn)):
+            bar.update(1)
+            if item is None:
+                source = inputs.at[row, "source"]
+                skipped.append((source, reason))
+                log.warning("skipped %s: %s", source, reason)
+                continue
+            writer.write(row, item.image, item.mask)
+            ok[row] = True
+            sha[row] = item.sha256
+            phash[row] = np.uint64(item.phash)
+            has_mask[row] = item.mask is not None
+            width[row], height[row] = item.width, item.height
+        bar.close()
+
+        kept = np.flatnonzero(ok)
+        labels = inputs["label"].to_numpy()[kept]
+        _check_classes(inputs, kept, params["classes"], skipped)
+        dup = data_mod.duplicate_groups([sha[i] for i in kept], phash[kept], cfg.near_dup_distance)
+        patients = inputs["patient_id"].to_numpy()[kept]
+        groups = data_mod.merge_groups(dup, list(patients))
+        split = data_mod.stratified_group_split(labels, groups, cfg.val_frac, cfg.test_frac, cfg.seed)
+        manifest = pd.DataFrame(
+            {
+                "row": kept.astype(np.int64),
+                "source": inputs["source"].to_numpy()[kept],
+                "class_name": inputs["class_name"].to_numpy()[kept],
+                "label": labels.astype(np.int64),
+                "split": split,
+                "sha256": [sha[i] for i in kept],
+                "phash": [format(int(v), "016x") for v in phash[kept]],
+                "dup_group": dup,
+                "group": groups,
+                "patient_id": [p if p is not None else "" for p in patients],
+                "has_mask": has_mask[kept],
+                "width": width[kept],
+                "height": height[kept],
+            }
+        )
+        params["n_duplicate_groups"] = data_mod.count_duplicate_groups(dup)
+        params["cache_key"] = key
+        skipped_frame = pd.DataFrame(skipped, columns=["path", "reason"]).sort_values("path", kind="stable")
+        dataset = writer.finish(manifest, params, skipped_frame)
+    return PreprocessResult(dataset, reused=False, seconds=time.perf_counter() - started)
+
+
+def _check_classes(inputs: pd.DataFrame, kept: np.ndarray, classes: list[str], skipped: list[tuple[str, str]]) -> None:
+    usable = set(inputs["class_name"].to_numpy()[kept])
+    empty = [c for c in classes if c not in usable]
+    if empty:
+        sample = "; ".join(f"{Path(p).name}: {r}" for p, r in skipped[:5])
+        raise PreparedDataError(
+            f"class(es) {empty} have no usable image after skipping {len(skipped)} file(s)"
+            + (f" (e.g. {sample})" if sample else "")
+            + ": fix or replace the files, or leave the class out with -P classes=..."
+        )

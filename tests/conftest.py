@@ -1,0 +1,74 @@
+"""Shared fixtures. Expensive things (a prepared dataset, a trained model) are made once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CXR_MINI = PROJECT_ROOT.parent / "shared" / "data" / "cxr-mini"
+
+# Quiet, deterministic TensorFlow on the 2-core CI machine.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def cxr_mini() -> Path:
+    if not (CXR_MINI / "COVID" / "images").is_dir():
+        pytest.skip(f"real data not found at {CXR_MINI} (the shared cxr-mini set sits beside the project)")
+    return CXR_MINI
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh MLflow store (sqlite + local artifacts) for one test."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)  # mlruns/ artifacts and .cxrexp/ caches land in the temp folder
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def session_store(tmp_path_factory):
+    """One MLflow store shared by the session-scoped pipeline fixtures (train once, use many times)."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("session-mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        yield root
+        mlflow.set_tracking_uri(None)
+
+
+def tiny_preprocess_config(out_dir: Path, **overrides):
+    from cxrexp.config import PreprocessConfig
+
+    settings = dict(
+        out_dir=str(out_dir), image_size=48, synthetic_count=240, synthetic_size=128,
+        synthetic_prevalence=0.4, workers=1,
+    )
+    settings.update(overrides)
+    return PreprocessConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def synthetic_prepared(tmp_path_factory):
+    """A small prepared synthetic dataset (48 px, 240 images), prepared once."""
+    from cxrexp.pipeline import run_preprocess
+
+    out = tmp_path_factory.mktemp("prepared")
+    return run_preprocess(tiny_preprocess_config(out), progress=False).dataset
