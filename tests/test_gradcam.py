@@ -1,0 +1,254 @@
+"""cxrexp.gradcam: heatmaps on tiny functional models (32 px, 2 conv blocks), overlays, the audit."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from cxrexp import gradcam
+
+SIZE = 32
+
+
+def tiny_cnn(logit_initializer: str = "glorot_uniform") -> keras.Model:
+    """The model.py contract in miniature: input "image", block{i}_conv, "logit", "probability"."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 1), name="image")
+    x = inputs
+    for i, filters in enumerate((4, 8), start=1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"block{i}_conv")(x)
+        x = keras.layers.MaxPooling2D(name=f"block{i}_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    logit = keras.layers.Dense(1, kernel_initializer=logit_initializer, name="logit")(x)
+    probability = keras.layers.Activation("sigmoid", name="probability")(logit)
+    return keras.Model(inputs, probability, name="tiny_cnn")
+
+
+def brightness_cnn() -> keras.Model:
+    """Hand-set weights: feature map = image (1x1 conv, weight 1), logit = its mean.
+
+    The gradient of the logit is uniform over the map, so Grad-CAM = relu(image) / max: the heatmap
+    must reproduce the image's bright region exactly.
+    """
+    inputs = keras.Input((SIZE, SIZE, 1), name="image")
+    x = keras.layers.Conv2D(1, 1, use_bias=False, kernel_initializer="ones", name="block1_conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    logit = keras.layers.Dense(1, kernel_initializer="ones", bias_initializer="zeros", name="logit")(x)
+    return keras.Model(inputs, keras.layers.Activation("sigmoid", name="probability")(logit))
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.random((3, SIZE, SIZE, 1)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model_and_reloaded(tmp_path_factory):
+    model = tiny_cnn()
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    model.save(path)
+    return model, keras.saving.load_model(path)
+
+
+def test_last_conv_layer_name(model_and_reloaded):
+    model, reloaded = model_and_reloaded
+    assert gradcam.last_conv_layer_name(model) == "block2_conv"
+    assert gradcam.last_conv_layer_name(reloaded) == "block2_conv"
+
+
+def test_last_conv_layer_name_without_conv_raises():
+    inputs = keras.Input((4,), name="image")
+    model = keras.Model(inputs, keras.layers.Dense(1, name="logit")(inputs))
+    with pytest.raises(ValueError, match="no Conv2D"):
+        gradcam.last_conv_layer_name(model)
+
+
+@pytest.mark.parametrize("conv_layer", [None, "block1_conv"])
+def test_gradcam_shape_range_and_reload(model_and_reloaded, images, conv_layer):
+    model, reloaded = model_and_reloaded
+    heatmaps = gradcam.gradcam(model, images, conv_layer)
+    assert heatmaps.shape == (3, SIZE, SIZE) and heatmaps.dtype == np.float32
+    assert np.isfinite(heatmaps).all()
+    assert heatmaps.min() >= 0 and heatmaps.max() <= 1
+    assert heatmaps.reshape(3, -1).max(axis=1) == pytest.approx(1.0, abs=1e-4)  # normalised per image
+    np.testing.assert_allclose(gradcam.gradcam(reloaded, images, conv_layer), heatmaps, atol=1e-6)
+
+
+def test_gradcam_batches_agree(model_and_reloaded, images):
+    model, _ = model_and_reloaded
+    together = gradcam.gradcam(model, images)
+    one_by_one = gradcam.gradcam(model, images, batch_size=1)
+    np.testing.assert_allclose(one_by_one, together, atol=1e-5)
+
+
+def test_gradcam_reproduces_the_bright_region():
+    image = np.zeros((1, SIZE, SIZE, 1), dtype=np.float32)
+    image[0, 8:16, 20:28, 0] = 0.8
+    heatmap = gradcam.gradcam(brightness_cnn(), image)[0]
+    expected = np.zeros((SIZE, SIZE), dtype=np.float32)
+    expected[8:16, 20:28] = 1.0
+    np.testing.assert_allclose(heatmap, expected, atol=1e-5)
+
+
+def test_all_zero_heatmap_stays_zero():
+    heatmaps = gradcam.gradcam(tiny_cnn(logit_initializer="zeros"), np.full((2, SIZE, SIZE, 1), 0.5, np.float32))
+    assert np.isfinite(heatmaps).all()
+    assert heatmaps.max() == 0.0
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((1, SIZE, SIZE, 1), np.uint8), "divide by 255"),
+        (np.full((1, SIZE, SIZE, 1), 2.0, np.float32), "in \\[0, 1\\]"),
+        (np.zeros((1, SIZE, SIZE, 3), np.float32), "\\(B, S, S, 1\\)"),
+    ],
+)
+def test_gradcam_bad_images_raise(model_and_reloaded, bad, message):
+    with pytest.raises(ValueError, match=message):
+        gradcam.gradcam(model_and_reloaded[0], bad)
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Overlays
+
+
+def test_overlay_blends_jet_over_the_image():
+    image = np.full((SIZE, SIZE), 100, np.uint8)
+    heatmap = np.zeros((SIZE, SIZE), np.float32)
+    heatmap[:, SIZE // 2 :] = 1.0
+    out = gradcam.overlay(image, heatmap, alpha=0.5)
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+    # jet(0) is dark blue (0, 0, 128), jet(1) dark red (128, 0, 0), in RGB: 0.5 * 100 + 0.5 * jet.
+    np.testing.assert_allclose(out[0, 0], [50, 50, 114], atol=2)
+    np.testing.assert_allclose(out[0, -1], [114, 50, 50], atol=2)
+
+
+def test_overlay_resizes_a_smaller_heatmap():
+    out = gradcam.overlay(np.zeros((SIZE, SIZE), np.uint8), np.ones((8, 8)))
+    assert out.shape == (SIZE, SIZE, 3)
+
+
+def test_contour_overlay_draws_only_around_the_hot_region():
+    image = np.full((SIZE, SIZE), 60, np.uint8)
+    heatmap = np.zeros((SIZE, SIZE), np.float32)
+    heatmap[10:20, 10:20] = 1.0
+    out = gradcam.contour_overlay(image, heatmap, levels=(0.5, 0.75))
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+    changed = np.any(out != 60, axis=2)
+    rows, cols = np.nonzero(changed)
+    assert changed.any()
+    assert rows.min() >= 9 and rows.max() <= 20 and cols.min() >= 9 and cols.max() <= 20
+    assert not changed[15, 15]  # the inside of the region keeps the anatomy visible
+
+
+# ---------------------------------------------------------------------------------------------- #
+# Shortcut audit
+
+
+@pytest.mark.parametrize(
+    "size, frac, width",
+    [(32, 0.12, 4), (100, 0.1, 10), (10, 0.01, 1)],  # round(3.84) = 4; at least one pixel
+)
+def test_border_band(size, frac, width):
+    band = gradcam.border_band(size, frac)
+    assert band.shape == (size, size) and band.dtype == bool
+    assert band[:width].all() and band[:, -width:].all()
+    assert not band[width:-width, width:-width].any()
+    assert band.sum() == size * size - (size - 2 * width) ** 2
+
+
+def test_estimate_lung_mask_is_two_lungs_inside_the_border():
+    mask = gradcam.estimate_lung_mask(np.zeros((64, 64), np.uint8))
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+    assert not (mask.astype(bool) & gradcam.border_band(64)).any()
+    assert mask[30, 18] == 1 and mask[30, 45] == 1  # mid-height of each half: lung
+    assert mask[30, 32] == 0  # the mediastinum between them
+    assert 0.25 < mask.mean() < 0.5
+
+
+def hand_heatmaps():
+    size = 32
+    lung = gradcam.estimate_lung_mask(np.zeros((size, size), np.uint8))
+    border = gradcam.border_band(size)
+    half = np.zeros((size, size))
+    half[0, 0] = 1.0  # border corner
+    half[15, 9] = 1.0  # inside the left lung
+    return {
+        # id: (heatmap, lung_mask, lung_focus, border_share)
+        "all mass in lung": (lung.astype(float), lung, 1.0, 0.0),
+        "all mass in border": (border.astype(float), lung, 0.0, 1.0),
+        "half and half": (half, lung, 0.5, 0.5),
+    }
+
+
+@pytest.mark.parametrize("case", hand_heatmaps().values(), ids=hand_heatmaps().keys())
+def test_focus_scores(case):
+    heatmap, lung_mask, lung_focus, border_share = case
+    scores = gradcam.focus_scores(heatmap, lung_mask)
+    assert scores["lung_focus"] == pytest.approx(lung_focus)
+    assert scores["border_share"] == pytest.approx(border_share)
+    assert scores["reason"] == ""
+
+
+def test_focus_scores_all_zero_heatmap_is_nan_with_reason():
+    scores = gradcam.focus_scores(np.zeros((32, 32)), np.ones((32, 32), np.uint8))
+    assert math.isnan(scores["lung_focus"]) and math.isnan(scores["border_share"])
+    assert "all-zero" in scores["reason"]
+
+
+def test_focus_scores_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="same square shape"):
+        gradcam.focus_scores(np.ones((32, 32)), np.ones((16, 16)))
+
+
+NAN_SCORE = {"lung_focus": float("nan"), "border_share": float("nan"), "reason": "all-zero heatmap"}
+
+
+@pytest.mark.parametrize(
+    "lung_focus, min_lung_focus, passed, n, mean",
+    [
+        ([0.9, 0.7, 0.5], 0.5, True, 3, 0.7),
+        ([0.4, 0.3, 0.5], 0.5, False, 3, 0.4),
+        ([0.5], 0.5, True, 1, 0.5),  # the gate is inclusive
+        ([0.9, None], 0.5, True, 1, 0.9),  # None: an all-zero heatmap, skipped
+        ([None, None], 0.5, False, 0, float("nan")),
+    ],
+)
+def test_audit(lung_focus, min_lung_focus, passed, n, mean):
+    scores = [
+        NAN_SCORE if value is None else {"lung_focus": value, "border_share": 1 - value, "reason": ""}
+        for value in lung_focus
+    ]
+    result = gradcam.audit(scores, min_lung_focus)
+    assert result.passed is passed and result.n == n
+    if math.isnan(mean):
+        assert math.isnan(result.lung_focus_mean) and "no usable heatmap" in result.reason
+    else:
+        assert result.lung_focus_mean == pytest.approx(mean)
+        assert result.border_share_mean == pytest.approx(1 - mean)
+    if None in lung_focus:
+        assert "all-zero heatmaps skipped" in result.reason
+    if not passed and n:
+        assert "outside the lungs" in result.reason
+
+
+def test_audit_median():
+    scores = [{"lung_focus": v, "border_share": 0.0, "reason": ""} for v in (0.1, 0.8, 0.9)]
+    assert gradcam.audit(scores, 0.5).lung_focus_median == pytest.approx(0.8)
+
+
+def test_gradcam_on_build_cnn_after_reload(tmp_path, images):
+    """The real model contract (cxrexp.model.build_cnn), saved and reloaded from .keras."""
+    model_mod = pytest.importorskip("cxrexp.model", reason="cxrexp.model not written yet")
+    model = model_mod.build_cnn(SIZE, (4, 8), (8,), 0.2, 0)
+    model.save(tmp_path / "cnn.keras")
+    reloaded = keras.saving.load_model(tmp_path / "cnn.keras")
+    assert gradcam.last_conv_layer_name(reloaded) == model_mod.last_conv_layer_name(reloaded) == "block2_conv"
+    heatmaps = gradcam.gradcam(reloaded, images)
+    assert heatmaps.shape == (3, SIZE, SIZE) and np.isfinite(heatmaps).all()
+    np.testing.assert_allclose(heatmaps, gradcam.gradcam(model, images), atol=1e-6)
