@@ -17,6 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cxrexp.model import last_conv_layer_name
+
 LOGIT_LAYER = "logit"
 # Below this total mass a heatmap is "all zero": the model's logit did not depend on any location.
 _MASS_EPS = 1e-8
@@ -27,17 +29,6 @@ _NORM_EPS = 1e-12
 
 # --------------------------------------------------------------------------------------------------
 # Heatmaps
-
-
-def last_conv_layer_name(model: keras.Model) -> str:
-    """Name of the last ``Conv2D`` layer of ``model`` (in layer order); ValueError if there is none."""
-    for layer in reversed(model.layers):
-        if isinstance(layer, keras.layers.Conv2D):
-            return layer.name
-    raise ValueError(
-        f"model {model.name!r} has no Conv2D layer (layers: {[layer.name for layer in model.layers]}); "
-        "Grad-CAM needs a convolutional feature map"
-    )
 
 
 def _check_images(images) -> np.ndarray:

@@ -8,7 +8,6 @@ built-in Keras layer, so a saved ``.keras`` file loads in a process that never i
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import keras
@@ -25,7 +24,6 @@ _DENSE_SEED_OFFSET = 1000
 _DROPOUT_SEED_OFFSET = 2000
 _LOGIT_SEED_OFFSET = 3000
 
-_CONV_NAME = re.compile(r"^block(\d+)_conv$")
 
 
 def conv_block(x, filters: int, index: int, seed: int):
@@ -120,19 +118,17 @@ def build_cnn_from_config(cfg: TrainConfig, image_size: int) -> keras.Model:
 
 
 def last_conv_layer_name(model: keras.Model) -> str:
-    """Name of the deepest ``block{i}_conv`` layer (the Grad-CAM target); ValueError if none."""
-    conv_layers = [
-        (int(match.group(1)), layer.name)
-        for layer in model.layers
-        if (match := _CONV_NAME.match(layer.name))
-    ]
-    if not conv_layers:
-        names = [layer.name for layer in model.layers]
-        raise ValueError(
-            f"model {model.name!r} has no layer named block<i>_conv (layers: {names}); "
-            "build it with cxrexp.model.build_cnn"
-        )
-    return max(conv_layers)[1]
+    """Name of the last ``Conv2D`` layer in layer order (the Grad-CAM target); ValueError if none.
+
+    By type rather than by the ``block{i}_conv`` names, so Grad-CAM also works on models not built here.
+    """
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.layers.Conv2D):
+            return layer.name
+    raise ValueError(
+        f"model {model.name!r} has no Conv2D layer (layers: {[layer.name for layer in model.layers]}); "
+        "Grad-CAM needs a convolutional feature map"
+    )
 
 
 __all__ = [

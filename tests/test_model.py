@@ -121,7 +121,7 @@ def test_build_cnn_from_config_uses_config_fields():
 def test_last_conv_layer_name_without_conv_layers():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(1, name="logit")(inputs))
-    with pytest.raises(ValueError, match="block<i>_conv"):
+    with pytest.raises(ValueError, match="no Conv2D layer"):
         last_conv_layer_name(model)
 
 
