@@ -86,7 +86,7 @@ class PreprocessConfig:
     val_frac: float = 0.1
     test_frac: float = 0.1
     seed: int = 42
-    near_dup_distance: int = 4
+    near_dup_distance: int = 48  # bits of the 256-bit perceptual hash
     out_dir: str = ".cxrexp/prepared"
     workers: int = 0
     max_pixels: int = 64_000_000

@@ -315,13 +315,25 @@ def discover(data_dir: str | Path, classes: Sequence[str], positive_class: str) 
 # --------------------------------------------------------------------------------------------------
 
 
-def _as_uint64(values: Any) -> np.ndarray:
-    """Perceptual hashes as uint64[N]. int64 input is read as the same 64 bits (two's complement)."""
+def _as_words(values: Any) -> np.ndarray:
+    """Perceptual hashes as uint64 words, shape (N, W): a 256-bit hash is 4 words, a 64-bit one 1.
+
+    Accepts a (N, W) unsigned array, a 1-D int array (int64 read as the same 64 bits) or a sequence
+    of Python ints of any width (split into big-endian 64-bit words).
+    """
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
-        return values.astype(np.int64).view(np.uint64) if values.dtype.kind == "i" else values.astype(np.uint64)
+        if values.ndim == 2:
+            return values.astype(np.uint64)
+        words = values.astype(np.int64).view(np.uint64) if values.dtype.kind == "i" else values.astype(np.uint64)
+        return words.reshape(-1, 1)
     # Not np.asarray: a list holding ints >= 2**63 silently becomes float64 and loses bits.
-    values = list(values)
-    return np.fromiter((int(v) & _UINT64_MASK for v in values), dtype=np.uint64, count=len(values))
+    ints = [int(v) for v in values]
+    width = max([1] + [(v.bit_length() + 63) // 64 for v in ints])
+    out = np.zeros((len(ints), width), dtype=np.uint64)
+    for i, v in enumerate(ints):
+        for w in range(width):
+            out[i, width - 1 - w] = (v >> (64 * w)) & _UINT64_MASK
+    return out
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:
@@ -350,15 +362,15 @@ def _first_appearance_ids(labels: np.ndarray) -> np.ndarray:
 def duplicate_groups(sha256: Sequence[str], phash: Any, max_distance: int) -> np.ndarray:
     """Group id per image: int64[N], ids 0..G-1 in order of first appearance.
 
-    Two images share a group when their sha256 strings are equal or their 64-bit perceptual hashes
-    differ in at most ``max_distance`` bits; groups are transitive (a~b and b~c puts a, b, c together,
+    Two images share a group when their sha256 strings are equal or their perceptual hashes (64 or
+    256 bits) differ in at most ``max_distance`` bits; groups are transitive (a~b and b~c puts a, b, c together,
     even if a and c are far apart). ``max_distance < 0`` switches the perceptual test off.
-    ``phash``: uint64[N] array, int64[N] (same bits) or a sequence of Python ints.
+    ``phash``: uint64 (N, W) words, uint64[N]/int64[N] (one word) or a sequence of Python ints.
 
     Cost: all pairs of distinct hashes are compared in blocks of ~4M pairs (about 1 s for N=21,000).
     """
     n = len(sha256)
-    hashes = _as_uint64(phash)
+    hashes = _as_words(phash)
     if len(hashes) != n:
         raise ValueError(f"sha256 has {n} entries but phash has {len(hashes)}; give one of each per image")
     rows = np.arange(n, dtype=np.int64)
@@ -366,15 +378,17 @@ def duplicate_groups(sha256: Sequence[str], phash: Any, max_distance: int) -> np
     _, sha_first, sha_inverse = np.unique(sha_strings, return_index=True, return_inverse=True)
     u, v = [rows], [sha_first[sha_inverse.reshape(-1)]]
     if max_distance >= 0 and n:
-        unique_hashes, hash_first, hash_inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        unique_hashes, hash_first, hash_inverse = np.unique(hashes, axis=0, return_index=True, return_inverse=True)
         u.append(rows)
         v.append(hash_first[hash_inverse.reshape(-1)])
         m = len(unique_hashes)
-        block = max(1, 4_000_000 // m)
+        block = max(1, 4_000_000 // (m * hashes.shape[1]))
         for start in range(0, m, block):
             stop = min(m, start + block)
             # Upper triangle only: each unordered pair of distinct hashes once.
-            distance = _popcount(unique_hashes[start:stop, None] ^ unique_hashes[None, start:])
+            distance = _popcount(unique_hashes[start:stop, None, :] ^ unique_hashes[None, start:, :]).sum(
+                axis=-1, dtype=np.int64
+            )
             close = distance <= max_distance
             close[:, : stop - start] &= np.triu(np.ones((stop - start, stop - start), dtype=bool), k=1)
             a, b = np.nonzero(close)

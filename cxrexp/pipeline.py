@@ -7,6 +7,7 @@ into a memory-mapped array, so peak memory does not grow with the number of imag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -55,12 +56,17 @@ class _Task:
 _WORKER: dict[str, Any] = {}
 
 
+def _configure(spec: ImageSpec, max_pixels: int, synthetic_spec: synthetic.SyntheticSpec | None) -> None:
+    _WORKER.update(spec=spec, max_pixels=max_pixels, synthetic_spec=synthetic_spec)
+
+
 def _init_worker(spec: ImageSpec, max_pixels: int, synthetic_spec: synthetic.SyntheticSpec | None) -> None:
-    # One OpenCV thread per process: the pool already uses every core.
+    # One OpenCV thread per worker: the pool already uses every core. (Under fork the parent has set
+    # 1 before forking, see _opencv_threads, so this call finds nothing to reconfigure.)
     import cv2
 
     cv2.setNumThreads(1)
-    _WORKER.update(spec=spec, max_pixels=max_pixels, synthetic_spec=synthetic_spec)
+    _configure(spec, max_pixels, synthetic_spec)
 
 
 def _process(task: _Task) -> tuple[int, preprocess.ProcessedImage | None, str]:
@@ -91,16 +97,23 @@ def _process_synthetic(index: int) -> preprocess.ProcessedImage:
     )
 
 
-def _file_fingerprint(records: list[data_mod.ImageRecord]) -> list[tuple[str, int, int, str]]:
-    """Path, size and mtime of every input: cheap to compute, changes when any file changes."""
-    out = []
-    for rec in records:
-        try:
-            st = os.stat(rec.path)
-            out.append((rec.path, st.st_size, st.st_mtime_ns, rec.mask_path or ""))
-        except OSError:
-            out.append((rec.path, -1, -1, rec.mask_path or ""))
-    return out
+def _stat(path: str | None) -> tuple[int, int]:
+    if not path:
+        return (0, 0)
+    try:
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    except OSError:
+        return (-1, -1)
+
+
+def _file_fingerprint(records: list[data_mod.ImageRecord]) -> list[tuple[Any, ...]]:
+    """Path, size and mtime of every image and mask, and the patient id: cheap to compute, and it
+    changes when a file is replaced, a mask edited or the metadata spreadsheet regroups patients."""
+    return [
+        (rec.path, *_stat(rec.path), rec.mask_path or "", *_stat(rec.mask_path), rec.patient_id or "")
+        for rec in records
+    ]
 
 
 def _common_params(cfg: PreprocessConfig) -> dict[str, Any]:
@@ -172,20 +185,52 @@ def _plan(cfg: PreprocessConfig) -> tuple[list[_Task], pd.DataFrame, dict[str, A
 def _start_method() -> str:
     """fork starts workers in milliseconds; spawn costs seconds of imports per worker but is the only
     safe choice once TensorFlow (or another threaded runtime) lives in the parent: forking its threads
-    can deadlock the child."""
+    can deadlock the child. OpenCV's own thread pool is made fork-safe by ``_opencv_threads``."""
     if sys.platform.startswith("linux") and "tensorflow" not in sys.modules:
         return "fork"
     return "spawn"
 
 
-def _results(tasks: list[_Task], workers: int, init_args: tuple) -> Iterator[tuple[int, Any, str]]:
+@contextlib.contextmanager
+def _opencv_threads(count: int) -> Iterator[None]:
+    """Run the block with OpenCV limited to ``count`` threads, then restore the caller's setting.
+
+    Why around a fork: once the parent has used OpenCV's thread pool (any cv2.resize or CLAHE on a
+    large image, e.g. a test that drew its images with OpenCV), a forked child inherits the pool's
+    bookkeeping but not its threads, and its first cv2.setNumThreads waits for them forever. With
+    the parent at one thread when it forks, the children have no pool to wait for.
+    """
+    import cv2
+
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(count)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
+
+
+def _chunksize(n_tasks: int, workers: int) -> int:
+    # Small chunks: the last chunk of a slow worker is the wall-clock tail; IPC per chunk is cheap.
+    return max(1, min(16, n_tasks // (workers * 8)))
+
+
+@contextlib.contextmanager
+def _processed(tasks: list[_Task], workers: int, init_args: tuple) -> Iterator[Iterator[tuple[int, Any, str]]]:
+    """Yields an iterator of worker results ``(row, ProcessedImage | None, reason)`` in any order.
+
+    The pool is started when the block is entered, before the caller starts threads of its own (a
+    progress bar's monitor), and is terminated when the block is left, error or not.
+    """
     if workers <= 1:
-        _init_worker(*init_args)
-        yield from map(_process, tasks)
+        _configure(*init_args)  # in-process: OpenCV keeps its own threads for this one image at a time
+        yield map(_process, tasks)
         return
-    ctx = multiprocessing.get_context(_start_method())
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        yield from pool.imap_unordered(_process, tasks, chunksize=max(1, min(64, len(tasks) // (workers * 8) or 1)))
+    method = _start_method()
+    ctx = multiprocessing.get_context(method)
+    guard = _opencv_threads(1) if method == "fork" else contextlib.nullcontext()
+    with guard, ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        yield pool.imap_unordered(_process, tasks, chunksize=_chunksize(len(tasks), workers))
 
 
 def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
@@ -208,7 +253,7 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
     workers = min(workers, max(1, len(tasks)))
     n = len(tasks)
     sha = [""] * n
-    phash = np.zeros(n, dtype=np.uint64)
+    phash = [0] * n  # python ints: 256-bit perceptual hashes
     ok = np.zeros(n, dtype=bool)
     has_mask = np.zeros(n, dtype=bool)
     width = np.zeros(n, dtype=np.int64)
@@ -216,26 +261,35 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
     skipped: list[tuple[str, str]] = []
 
     with DatasetWriter(cfg.out_dir, key, n, spec.image_size) as writer:
-        bar = tqdm(total=n, desc="preprocess", unit="img", disable=not progress, file=sys.stderr)
-        for row, item, reason in _results(tasks, workers, (spec, cfg.max_pixels, syn)):
-            bar.update(1)
-            if item is None:
-                source = inputs.at[row, "source"]
-                skipped.append((source, reason))
-                log.warning("skipped %s: %s", source, reason)
-                continue
-            writer.write(row, item.image, item.mask)
-            ok[row] = True
-            sha[row] = item.sha256
-            phash[row] = np.uint64(item.phash)
-            has_mask[row] = item.mask is not None
-            width[row], height[row] = item.width, item.height
-        bar.close()
+        with _processed(tasks, workers, (spec, cfg.max_pixels, syn)) as results, \
+                tqdm(total=n, desc="preprocess", unit="img", disable=not progress, file=sys.stderr) as bar:
+            for row, item, reason in results:
+                bar.update(1)
+                if item is None:
+                    source = inputs.at[row, "source"]
+                    skipped.append((source, reason))
+                    log.warning("skipped %s: %s", source, reason)
+                    continue
+                mask_problem = getattr(item, "mask_problem", None)  # not part of the ProcessedImage contract
+                if mask_problem:
+                    log.warning("mask of %s unusable (%s): stored without a mask", inputs.at[row, "source"], mask_problem)
+                writer.write(row, item.image, item.mask)
+                ok[row] = True
+                sha[row] = item.sha256
+                phash[row] = item.phash
+                has_mask[row] = item.mask is not None
+                width[row], height[row] = item.width, item.height
 
         kept = np.flatnonzero(ok)
         labels = inputs["label"].to_numpy()[kept]
         _check_classes(inputs, kept, params["classes"], skipped)
-        dup = data_mod.duplicate_groups([sha[i] for i in kept], phash[kept], cfg.near_dup_distance)
+        dup = data_mod.duplicate_groups(
+            [sha[i] for i in kept],
+            [phash[i] for i in kept],
+            # Synthetic images are distinct by construction, and all share one anatomy template that a
+            # perceptual hash cannot tell apart: only exact copies would be duplicates there.
+            -1 if syn is not None else cfg.near_dup_distance,
+        )
         patients = inputs["patient_id"].to_numpy()[kept]
         groups = data_mod.merge_groups(dup, list(patients))
         split = data_mod.stratified_group_split(labels, groups, cfg.val_frac, cfg.test_frac, cfg.seed)
@@ -247,7 +301,7 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
                 "label": labels.astype(np.int64),
                 "split": split,
                 "sha256": [sha[i] for i in kept],
-                "phash": [format(int(v), "016x") for v in phash[kept]],
+                "phash": [format(phash[i], f"0{preprocess.PHASH_BITS // 4}x") for i in kept],
                 "dup_group": dup,
                 "group": groups,
                 "patient_id": [p if p is not None else "" for p in patients],

@@ -451,14 +451,21 @@ def prepare_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return (scaled >= 128).astype(np.uint8)
 
 
-def perceptual_hash(grey: np.ndarray) -> int:
-    """64-bit DCT perceptual hash (imagehash.phash) of a uint8 HxW image as a python int in [0, 2**64).
+# 16x16 = 256 bits. Chest X-rays all look alike to a 64-bit phash: on real images (cxr-mini) 64-bit
+# hashes put different patients within 4 bits of each other, while at 256 bits the true near-duplicates
+# (the same film re-exported, or with arrows and a date burned in) sit at <= 40 and different films at
+# >= 52 (docs/usage.md).
+PHASH_SIZE = 16
+PHASH_BITS = PHASH_SIZE * PHASH_SIZE
 
-    Near-duplicates (re-encoded, rescaled, slightly brightened) differ in few bits. The value can
-    exceed int64: store it as uint64 or text.
+
+def perceptual_hash(grey: np.ndarray) -> int:
+    """256-bit DCT perceptual hash (imagehash.phash, hash_size 16) of a uint8 HxW image.
+
+    A python int in [0, 2**256). Near-duplicates (re-encoded, rescaled, annotated) differ in few bits.
     """
     _require_grey_uint8(grey, "perceptual_hash")
-    bits = imagehash.phash(Image.fromarray(grey)).hash.flatten()
+    bits = imagehash.phash(Image.fromarray(grey), hash_size=PHASH_SIZE).hash.flatten()
     value = 0
     for bit in bits:
         value = (value << 1) | int(bit)

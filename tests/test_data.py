@@ -417,3 +417,12 @@ def test_split_zero_fraction_split_stays_empty():
     labels = np.array([0, 1] * 50)
     split = stratified_group_split(labels, np.arange(100), 0.2, 0.0, seed=3)
     assert (split == "test").sum() == 0 and (split == "val").sum() == 20
+
+
+def test_duplicate_groups_on_256_bit_hashes():
+    base = (0xDEADBEEF << 192) | (0x12345678 << 100) | 0xFFFF
+    near = base ^ (1 << 250) ^ (1 << 130) ^ (1 << 3)  # 3 bits apart, spread over three words
+    far = base ^ ((1 << 200) - 1)  # 200 bits apart
+    groups = duplicate_groups(["a", "b", "c"], [base, near, far], max_distance=3)
+    assert groups.tolist() == [0, 0, 1]
+    assert duplicate_groups(["a", "b", "c"], [base, near, far], max_distance=2).tolist() == [0, 1, 2]
