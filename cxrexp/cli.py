@@ -64,12 +64,18 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> tuple[Any, set[str]]:
-    """(config, names of the flags the user actually gave)."""
+    """(config, names of the flags whose value differs from the default).
+
+    "Differs from the default" rather than "was given": ``mlflow run`` passes every MLproject
+    parameter, so a preset could otherwise never fill in anything.
+    """
     given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
     try:
-        return cls(**given), set(given)
+        cfg = cls(**given)
     except ValueError as err:
         raise UserError(str(err)) from err
+    defaults = {f.name: f.default for f in fields(cls)}
+    return cfg, {name for name, value in given.items() if value != defaults[name]}
 
 
 def build_parser() -> argparse.ArgumentParser:

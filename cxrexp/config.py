@@ -41,6 +41,8 @@ def flat_params(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         if isinstance(value, tuple):
             value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = str(value).lower()  # as MLproject and the CLI spell it
         out[f.name] = value
     return out
 
@@ -123,6 +125,9 @@ class TrainConfig:
     filters: tuple[int, ...] = (16, 32, 64, 128)
     dense: tuple[int, ...] = (64,)
     dropout: float = 0.2
+    # Not in the published model; without it the default CNN collapsed to a constant output on the
+    # synthetic set within two epochs (docs/usage.md). preset=seed turns it off.
+    batch_norm: bool = True
     learning_rate: float = 1e-3
     batch_size: int = 32
     epochs: int = 15
@@ -169,6 +174,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "filters": (32, 32, 64, 128, 256),
         "dense": (256, 128),
         "dropout": 0.2,
+        "batch_norm": False,
         "learning_rate": 1e-3,
         "batch_size": 32,
         "epochs": 25,

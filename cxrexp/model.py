@@ -26,11 +26,12 @@ _LOGIT_SEED_OFFSET = 3000
 
 
 
-def conv_block(x, filters: int, index: int, seed: int):
-    """Conv2D 3x3 ('same', ReLU) then MaxPool 2x2: halves the spatial size (floor).
+def conv_block(x, filters: int, index: int, seed: int, batch_norm: bool = False):
+    """Conv2D 3x3 ('same', ReLU) [then BatchNorm] then MaxPool 2x2: halves the spatial size (floor).
 
-    ``x``: a symbolic tensor (B, H, W, C). Layer names ``block{index}_conv`` / ``block{index}_pool``;
-    the conv layer includes its ReLU, so Grad-CAM reads the rectified feature map.
+    ``x``: a symbolic tensor (B, H, W, C). Layer names ``block{index}_conv`` / ``block{index}_bn`` /
+    ``block{index}_pool``; the conv layer includes its ReLU, so Grad-CAM reads the rectified feature
+    map. Batch norm sits after the ReLU so that stays true.
     """
     if filters < 1:
         raise ValueError(f"conv block {index}: filters={filters} must be a positive integer")
@@ -43,6 +44,8 @@ def conv_block(x, filters: int, index: int, seed: int):
         bias_initializer="zeros",
         name=f"block{index}_conv",
     )(x)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name=f"block{index}_bn")(x)
     return keras.layers.MaxPooling2D(pool_size=2, name=f"block{index}_pool")(x)
 
 
@@ -61,12 +64,13 @@ def build_cnn(
     dense: Sequence[int],
     dropout: float,
     seed: int,
+    batch_norm: bool = False,
 ) -> keras.Model:
     """A functional binary classifier.
 
     Input ``image``: float32 (B, S, S, 1) in [0, 1]. Output ``probability``: float32 (B, 1) in
     [0, 1] (1 = positive class), computed as sigmoid of the ``logit`` layer's (B, 1) output.
-    Layers: ``block{i}_conv``/``block{i}_pool`` for i = 1..len(filters), ``flatten``, ``dropout``,
+    Layers: ``block{i}_conv``[/``block{i}_bn``]/``block{i}_pool`` for i = 1..len(filters), ``flatten``, ``dropout``,
     ``dense{i}`` (ReLU) for i = 1..len(dense), ``logit``, ``probability``.
 
     Raises ValueError naming the values when ``filters`` is empty, a width is not positive,
@@ -93,7 +97,7 @@ def build_cnn(
     inputs = keras.Input(shape=(image_size, image_size, 1), dtype="float32", name=INPUT_NAME)
     x = inputs
     for index, width in enumerate(filters, start=1):
-        x = conv_block(x, width, index, seed)
+        x = conv_block(x, width, index, seed, batch_norm)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dropout(dropout, seed=seed + _DROPOUT_SEED_OFFSET, name="dropout")(x)
     for index, units in enumerate(dense, start=1):
@@ -114,7 +118,7 @@ def build_cnn(
 
 def build_cnn_from_config(cfg: TrainConfig, image_size: int) -> keras.Model:
     """``build_cnn`` with the architecture fields of a ``TrainConfig``."""
-    return build_cnn(image_size, cfg.filters, cfg.dense, cfg.dropout, cfg.seed)
+    return build_cnn(image_size, cfg.filters, cfg.dense, cfg.dropout, cfg.seed, cfg.batch_norm)
 
 
 def last_conv_layer_name(model: keras.Model) -> str:

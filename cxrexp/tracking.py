@@ -63,7 +63,12 @@ def step_run(step: str, cfg: Any, *, run_name: str | None = None, nested: bool =
         if commit:
             tags[GIT_TAG] = commit
         mlflow.set_tags(tags)
-        mlflow.log_params({**flat_params(cfg), **(extra_params or {})})
+        # Under `mlflow run` the MLproject parameters are already logged, as the text the user typed
+        # ("1e-3", "true"); MLflow refuses to log a parameter twice, so only the rest is added.
+        already = run.data.params
+        mlflow.log_params(
+            {k: v for k, v in {**flat_params(cfg), **(extra_params or {})}.items() if k not in already}
+        )
         try:
             yield run
         except KeyboardInterrupt:

@@ -1,0 +1,271 @@
+"""The promotion decision: may a challenger model replace the champion? (pure: no MLflow)
+
+The step (``cxrexp/steps/promote_step.py``) gathers the evidence from MLflow (evaluate runs, model
+versions), calls ``decide`` and moves the aliases; this module only weighs numbers.
+
+Gates, each reported in plain words whether it passes or fails:
+
+``sensitivity``, ``specificity``, ``roc_auc``
+    ``test_<metric>`` (or ``test_<metric>_ci_low`` when ``gate_on_ci_low``, the lower end of the
+    bootstrap confidence interval) must be >= its minimum. Equal passes.
+``audit``
+    when ``require_audit``, the evaluate step's shortcut/lung-focus audit must have passed; an
+    unknown result (no audit recorded) fails, since "not checked" is not "fine".
+``champion``
+    the challenger's ``primary_metric`` (point estimate; higher is better) must not be worse than
+    the champion's by more than ``margin``: passes when
+    ``challenger >= champion - margin`` (a tie at exactly ``champion - margin`` passes; a tolerance of
+    ``TIE_TOLERANCE`` absorbs float rounding such as ``0.53 - 0.05 = 0.48000000000000004``). The two
+    figures are only comparable when both were measured on the same prepared dataset
+    (``dataset_digest``); otherwise the gate fails and says so (the step evaluates the champion on
+    the challenger's dataset first, so this is a safety net). With no champion the gate passes: the
+    decision then rests on the other gates alone. A negative ``margin`` demands a strict improvement
+    of at least ``-margin``.
+
+A metric that is missing or NaN (undefined, e.g. no positives in the test split) fails its gate with
+that reason: an undefined figure never lets a model through.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# Gate names, in the order they are reported. They become tag keys (``promotion.<gate>``).
+THRESHOLD_GATES = ("sensitivity", "specificity", "roc_auc")
+AUDIT_GATE = "audit"
+CHAMPION_GATE = "champion"
+GATE_NAMES = (*THRESHOLD_GATES, AUDIT_GATE, CHAMPION_GATE)
+
+METRIC_PREFIX = "test_"
+CI_LOW_SUFFIX = "_ci_low"
+# Absorbs float rounding in "champion - margin" so that a tie as written by a person passes.
+TIE_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Gates:
+    """What a challenger must show. Thresholds are rates/AUCs in [0, 1]; ``margin`` in metric units."""
+
+    min_sensitivity: float = 0.8
+    min_specificity: float = 0.8
+    min_roc_auc: float = 0.85
+    gate_on_ci_low: bool = False
+    primary_metric: str = "test_roc_auc"
+    margin: float = 0.01
+    require_audit: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("min_sensitivity", "min_specificity", "min_roc_auc"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
+                raise ValueError(f"{name}={value!r} must be a number in [0, 1]")
+        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and abs(self.margin) < 1):
+            raise ValueError(f"margin={self.margin!r} must be a finite number in (-1, 1), e.g. 0.01")
+        if not self.primary_metric or not isinstance(self.primary_metric, str):
+            raise ValueError(f"primary_metric={self.primary_metric!r}: give a metric name such as test_roc_auc")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Gates:
+        """The gate fields of a ``PromoteConfig`` (or anything with the same attribute names)."""
+        return cls(
+            min_sensitivity=float(cfg.min_sensitivity),
+            min_specificity=float(cfg.min_specificity),
+            min_roc_auc=float(cfg.min_roc_auc),
+            gate_on_ci_low=bool(cfg.gate_on_ci_low),
+            primary_metric=str(cfg.primary_metric),
+            margin=float(cfg.margin),
+            require_audit=bool(cfg.require_audit),
+        )
+
+    def minimum(self, gate: str) -> float:
+        return float(getattr(self, f"min_{gate}"))
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One model version's test figures, as one evaluate run recorded them.
+
+    ``metrics``: metric name -> float (``test_sensitivity``, ``test_sensitivity_ci_low``, ...; NaN
+    allowed). ``audit_passed``: True/False, or None when no audit result was recorded.
+    ``dataset_digest``: the prepared dataset the figures come from (None when unknown).
+    """
+
+    version: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    audit_passed: bool | None = None
+    dataset_digest: str | None = None
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One gate's outcome: ``value`` measured, ``limit`` it was held to (None where not numeric)."""
+
+    gate: str
+    passed: bool
+    value: float | None
+    limit: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``promote`` is True only when every gate passed.
+
+    ``reasons``: one plain sentence per gate (``GATE_NAMES`` order), starting with ``pass`` or
+    ``FAIL``. ``gate_values``: gate -> {"passed": bool, "value": float|None, "limit": float|None}.
+    """
+
+    promote: bool
+    reasons: list[str]
+    gate_values: dict[str, dict[str, Any]]
+    checks: tuple[GateCheck, ...] = ()
+
+    @property
+    def failed_gates(self) -> list[str]:
+        return [check.gate for check in self.checks if not check.passed]
+
+    @property
+    def verdict(self) -> str:
+        return "promote" if self.promote else "keep the champion"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN becomes None, since JSON has no NaN)."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            return value
+
+        return {
+            "promote": self.promote,
+            "verdict": self.verdict,
+            "failed_gates": self.failed_gates,
+            "reasons": list(self.reasons),
+            "gates": clean(self.gate_values),
+        }
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "missing"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    return f"{value:.4f}"
+
+
+def _metric(metrics: Mapping[str, float], key: str) -> float | None:
+    """The metric as a float; None when absent (NaN is kept: it is a recorded, undefined figure)."""
+    if key not in metrics or metrics[key] is None:
+        return None
+    try:
+        return float(metrics[key])
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _undefined(value: float | None) -> bool:
+    return value is None or math.isnan(value) or math.isinf(value)
+
+
+def _threshold_check(gate: str, challenger: Evidence, gates: Gates) -> GateCheck:
+    key = f"{METRIC_PREFIX}{gate}{CI_LOW_SUFFIX if gates.gate_on_ci_low else ''}"
+    what = f"{key} (lower end of the confidence interval)" if gates.gate_on_ci_low else key
+    limit = gates.minimum(gate)
+    value = _metric(challenger.metrics, key)
+    if value is None:
+        return GateCheck(gate, False, None, limit, f"FAIL {gate}: {key} was not recorded by the evaluate run")
+    if _undefined(value):
+        return GateCheck(
+            gate, False, value, limit,
+            f"FAIL {gate}: {what} is {_fmt(value)} (undefined, e.g. a class missing from the test split)",
+        )
+    passed = value >= limit
+    word, sign = ("pass", ">=") if passed else ("FAIL", "<")
+    return GateCheck(gate, passed, value, limit, f"{word} {gate}: {what} = {_fmt(value)} {sign} minimum {_fmt(limit)}")
+
+
+def _audit_check(challenger: Evidence, gates: Gates) -> GateCheck:
+    known = challenger.audit_passed
+    value = None if known is None else float(bool(known))
+    if not gates.require_audit:
+        result = {None: "unknown", True: "passed", False: "failed"}[known]
+        return GateCheck(AUDIT_GATE, True, value, None, f"pass audit: not required (its result: {result})")
+    if known is None:
+        return GateCheck(
+            AUDIT_GATE, False, None, 1.0,
+            "FAIL audit: no audit result recorded for this version (run evaluate, or set require_audit=false)",
+        )
+    if known:
+        return GateCheck(AUDIT_GATE, True, 1.0, 1.0, "pass audit: the shortcut/lung-focus audit passed")
+    return GateCheck(
+        AUDIT_GATE, False, 0.0, 1.0,
+        "FAIL audit: the shortcut/lung-focus audit failed (the model may look outside the lungs)",
+    )
+
+
+def _champion_check(challenger: Evidence, champion: Evidence | None, gates: Gates) -> GateCheck:
+    key = gates.primary_metric
+    if champion is None:
+        return GateCheck(CHAMPION_GATE, True, None, None, "pass champion: there is no champion yet, nothing to compare with")
+    if challenger.dataset_digest is None or challenger.dataset_digest != champion.dataset_digest:
+        return GateCheck(
+            CHAMPION_GATE, False, None, None,
+            f"FAIL champion: not comparable: the challenger (version {challenger.version}) was evaluated on "
+            f"dataset {challenger.dataset_digest}, the champion (version {champion.version}) on "
+            f"{champion.dataset_digest}; evaluate both on the same dataset",
+        )
+    mine = _metric(challenger.metrics, key)
+    theirs = _metric(champion.metrics, key)
+    for who, value, version in (("challenger", mine, challenger.version), ("champion", theirs, champion.version)):
+        if _undefined(value):
+            state = "was not recorded" if value is None else f"is {_fmt(value)} (undefined)"
+            return GateCheck(
+                CHAMPION_GATE, False, mine, theirs,
+                f"FAIL champion: cannot compare, the {who}'s (version {version}) {key} {state}",
+            )
+    assert mine is not None and theirs is not None
+    floor = theirs - gates.margin
+    passed = mine >= floor - TIE_TOLERANCE
+    difference = mine - theirs
+    word = "pass" if passed else "FAIL"
+    relation = "not worse than" if passed else "worse than"
+    return GateCheck(
+        CHAMPION_GATE, passed, mine, theirs,
+        f"{word} champion: {key} {_fmt(mine)} vs champion version {champion.version}'s {_fmt(theirs)} "
+        f"(difference {difference:+.4f}): {relation} the champion by more than the margin {gates.margin:g}",
+    )
+
+
+def decide(challenger: Evidence, champion: Evidence | None, gates: Gates) -> Decision:
+    """Weigh the challenger against the gates and the champion; every gate is checked and reported."""
+    checks = (
+        *(_threshold_check(gate, challenger, gates) for gate in THRESHOLD_GATES),
+        _audit_check(challenger, gates),
+        _champion_check(challenger, champion, gates),
+    )
+    return Decision(
+        promote=all(check.passed for check in checks),
+        reasons=[check.reason for check in checks],
+        gate_values={
+            check.gate: {"passed": check.passed, "value": check.value, "limit": check.limit} for check in checks
+        },
+        checks=checks,
+    )
+
+
+__all__ = [
+    "AUDIT_GATE",
+    "CHAMPION_GATE",
+    "GATE_NAMES",
+    "THRESHOLD_GATES",
+    "TIE_TOLERANCE",
+    "Decision",
+    "Evidence",
+    "GateCheck",
+    "Gates",
+    "decide",
+]

@@ -1,0 +1,360 @@
+"""The ``promote`` step: judge the challenger against the gates and the champion, move the aliases.
+
+Flow (one MLflow run, tagged ``cxrexp.step=promote``):
+
+1. find ``<name>@challenger`` (and ``<name>@champion``) in the registry;
+2. pick the dataset both are judged on: ``--data`` when given, else the challenger's own prepared
+   dataset (its ``dataset_digest`` tag and its train run's ``cxrexp.prepared_dir``);
+3. for each version, reuse a FINISHED evaluate run on that dataset digest whose ``cxrexp.model_uri``
+   is the version (``models:/<name>/<version>``, or the logged model it was registered from) and
+   that used the model's own threshold; when there is none, run the evaluate step on
+   ``models:/<name>/<version>`` first. The evaluations happen BEFORE the promote run starts, so each
+   is its own top-level run, never nested in the promote run;
+4. ``promotion.decide`` (pure), then (unless ``dry_run``) ``registry.promote`` and
+   ``registry.record_decision``; ``decision.json`` and metrics go to the promote run.
+
+Exit code 0 whether promoted or not: a refusal is a valid answer. 2 when no decision could be made
+(no such model, no challenger alias, no dataset to evaluate on, bad gate settings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+from cxrexp import registry, tracking
+from cxrexp.config import EvaluateConfig, PromoteConfig
+from cxrexp.promotion import Decision, Evidence, Gates, decide
+from cxrexp.store import PreparedDataError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CANNOT_DECIDE = 2
+AUDIT_TAG = "cxrexp.audit"
+AUDIT_METRIC = "audit_passed"
+
+
+class CannotDecide(Exception):
+    """Something the user must fix before a decision is possible; the message says what."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One version's evidence and where it came from."""
+
+    version: ModelVersion
+    run_id: str
+    evidence: Evidence
+    evaluated_now: bool
+
+
+@dataclass(frozen=True)
+class _RollbackParams:
+    """Logged as the params of a rollback run."""
+
+    registered_model_name: str
+
+
+def version_uri(name: str, version: str | int) -> str:
+    return f"models:/{name}/{version}"
+
+
+def equivalent_uris(name: str, version: ModelVersion) -> set[str]:
+    """Model URIs that load exactly this version's artifacts (never an alias: aliases move)."""
+    uris = {version_uri(name, version.version)}
+    if version.source and version.source.startswith(("models:/m-", "runs:/")):
+        uris.add(version.source)  # the logged model it was registered from (e.g. main's evaluate)
+    return uris
+
+
+def _all_experiment_ids(client: MlflowClient) -> list[str]:
+    ids: list[str] = []
+    token = None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            return ids
+
+
+def _used_own_threshold(run: Run) -> bool:
+    """Evaluate runs with a threshold override measured another operating point than the served one."""
+    value = run.data.params.get("threshold")
+    try:
+        return value is None or float(value) < 0
+    except ValueError:
+        return False
+
+
+def find_evaluation(name: str, version: ModelVersion, digest: str) -> Run | None:
+    """The newest FINISHED evaluate run of this version on dataset ``digest`` (model's own threshold)."""
+    client = MlflowClient()
+    wanted = equivalent_uris(name, version)
+    runs = client.search_runs(
+        _all_experiment_ids(client),
+        filter_string=(
+            f"tags.`{tracking.STEP_TAG}` = 'evaluate' and tags.`{tracking.DIGEST_TAG}` = '{digest}' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=500,
+    )
+    for run in runs:
+        if run.data.tags.get(tracking.MODEL_URI_TAG) in wanted and _used_own_threshold(run):
+            return run
+    return None
+
+
+def audit_result(run: Run) -> bool | None:
+    """``cxrexp.audit`` tag (passed/failed), else the ``audit_passed`` metric, else None (unknown)."""
+    tag = str(run.data.tags.get(AUDIT_TAG, "")).strip().lower()
+    if tag in ("passed", "pass", "true", "1"):
+        return True
+    if tag in ("failed", "fail", "false", "0"):
+        return False
+    metric = run.data.metrics.get(AUDIT_METRIC)
+    if metric is None or math.isnan(metric):
+        return None
+    return metric >= 0.5
+
+
+def evidence_from_run(version: ModelVersion, run: Run) -> Evidence:
+    return Evidence(
+        version=str(version.version),
+        metrics=dict(run.data.metrics),
+        audit_passed=audit_result(run),
+        dataset_digest=run.data.tags.get(tracking.DIGEST_TAG),
+    )
+
+
+def target_dataset(cfg: PromoteConfig, challenger: ModelVersion) -> tuple[str, str | None]:
+    """(digest both versions are judged on, prepared folder to evaluate on or None if unknown)."""
+    if cfg.data:
+        dataset = tracking.resolve_prepared(cfg.data)
+        return dataset.digest, str(dataset.root)
+    client = MlflowClient()
+    tags = challenger.tags or {}
+    digest = tags.get("dataset_digest")
+    prepared = None
+    for run_id in dict.fromkeys(r for r in (tags.get("train_run_id"), challenger.run_id) if r):
+        try:
+            run_tags = client.get_run(run_id).data.tags
+        except mlflow.exceptions.MlflowException:
+            continue
+        prepared = prepared or run_tags.get(tracking.PREPARED_DIR_TAG)
+        digest = digest or run_tags.get(tracking.DIGEST_TAG)
+    if not digest:
+        raise CannotDecide(
+            f"version {challenger.version} of {challenger.name} records no dataset (no dataset_digest tag, "
+            "no train run with one): pass --data <prepared folder or preprocess run id>"
+        )
+    return digest, prepared
+
+
+def _run_evaluate(model_uri: str, data: str) -> str:
+    try:
+        from cxrexp.steps import evaluate_step
+    except ImportError as exc:
+        raise CannotDecide(
+            f"no evaluate run found for {model_uri} and the evaluate step is not available ({exc}); "
+            f"run `cxrexp evaluate --model-uri {model_uri} --data {data}` first"
+        ) from exc
+    print(f"evaluating {model_uri} on {data} (no evaluate run on this dataset yet)")
+    # We are not inside the promote run yet; still, under `mlflow run` MLFLOW_RUN_ID names the promote
+    # run and evaluate's start_run would resume it: evaluate must get a run of its own.
+    with tracking.outside_project_run():
+        return evaluate_step.run(EvaluateConfig(model_uri=model_uri, data=data))
+
+
+def ensure_evaluation(name: str, version: ModelVersion, digest: str, data: str | None) -> Evaluation:
+    """Evidence for ``version`` on dataset ``digest``: a finished evaluate run, or a new one."""
+    found = find_evaluation(name, version, digest)
+    if found is not None:
+        return Evaluation(version, found.info.run_id, evidence_from_run(version, found), evaluated_now=False)
+    uri = version_uri(name, version.version)
+    if not data:
+        raise CannotDecide(
+            f"no evaluate run of {uri} on dataset {digest}, and the folder of that dataset is unknown: "
+            "pass --data <prepared folder or preprocess run id>"
+        )
+    run_id = _run_evaluate(uri, data)
+    run = MlflowClient().get_run(run_id)
+    recorded = run.data.tags.get(tracking.DIGEST_TAG)
+    if recorded != digest:
+        raise CannotDecide(
+            f"evaluate run {run_id} of {uri} recorded dataset {recorded!r}, not {digest!r} as asked; "
+            "pass --data explicitly"
+        )
+    return Evaluation(version, run_id, evidence_from_run(version, run), evaluated_now=True)
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _log_decision(cfg: PromoteConfig, decision: Decision, challenger: Evaluation, champion: Evaluation | None,
+                  digest: str, moved: list[str]) -> None:
+    mlflow.set_tags(
+        {
+            "cxrexp.registered_model_name": cfg.registered_model_name,
+            "cxrexp.challenger_version": str(challenger.version.version),
+            "cxrexp.challenger_evaluate_run": challenger.run_id,
+            "cxrexp.champion_version": str(champion.version.version) if champion else "",
+            "cxrexp.champion_evaluate_run": champion.run_id if champion else "",
+            tracking.DIGEST_TAG: digest,
+            "cxrexp.decision": _outcome(decision, cfg.dry_run),
+        }
+    )
+    metrics: dict[str, float] = {"promoted": float(decision.promote and not cfg.dry_run),
+                                 "passed_all_gates": float(decision.promote)}
+    for check in decision.checks:
+        metrics[f"gate_{check.gate}_passed"] = float(check.passed)
+    metrics[f"challenger_{cfg.primary_metric}"] = _as_float(challenger.evidence.metrics.get(cfg.primary_metric))
+    if champion is not None:
+        metrics[f"champion_{cfg.primary_metric}"] = _as_float(champion.evidence.metrics.get(cfg.primary_metric))
+    tracking.log_metrics(metrics)
+    payload = {
+        **decision.to_dict(),
+        "outcome": _outcome(decision, cfg.dry_run),
+        "registered_model_name": cfg.registered_model_name,
+        "dataset_digest": digest,
+        "challenger": {"version": str(challenger.version.version), "evaluate_run": challenger.run_id,
+                       "evaluated_now": challenger.evaluated_now},
+        "champion": None if champion is None else {
+            "version": str(champion.version.version), "evaluate_run": champion.run_id,
+            "evaluated_now": champion.evaluated_now},
+        "settings": asdict(Gates.from_config(cfg)),
+        "dry_run": cfg.dry_run,
+        "alias_moves": moved,
+    }
+    mlflow.log_dict(json.loads(json.dumps(payload, default=str)), "decision.json")
+
+
+def _outcome(decision: Decision, dry_run: bool) -> str:
+    if dry_run:
+        return "would-promote" if decision.promote else "would-refuse"
+    return "promoted" if decision.promote else "refused"
+
+
+def report(cfg: PromoteConfig, decision: Decision, challenger: Evaluation, champion: Evaluation | None,
+           digest: str, moved: list[str]) -> str:
+    name = cfg.registered_model_name
+    against = f"champion version {champion.version.version}" if champion else "no champion"
+    lines = [f"promote {name}: challenger version {challenger.version.version} vs {against}, on dataset {digest}"]
+    for evaluation, who in ((challenger, "challenger"), (champion, "champion")):
+        if evaluation is not None:
+            how = "evaluated now" if evaluation.evaluated_now else "existing evaluation"
+            lines.append(f"  {who} evidence: evaluate run {evaluation.run_id} ({how})")
+    lines += [f"  {reason}" for reason in decision.reasons]
+    version = challenger.version.version
+    if cfg.dry_run:
+        verdict = (f"DRY RUN: version {version} passes every gate and WOULD be promoted; nothing was moved"
+                   if decision.promote else
+                   f"DRY RUN: version {version} would NOT be promoted (failed: {', '.join(decision.failed_gates)}); "
+                   "nothing was moved")
+    elif decision.promote:
+        verdict = f"PROMOTED: version {version} is now {name}@{cfg.champion_alias}"
+    else:
+        keeps = f"@{cfg.champion_alias} stays version {champion.version.version}" if champion else \
+            f"there is still no @{cfg.champion_alias}"
+        verdict = (f"NOT PROMOTED: version {version} failed {len(decision.failed_gates)} gate(s) "
+                   f"({', '.join(decision.failed_gates)}); {keeps}")
+    lines.append(verdict)
+    lines += [f"  {line}" for line in moved]
+    return "\n".join(lines)
+
+
+def _fail(message: str, command: str = "promote") -> int:
+    print(f"cxrexp {command}: {message}", file=sys.stderr)
+    return EXIT_CANNOT_DECIDE
+
+
+def run(cfg: PromoteConfig) -> int:
+    """Decide on ``<name>@<challenger_alias>``; returns the exit code (0 decided, 2 could not decide)."""
+    if cfg.rollback:
+        return rollback(cfg.registered_model_name)
+    name = cfg.registered_model_name
+    try:
+        gates = Gates.from_config(cfg)
+    except ValueError as err:
+        return _fail(f"bad gate settings: {err}")
+    try:
+        challenger_version = registry.get_alias_version(name, cfg.challenger_alias)
+        if challenger_version is None:
+            raise CannotDecide(
+                f"{name} has no @{cfg.challenger_alias} alias (its aliases: {registry.describe_aliases(name)}); "
+                "train a model (`cxrexp train`) or pass --challenger-alias"
+            )
+        champion_version = registry.get_alias_version(name, cfg.champion_alias)
+        if champion_version is not None and str(champion_version.version) == str(challenger_version.version):
+            print(f"{name} version {challenger_version.version} already is @{cfg.champion_alias}: nothing to decide")
+            return EXIT_OK
+        digest, data = target_dataset(cfg, challenger_version)
+        # Evaluations first, outside any run: each evaluate run stays a top-level run of its own.
+        challenger = ensure_evaluation(name, challenger_version, digest, data)
+        champion = ensure_evaluation(name, champion_version, digest, data) if champion_version else None
+    except (CannotDecide, registry.RegistryError, PreparedDataError) as err:
+        return _fail(f"cannot decide: {err}")
+
+    decision = decide(challenger.evidence, champion.evidence if champion else None, gates)
+    with tracking.step_run("promote", cfg) as active:
+        moved: list[str] = []
+        if decision.promote and not cfg.dry_run:
+            move = registry.promote(
+                name, str(challenger_version.version),
+                champion_alias=cfg.champion_alias,
+                previous_alias=registry.PREVIOUS_CHAMPION,
+                challenger_alias=cfg.challenger_alias,
+            )
+            moved = move.describe()
+        if not cfg.dry_run:  # a dry run changes nothing in the registry, tags included
+            registry.record_decision(
+                name, str(challenger_version.version), decision,
+                extra_tags={
+                    "run_id": active.info.run_id,
+                    "dataset_digest": digest,
+                    "champion_version": champion_version.version if champion_version else "",
+                },
+            )
+        _log_decision(cfg, decision, challenger, champion, digest, moved)
+        print(report(cfg, decision, challenger, champion, digest, moved))
+    return EXIT_OK
+
+
+def rollback(name: str) -> int:
+    """Restore ``<name>@previous-champion`` as champion; 0 when something moved, 2 when nothing could."""
+    try:
+        before = registry.aliases(name)
+        if registry.PREVIOUS_CHAMPION not in before:
+            raise registry.NothingToRollBack(
+                f"{name} has no @{registry.PREVIOUS_CHAMPION} alias: nothing to roll back to "
+                f"(aliases: {registry.describe_aliases(name)})"
+            )
+    except registry.RegistryError as err:
+        return _fail(str(err), "rollback")
+    with tracking.step_run("rollback", _RollbackParams(name)):
+        try:
+            move = registry.rollback(name)
+        except registry.NothingToRollBack as err:
+            mlflow.set_tag("cxrexp.decision", "nothing-to-roll-back")
+            return _fail(str(err), "rollback")
+        mlflow.set_tags({"cxrexp.registered_model_name": name, "cxrexp.decision": "rolled-back"})
+        mlflow.log_dict({"registered_model_name": name, "moves": [list(m) for m in move.moves]}, "rollback.json")
+        print(f"rolled back {name}:")
+        for line in move.describe():
+            print(f"  {line}")
+    return EXIT_OK

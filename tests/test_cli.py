@@ -1,0 +1,76 @@
+"""The CLI: flags generated from the configs, presets, booleans, user errors without tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from cxrexp.cli import build_parser, config_from_args, main, parse_bool
+from cxrexp.config import PRESETS, PreprocessConfig, TrainConfig, apply_preset
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("true", True), ("True", True), ("1", True), ("yes", True), ("false", False), ("0", False), ("", False)],
+)
+def test_parse_bool(text, expected):
+    assert parse_bool(text) is expected
+
+
+def test_parse_bool_rejects_other_words():
+    with pytest.raises(argparse.ArgumentTypeError, match="maybe"):
+        parse_bool("maybe")
+
+
+def _train_cfg(argv):
+    args = build_parser().parse_args(["train", *argv])
+    cfg, changed = config_from_args(TrainConfig, args)
+    return apply_preset(cfg, changed)
+
+
+@pytest.mark.parametrize(
+    "argv, field, expected",
+    [
+        ([], "filters", (16, 32, 64, 128)),
+        (["--preset", "seed"], "filters", (32, 32, 64, 128, 256)),
+        (["--preset", "seed"], "dense", (256, 128)),
+        (["--preset", "seed"], "epochs", 25),
+        (["--preset", "seed"], "batch_norm", False),
+        # mlflow run passes every parameter at its default: the preset must still apply
+        (["--preset", "seed", "--epochs", "15", "--filters", "16,32,64,128"], "filters", (32, 32, 64, 128, 256)),
+        # a value other than the default wins over the preset
+        (["--preset", "seed", "--epochs", "3"], "epochs", 3),
+        (["--preset", "seed", "--filters", "8,16"], "filters", (8, 16)),
+    ],
+)
+def test_presets_fill_defaults_only(argv, field, expected):
+    assert getattr(_train_cfg(argv), field) == expected
+
+
+def test_seed_preset_matches_the_published_experiment():
+    seed = PRESETS["seed"]
+    assert seed["filters"] == (32, 32, 64, 128, 256) and seed["dense"] == (256, 128)
+    assert seed["dropout"] == 0.2 and seed["class_weight"] == "inverse" and seed["patience"] == 5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["preprocess", "--positive-class", "Pneumonia"], "positive_class='Pneumonia' is not among"),
+        (["preprocess", "--val-frac", "0.6", "--test-frac", "0.5"], "sum below 1"),
+        (["train", "--class-weight", "heavy"], "class_weight='heavy'"),
+        (["train", "--preset", "huge"], "preset='huge'"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_config_field_is_a_flag():
+    parser = build_parser()
+    args = parser.parse_args(["preprocess", "--data-dir", "x", "--classes", "COVID,Viral Pneumonia",
+                              "--positive-class", "COVID", "--image-size", "64"])
+    cfg, _ = config_from_args(PreprocessConfig, args)
+    assert cfg.classes == ("COVID", "Viral Pneumonia") and cfg.image_size == 64 and cfg.data_dir == "x"

@@ -1,0 +1,171 @@
+"""The pure promotion decision: every gate failing alone, ties, no champion, NaN, CI-low mode."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cxrexp.promotion import GATE_NAMES, Evidence, Gates, decide
+
+NAN = float("nan")
+DIGEST = "d03d723dce7d8233"
+GATES = Gates(min_sensitivity=0.8, min_specificity=0.8, min_roc_auc=0.85, gate_on_ci_low=False,
+              primary_metric="test_roc_auc", margin=0.01, require_audit=True)
+
+# A challenger that passes everything by a clear distance (CI lows pass too).
+GOOD = {
+    "test_sensitivity": 0.90, "test_sensitivity_ci_low": 0.82, "test_sensitivity_ci_high": 0.95,
+    "test_specificity": 0.92, "test_specificity_ci_low": 0.85, "test_specificity_ci_high": 0.97,
+    "test_roc_auc": 0.95, "test_roc_auc_ci_low": 0.90, "test_roc_auc_ci_high": 0.98,
+}
+
+
+def challenger(audit=True, digest=DIGEST, **metrics) -> Evidence:
+    return Evidence(version="3", metrics={**GOOD, **metrics}, audit_passed=audit, dataset_digest=digest)
+
+
+def champion(roc_auc=0.95, digest=DIGEST) -> Evidence:
+    return Evidence(version="2", metrics={**GOOD, "test_roc_auc": roc_auc}, audit_passed=True, dataset_digest=digest)
+
+
+def test_everything_passes_and_every_gate_is_reported():
+    decision = decide(challenger(), champion(), GATES)
+    assert decision.promote is True
+    assert decision.failed_gates == []
+    assert len(decision.reasons) == len(GATE_NAMES) == 5
+    assert all(reason.startswith("pass ") for reason in decision.reasons)
+    assert list(decision.gate_values) == list(GATE_NAMES)
+    assert decision.gate_values["sensitivity"] == {"passed": True, "value": 0.90, "limit": 0.8}
+
+
+@pytest.mark.parametrize(
+    "evidence, champ, failed_gate, words",
+    [
+        (challenger(test_sensitivity=0.79), champion(), "sensitivity", "test_sensitivity = 0.7900 < minimum 0.8000"),
+        (challenger(test_specificity=0.5), champion(), "specificity", "test_specificity = 0.5000 < minimum 0.8000"),
+        # roc 0.84 fails its 0.85 gate but is not worse than a 0.84 champion: only roc_auc fails.
+        (challenger(test_roc_auc=0.84), champion(0.84), "roc_auc", "test_roc_auc = 0.8400 < minimum 0.8500"),
+        (challenger(audit=False), champion(), "audit", "audit failed"),
+        (challenger(audit=None), champion(), "audit", "no audit result recorded"),
+        # 0.92 vs 0.95 with margin 0.01: worse by 0.03.
+        (challenger(test_roc_auc=0.92), champion(0.95), "champion", "difference -0.0300"),
+        (challenger(), champion(digest="other-digest"), "champion", "not comparable"),
+        (challenger(digest=None), champion(), "champion", "not comparable"),
+    ],
+)
+def test_each_gate_failing_alone_refuses_with_its_reason(evidence, champ, failed_gate, words):
+    decision = decide(evidence, champ, GATES)
+    assert decision.promote is False
+    assert decision.failed_gates == [failed_gate]
+    reason = decision.reasons[GATE_NAMES.index(failed_gate)]
+    assert reason.startswith(f"FAIL {failed_gate}:")
+    assert words in reason
+    assert decision.gate_values[failed_gate]["passed"] is False
+
+
+@pytest.mark.parametrize(
+    "mine, theirs, margin, promote",
+    [
+        (0.89, 0.90, 0.01, True),  # exactly champion - margin: a tie passes
+        (0.48, 0.53, 0.05, True),  # a tie as written, though 0.53 - 0.05 is 0.48000000000000004 in floats
+        (0.90, 0.90, 0.0, True),  # equal with no margin
+        (0.8899, 0.90, 0.01, False),  # just below the floor
+        (0.91, 0.90, -0.01, True),  # negative margin: must improve by 0.01, and does exactly
+        (0.905, 0.90, -0.01, False),  # improves, but by less than the demanded 0.01
+        (0.99, 0.90, 0.01, True),
+    ],
+)
+def test_champion_comparison_ties_and_margins(mine, theirs, margin, promote):
+    gates = Gates(min_roc_auc=0.0, margin=margin)
+    decision = decide(challenger(test_roc_auc=mine), champion(theirs), gates)
+    assert decision.promote is promote
+    assert decision.gate_values["champion"] == {"passed": promote, "value": mine, "limit": theirs}
+
+
+def test_no_champion_rests_on_the_gates_alone():
+    passing = decide(challenger(), None, GATES)
+    assert passing.promote is True
+    assert "no champion yet" in passing.reasons[-1]
+    failing = decide(challenger(test_specificity=0.1), None, GATES)
+    assert failing.promote is False and failing.failed_gates == ["specificity"]
+
+
+@pytest.mark.parametrize(
+    "metrics, champ_auc, failed",
+    [
+        ({"test_sensitivity": NAN}, 0.95, ["sensitivity"]),
+        ({"test_roc_auc": NAN}, 0.95, ["roc_auc", "champion"]),  # NaN fails its gate and the comparison
+        ({}, NAN, ["champion"]),  # the champion's figure is undefined: cannot compare
+    ],
+)
+def test_nan_metric_fails_with_a_reason(metrics, champ_auc, failed):
+    decision = decide(challenger(**metrics), champion(champ_auc), GATES)
+    assert decision.promote is False
+    assert decision.failed_gates == failed
+    assert all("NaN" in decision.reasons[GATE_NAMES.index(gate)] for gate in failed)
+
+
+def test_missing_metric_fails_with_a_reason():
+    evidence = Evidence("3", {k: v for k, v in GOOD.items() if k != "test_specificity"}, True, DIGEST)
+    decision = decide(evidence, None, GATES)
+    assert decision.failed_gates == ["specificity"]
+    assert "test_specificity was not recorded" in decision.reasons[1]
+
+
+@pytest.mark.parametrize(
+    "ci_low_mode, sens, sens_ci_low, promote",
+    [
+        (False, 0.85, 0.70, True),  # point estimate passes; its CI low is ignored
+        (True, 0.85, 0.70, False),  # the CI low 0.70 < 0.8 fails
+        (True, 0.85, 0.80, True),  # CI low exactly at the minimum passes
+        (True, 0.85, NAN, False),
+    ],
+)
+def test_ci_low_mode_gates_on_the_lower_end(ci_low_mode, sens, sens_ci_low, promote):
+    gates = Gates(gate_on_ci_low=ci_low_mode)
+    decision = decide(challenger(test_sensitivity=sens, test_sensitivity_ci_low=sens_ci_low), None, gates)
+    assert decision.promote is promote
+    if ci_low_mode:
+        assert "test_sensitivity_ci_low" in decision.reasons[0]
+
+
+def test_ci_low_mode_compares_champion_on_point_estimates():
+    gates = Gates(gate_on_ci_low=True)
+    # CI lows all pass; the point ROC-AUC (0.93) is 0.02 below the champion's: refused by the champion gate only.
+    decision = decide(challenger(test_roc_auc=0.93), champion(0.95), gates)
+    assert decision.failed_gates == ["champion"]
+
+
+def test_audit_not_required_passes_whatever_the_result():
+    gates = Gates(require_audit=False)
+    for audit, word in ((None, "unknown"), (False, "failed"), (True, "passed")):
+        decision = decide(challenger(audit=audit), None, gates)
+        assert decision.promote is True
+        assert f"its result: {word}" in decision.reasons[3]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"min_sensitivity": 1.2}, {"min_roc_auc": -0.1}, {"margin": NAN}, {"margin": 2.0}, {"primary_metric": ""}],
+)
+def test_bad_gate_settings_are_refused(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        Gates(**settings)
+
+
+def test_decision_serialises_to_json_without_nan():
+    decision = decide(challenger(test_sensitivity=NAN), champion(), GATES)
+    payload = decision.to_dict()
+    text = json.dumps(payload, allow_nan=False)  # raises if a NaN slipped through
+    assert json.loads(text)["gates"]["sensitivity"]["value"] is None
+    assert payload["promote"] is False and payload["failed_gates"] == ["sensitivity"]
+
+
+def test_gates_from_config_uses_promote_config_fields():
+    from cxrexp.config import PromoteConfig
+
+    gates = Gates.from_config(PromoteConfig(min_roc_auc=0.7, gate_on_ci_low=True, margin=0.0))
+    assert (gates.min_roc_auc, gates.gate_on_ci_low, gates.margin, gates.require_audit) == (0.7, True, 0.0, True)
+    assert math.isclose(gates.min_sensitivity, 0.8)
