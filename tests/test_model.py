@@ -110,12 +110,21 @@ def test_seeded_initialisers():
 
 
 def test_build_cnn_from_config_uses_config_fields():
-    cfg = TrainConfig(filters=(4, 8), dense=(16,), dropout=0.3, seed=9)
+    cfg = TrainConfig(filters=(4, 8), dense=(16,), dropout=0.3, seed=9, batch_norm=False)
     model = build_cnn_from_config(cfg, 32)
     assert model.count_params() == 8561
     assert model.get_layer("dropout").rate == pytest.approx(0.3)
     reference = build_cnn(32, (4, 8), (16,), 0.3, seed=9)
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), reference.get_weights()))
+
+
+def test_batch_norm_adds_one_layer_per_block_after_the_relu():
+    model = build_cnn_from_config(TrainConfig(filters=(4, 8), dense=(16,), dropout=0.3, seed=9), 32)
+    # 8561 weights without it, plus gamma, beta, moving mean and variance per channel (4 + 8 channels).
+    assert model.count_params() == 8561 + 4 * (4 + 8)
+    names = [layer.name for layer in model.layers]
+    assert names.index("block1_conv") < names.index("block1_bn") < names.index("block1_pool")
+    assert last_conv_layer_name(model) == "block2_conv"
 
 
 def test_last_conv_layer_name_without_conv_layers():
