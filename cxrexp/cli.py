@@ -156,12 +156,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from cxrexp.store import PreparedDataError
 
     types: list[type[BaseException]] = [UserError, DatasetError, PreparedDataError, FileNotFoundError]
-    try:
-        from cxrexp.serving import ModelNotFound
-
-        types.append(ModelNotFound)
-    except ImportError:  # serving needs mlflow's pyfunc; the preprocess-only path must not
-        pass
+    # Only look at modules the command already imported: the preprocess path must not load TensorFlow.
+    serving = sys.modules.get("cxrexp.serving")
+    if serving is not None:
+        types.append(serving.ModelNotFound)
+    tuning = sys.modules.get("cxrexp.tuning")
+    if tuning is not None:
+        types.append(tuning.StudyFailed)
     return tuple(types)
 
 

@@ -1,0 +1,428 @@
+"""The Optuna edge: search space, pruning callback, and studies as parent/child MLflow runs.
+
+Pure pieces are table-driven; the studies train real (tiny: 48 px, 1-2 epochs) models. One MLflow store
+(``shared_store``: creating one costs seconds of migrations) and one 3-trial study (``shared_study``) are
+shared by the module; the other studies have their own names and registered models, each as small as its
+point allows.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from cxrexp import registry, tracking, tuning
+from cxrexp.config import CLASS_WEIGHT_SCHEMES, TrainConfig
+from cxrexp.steps import train_step
+from cxrexp.training import TrainingDiverged
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+# Smallest settings that still train: 1 epoch, no LR plateau before early stopping could act.
+TINY = TrainConfig(dense=(8,), batch_size=32, epochs=1, patience=1, lr_patience=0, seed=7, n_trials=1)
+
+
+def study_cfg(**overrides) -> TrainConfig:
+    return replace(TINY, **overrides)
+
+
+def children(parent_id: str) -> list:
+    """The parent's child runs, sorted by name."""
+    client = MlflowClient()
+    experiment = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return sorted(runs, key=lambda r: r.info.run_name)
+
+
+def running_runs() -> list:
+    return mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'RUNNING'",
+                              output_format="list")
+
+
+def load(cfg: TrainConfig, url: str = "") -> optuna.Study:
+    storage = tuning.make_storage(url or tuning.storage_url(cfg))
+    return optuna.load_study(study_name=cfg.study_name, storage=storage)
+
+
+# --------------------------------------------------------------------------- search space (pure)
+
+
+@pytest.mark.parametrize(
+    "image_size, widths, depths",
+    [
+        (16, (8, 16, 32), (3, 4)),  # 16 px survives 4 poolings
+        (48, (8, 16, 32), (3, 5)),
+        (64, (8, 16, 32), (3, 5)),
+        (128, (16, 32, 64), (3, 5)),
+        (299, (16, 32, 64), (3, 5)),
+    ],
+)
+def test_space_bounds_follow_image_size(image_size, widths, depths):
+    assert tuning.base_widths(image_size) == widths
+    assert tuning.depth_range(image_size) == depths
+
+
+@pytest.mark.parametrize(
+    "base_width, n_blocks, expected",
+    [(16, 4, (16, 32, 64, 128)), (8, 3, (8, 16, 32)), (64, 5, (64, 128, 256, 256, 256))],
+)
+def test_doubling_filters(base_width, n_blocks, expected):
+    assert tuning.doubling_filters(base_width, n_blocks) == expected
+
+
+@pytest.mark.parametrize(
+    "params, filters",
+    [
+        ({"base_width": 16, "n_blocks": 4, "dropout": 0.3, "class_weight": "effective", "learning_rate": 5e-4},
+         (16, 32, 64, 128)),
+        ({"base_width": 8, "n_blocks": 3, "dropout": 0.0, "class_weight": "none", "learning_rate": 1e-4},
+         (8, 16, 32)),
+    ],
+)
+def test_suggest_config_replaces_only_searched_fields(params, filters):
+    base = TrainConfig(epochs=9, batch_size=12, dense=(24,), seed=3)
+    cfg = tuning.suggest_config(optuna.trial.FixedTrial(params), base, image_size=48)
+    assert cfg.filters == filters
+    assert (cfg.dropout, cfg.class_weight, cfg.learning_rate) == (
+        params["dropout"], params["class_weight"], params["learning_rate"])
+    assert (cfg.epochs, cfg.batch_size, cfg.dense, cfg.seed) == (9, 12, (24,), 3)
+
+
+def test_sampled_configs_stay_inside_the_space():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_blocks = set()
+    for _ in range(40):
+        cfg = tuning.suggest_config(study.ask(), TINY, image_size=16)
+        seen_blocks.add(len(cfg.filters))
+        assert cfg.filters[0] in (8, 16, 32)
+        assert all(b == min(2 * a, tuning.MAX_FILTERS) for a, b in zip(cfg.filters, cfg.filters[1:]))
+        assert 0.0 <= cfg.dropout <= 0.5 and 1e-4 <= cfg.learning_rate <= 3e-3
+        assert cfg.class_weight in CLASS_WEIGHT_SCHEMES
+    assert seen_blocks == {3, 4}  # capped at 4 blocks for 16 px
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [("median", optuna.pruners.MedianPruner), ("percentile", optuna.pruners.PercentilePruner),
+     ("hyperband", optuna.pruners.HyperbandPruner), ("none", optuna.pruners.NopPruner)],
+)
+def test_make_pruner(name, kind):
+    assert isinstance(tuning.make_pruner(name, max_epochs=8), kind)
+
+
+def test_make_pruner_rejects_unknown_name():
+    with pytest.raises(ValueError, match="'sometimes'"):
+        tuning.make_pruner("sometimes", 8)
+
+
+def test_sampler_seed_is_the_seed_for_a_fresh_study_and_distinct_otherwise():
+    assert tuning.sampler_seed(42, 0, 0) == 42
+    derived = {tuning.sampler_seed(42, n, w) for n, w in [(3, 0), (0, 1), (3, 1), (4, 0)]}
+    assert len(derived) == 4 and 42 not in derived
+    assert tuning.sampler_seed(42, 3, 1) == tuning.sampler_seed(42, 3, 1)
+
+
+def test_redact_hides_the_password():
+    assert tuning.redact("postgresql://user:secret@db:5432/x") == "postgresql://user:***@db:5432/x"
+
+
+@pytest.mark.parametrize("url", ["nosuchdb://host/x", "postgresql://nobody@127.0.0.1:1/x"])
+def test_unusable_storage_is_a_user_error_naming_the_url(url):
+    with pytest.raises(tuning.StorageError, match="cannot open the Optuna storage") as info:
+        tuning.make_storage(url)
+    assert url.split("//")[1].split("/")[0] in str(info.value)
+
+
+def test_trial_budget_hands_out_exactly_n_slots():
+    import multiprocessing
+
+    budget = tuning.TrialBudget(multiprocessing.Value("i", 2))
+    assert [budget.claim() for _ in range(4)] == [True, True, False, False]
+
+
+class FakeTrial:
+    """Records reports; says "prune" from step ``prune_from`` on."""
+
+    def __init__(self, prune_from: int | None):
+        self.prune_from = prune_from
+        self.reports: list[tuple[int, float]] = []
+
+    def report(self, value, step):
+        self.reports.append((step, value))
+
+    def should_prune(self):
+        return self.prune_from is not None and bool(self.reports) and self.reports[-1][0] >= self.prune_from
+
+
+@pytest.mark.parametrize(
+    "val_aucs, prune_from, reported_steps, pruned_after",
+    [
+        ([0.6, 0.7, 0.8], None, [0, 1, 2], None),
+        ([0.6, 0.7, 0.8], 1, [0, 1], 2),  # raises at the end of epoch 2 (step 1)
+        ([math.nan, 0.7, 0.8], 0, [1], 2),  # NaN is not reported, so it cannot trigger pruning
+    ],
+)
+def test_pruning_callback(val_aucs, prune_from, reported_steps, pruned_after):
+    trial = FakeTrial(prune_from)
+    callback = tuning.PruningCallback(trial)
+    callback.on_train_begin()
+    pruned_at = None
+    for epoch, value in enumerate(val_aucs):
+        try:
+            callback.on_epoch_end(epoch, {"val_auc": value, "loss": 0.5})
+        except optuna.TrialPruned:
+            pruned_at = epoch + 1
+            break
+    assert [step for step, _ in trial.reports] == reported_steps
+    assert pruned_at == pruned_after
+    assert callback.epochs_seen == (pruned_after or len(val_aucs))
+
+
+# --------------------------------------------------------------------------- one shared study
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study-store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.chdir(root)
+        yield root, uri
+
+
+@pytest.fixture()
+def in_shared_store(shared_store):
+    root, uri = shared_store
+    mlflow.set_tracking_uri(uri)
+    yield root
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def shared_study(shared_store, synthetic_prepared):
+    """A 3-trial study (2 epochs: inside the median pruner's 2 warm-up steps, so none is pruned)."""
+    root, uri = shared_store
+    mlflow.set_tracking_uri(uri)
+    cfg = study_cfg(n_trials=3, epochs=2, patience=2, lr_patience=1, study_name="shared",
+                    storage=f"sqlite:///{root / 'optuna.db'}")
+    parent_id = tuning.run_study(cfg, synthetic_prepared, verbose=0)
+    mlflow.set_tracking_uri(None)
+    return cfg, parent_id
+
+
+def test_study_is_a_parent_run_with_one_child_per_trial(shared_study, in_shared_store):
+    cfg, parent_id = shared_study
+    study = load(cfg)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    parent = MlflowClient().get_run(parent_id)
+    assert parent.info.run_name == "study-shared" and parent.info.status == "FINISHED"
+    assert parent.data.tags[tracking.STEP_TAG] == "train"
+    assert parent.data.params["n_trials"] == "3" and parent.data.params["epochs"] == "2"
+
+    kids = children(parent_id)
+    assert [r.info.run_name for r in kids] == ["trial-000", "trial-001", "trial-002"]
+    for run, trial in zip(kids, study.trials):
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert (tags[tracking.STEP_TAG], tags[tuning.STATE_TAG]) == ("trial", "COMPLETE")
+        assert (tags[tuning.TRIAL_NUMBER_TAG], tags[tuning.STUDY_NAME_TAG]) == (str(trial.number), "shared")
+        assert trial.user_attrs[tuning.RUN_ID_ATTR] == run.info.run_id
+        expected = tuning.doubling_filters(trial.params["base_width"], trial.params["n_blocks"])
+        assert run.data.params["filters"] == ",".join(map(str, expected))
+        assert float(run.data.params["learning_rate"]) == pytest.approx(trial.params["learning_rate"])
+        assert len(MlflowClient().get_metric_history(run.info.run_id, "val_auc")) == 2  # per epoch
+        assert run.data.metrics["objective_value"] == pytest.approx(trial.value)
+
+
+def test_parent_logs_best_trial_table_and_figures(shared_study, in_shared_store):
+    cfg, parent_id = shared_study
+    study = load(cfg)
+    parent = MlflowClient().get_run(parent_id)
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.params["best_n_blocks"] == str(study.best_params["n_blocks"])
+    assert parent.data.tags["optuna.best_trial_number"] == str(study.best_trial.number)
+    artifacts = mlflow.artifacts.download_artifacts(run_id=parent_id)
+    table = (Path(artifacts) / "study" / "trials.csv").read_text().splitlines()
+    assert len(table) == 1 + 3 and "user_attrs_mlflow_run_id" in table[0]
+    assert (Path(artifacts) / "figures" / "optimization_history.png").stat().st_size > 1000
+    assert (Path(artifacts) / "figures" / "param_importances.png").stat().st_size > 1000
+
+
+def test_best_trial_model_is_registered_as_challenger(shared_study, in_shared_store):
+    cfg, parent_id = shared_study
+    study = load(cfg)
+    version = MlflowClient().get_model_version_by_alias(cfg.registered_model_name, registry.CHALLENGER)
+    best_run_id = study.best_trial.user_attrs[tuning.RUN_ID_ATTR]
+    assert version.tags["train_run_id"] == best_run_id
+    assert version.tags[tuning.STUDY_NAME_TAG] == "shared"
+    assert version.tags[tuning.TRIAL_NUMBER_TAG] == str(study.best_trial.number)
+    assert float(version.tags["objective_value"]) == pytest.approx(study.best_value, abs=1e-6)
+    model_uri = MlflowClient().get_run(parent_id).data.tags[tracking.MODEL_URI_TAG]
+    assert model_uri == MlflowClient().get_run(best_run_id).data.tags[tracking.MODEL_URI_TAG]
+    assert version.source == model_uri or version.model_id in model_uri
+
+
+def test_rerun_resumes_instead_of_redoing(shared_study, in_shared_store, synthetic_prepared):
+    cfg, first_parent = shared_study
+    client = MlflowClient()
+    versions_before = len(client.search_model_versions(f"name = '{cfg.registered_model_name}'"))
+
+    again = tuning.run_study(cfg, synthetic_prepared, verbose=0)  # asks for 3 again: nothing to do
+    assert again != first_parent and children(again) == []
+    assert len(load(cfg).trials) == 3
+    assert client.get_run(again).data.tags["optuna.trials_done_before"] == "3"
+    assert len(client.search_model_versions(f"name = '{cfg.registered_model_name}'")) == versions_before
+
+    more = tuning.run_study(replace(cfg, n_trials=4), synthetic_prepared, verbose=0)
+    study = load(cfg)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert [r.info.run_name for r in children(more)] == ["trial-003"]
+    assert study.trials[3].params != study.trials[0].params  # the resumed sampler does not replay trial 0
+
+
+def test_resuming_with_other_base_settings_is_refused(shared_study, in_shared_store, synthetic_prepared):
+    cfg, _ = shared_study
+    runs_before = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+    with pytest.raises(tuning.StudyMismatch, match=r"epochs \('2' -> '5'\)|epochs \(2 -> 5\)"):
+        tuning.run_study(replace(cfg, epochs=5, patience=2), synthetic_prepared, verbose=0)
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs_before
+
+
+# --------------------------------------------------------------------------- pruned, failed, interrupted
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_pruned_trial_is_pruned_in_optuna_and_killed_in_mlflow(in_shared_store, synthetic_prepared, monkeypatch):
+    monkeypatch.setattr(tuning, "make_pruner", lambda name, max_epochs: AlwaysPrune())
+    cfg = study_cfg(study_name="pruned", epochs=2, patience=2, lr_patience=1, registered_model_name="m-pruned")
+    with pytest.raises(tuning.StudyFailed, match="no COMPLETE trial"):
+        tuning.run_study(cfg, synthetic_prepared, verbose=0)
+    (trial,) = load(cfg).trials
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs[tuning.EPOCHS_ATTR] == 1  # stopped after the first of 2 epochs
+    run = MlflowClient().get_run(trial.user_attrs[tuning.RUN_ID_ATTR])
+    assert run.info.status == "KILLED" and run.data.tags[tuning.STATE_TAG] == "PRUNED"
+    assert len(MlflowClient().get_metric_history(run.info.run_id, "val_auc")) == 1
+    parent = MlflowClient().get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"  # no model to register
+    assert running_runs() == []
+
+
+def test_failing_trial_is_fail_while_the_others_complete(in_shared_store, synthetic_prepared, monkeypatch):
+    real = train_step.train_and_log
+    calls = []
+
+    def diverge_on_second_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise TrainingDiverged("the loss became NaN in epoch 1 (test)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_step, "train_and_log", diverge_on_second_call)
+    cfg = study_cfg(study_name="failing", n_trials=3, registered_model_name="m-failing")  # storage "": default
+    parent_id = tuning.run_study(cfg, synthetic_prepared, verbose=0)
+    study = load(cfg, f"sqlite:///{in_shared_store / 'optuna.db'}")  # the default: optuna.db in the cwd
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    statuses = [(r.info.status, r.data.tags[tuning.STATE_TAG]) for r in children(parent_id)]
+    assert statuses == [("FINISHED", "COMPLETE"), ("FAILED", "FAIL"), ("FINISHED", "COMPLETE")]
+    assert "TrainingDiverged" in children(parent_id)[1].data.tags[tuning.FAIL_REASON_TAG]
+    version = MlflowClient().get_model_version_by_alias(cfg.registered_model_name, registry.CHALLENGER)
+    assert version.tags[tuning.TRIAL_NUMBER_TAG] in ("0", "2")
+    assert tuning.count_done(study) == 2  # a re-run would retry the failed one
+
+
+def _fake_train_and_log(val_roc_auc: float):
+    def fake(cfg, dataset, run_id, **kwargs):
+        return train_step.TrainedRun(run_id, "models:/m-none", {"val_roc_auc": val_roc_auc,
+                                                                "val_sens_at_spec": val_roc_auc}, 1)
+    return fake
+
+
+def test_nan_objective_fails_the_trial_and_the_attempts_are_bounded(in_shared_store, synthetic_prepared, monkeypatch):
+    monkeypatch.setattr(train_step, "train_and_log", _fake_train_and_log(math.nan))
+    cfg = study_cfg(study_name="nan", n_trials=2, registered_model_name="m-nan")
+    with pytest.raises(tuning.StudyFailed, match="no COMPLETE trial"):
+        tuning.run_study(cfg, synthetic_prepared, verbose=0)
+    study = load(cfg)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]  # 2 attempts, then stop
+    for trial in study.trials:
+        run = MlflowClient().get_run(trial.user_attrs[tuning.RUN_ID_ATTR])
+        assert run.info.status == "FAILED" and "NaN" in run.data.tags[tuning.FAIL_REASON_TAG]
+
+
+def test_ctrl_c_leaves_no_run_running_and_the_study_resumable(in_shared_store, synthetic_prepared, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_step, "train_and_log", interrupt)
+    cfg = study_cfg(study_name="interrupted", n_trials=2, registered_model_name="m-interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        tuning.run_study(cfg, synthetic_prepared, verbose=0)
+    (trial,) = load(cfg).trials
+    assert trial.state == TrialState.FAIL and tuning.count_done(load(cfg)) == 0
+    child = MlflowClient().get_run(trial.user_attrs[tuning.RUN_ID_ATTR])
+    parent = MlflowClient().get_run(child.data.tags["mlflow.parentRunId"])
+    assert (child.info.status, parent.info.status) == ("KILLED", "KILLED")
+    assert running_runs() == []
+
+
+# --------------------------------------------------------------------------- processes and PostgreSQL
+
+
+def test_two_worker_processes_run_exactly_the_requested_trials(in_shared_store, synthetic_prepared, tmp_path):
+    cfg = study_cfg(study_name="parallel", n_trials=3, n_jobs=2, storage=f"sqlite:///{tmp_path / 'parallel.db'}",
+                    registered_model_name="m-parallel")
+    parent_id = tuning.run_study(cfg, synthetic_prepared, verbose=0)
+    study = load(cfg)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    kids = children(parent_id)
+    assert [r.info.run_name for r in kids] == ["trial-000", "trial-001", "trial-002"]
+    assert {t.user_attrs[tuning.RUN_ID_ATTR] for t in study.trials} == {r.info.run_id for r in kids}
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3  # workers draw different params
+    assert MlflowClient().get_run(parent_id).data.tags.get(tracking.MODEL_URI_TAG)
+    assert running_runs() == []
+
+
+def _postgres_or_skip() -> None:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(tuning.rdb_url(POSTGRES_URL), connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("select 1"))
+        engine.dispose()
+    except Exception as err:
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL} ({type(err).__name__}); start it to run this test")
+
+
+@pytest.mark.postgres
+def test_study_on_postgresql(in_shared_store, synthetic_prepared):
+    _postgres_or_skip()
+    cfg = study_cfg(study_name=f"cxrexp-test-{uuid.uuid4().hex[:12]}", storage=POSTGRES_URL, registered_model_name="m-pg")
+    try:
+        parent_id = tuning.run_study(cfg, synthetic_prepared, verbose=0)
+        assert [t.state for t in load(cfg).trials] == [TrialState.COMPLETE]
+        assert [r.info.run_name for r in children(parent_id)] == ["trial-000"]
+        tuning.run_study(cfg, synthetic_prepared, verbose=0)  # resumes: nothing left to run
+        assert len(load(cfg).trials) == 1
+    finally:
+        try:
+            optuna.delete_study(study_name=cfg.study_name, storage=tuning.make_storage(POSTGRES_URL))
+        except KeyError:  # never created
+            pass
