@@ -1,8 +1,9 @@
 """Preprocess orchestration: discover -> decode/enhance in parallel -> group duplicates -> split -> store.
 
-No MLflow here: the preprocess step (``cxrexp/steps/preprocess.py``) logs what this returns. Work is
-streamed: worker processes decode one image at a time and the parent writes each result straight
-into a memory-mapped array, so peak memory does not grow with the number of images.
+No MLflow here: the preprocess step (``cxrexp/steps/preprocess_step.py``) logs what this returns.
+Work is streamed: worker processes decode one image at a time and write it straight to its row of
+the ``.npy`` files (``store.RowWriter``), sending the parent only hashes and sizes, so peak memory
+does not grow with the number of images (benchmarks/bench_preprocess.py measures it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from cxrexp import data as data_mod
 from cxrexp import preprocess, synthetic
 from cxrexp.config import ImageSpec, PreprocessConfig
-from cxrexp.store import DatasetWriter, PreparedDataError, PreparedDataset, open_prepared, stable_hash
+from cxrexp.store import DatasetWriter, PreparedDataError, PreparedDataset, RowWriter, open_prepared, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -52,34 +53,59 @@ class _Task:
     synthetic_index: int = -1
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """What a worker sends back for an image it has written to its row: hashes and sizes, no pixels."""
+
+    sha256: str
+    phash: int
+    width: int
+    height: int
+    has_mask: bool
+    mask_problem: str | None
+
+
 # Set once per worker process by _init_worker (spawned workers do not share the parent's globals).
 _WORKER: dict[str, Any] = {}
 
 
-def _configure(spec: ImageSpec, max_pixels: int, synthetic_spec: synthetic.SyntheticSpec | None) -> None:
-    _WORKER.update(spec=spec, max_pixels=max_pixels, synthetic_spec=synthetic_spec)
+def _configure(spec: ImageSpec, max_pixels: int, synthetic_spec: synthetic.SyntheticSpec | None,
+               rows: RowWriter) -> None:
+    _WORKER.update(spec=spec, max_pixels=max_pixels, synthetic_spec=synthetic_spec, rows=rows)
 
 
-def _init_worker(spec: ImageSpec, max_pixels: int, synthetic_spec: synthetic.SyntheticSpec | None) -> None:
+def _init_worker(spec: ImageSpec, max_pixels: int, synthetic_spec: synthetic.SyntheticSpec | None,
+                 rows: RowWriter) -> None:
     # One OpenCV thread per worker: the pool already uses every core. (Under fork the parent has set
     # 1 before forking, see _opencv_threads, so this call finds nothing to reconfigure.)
     import cv2
 
     cv2.setNumThreads(1)
-    _configure(spec, max_pixels, synthetic_spec)
+    _configure(spec, max_pixels, synthetic_spec, rows)
 
 
-def _process(task: _Task) -> tuple[int, preprocess.ProcessedImage | None, str]:
-    """Worker body: (row, processed image or None, reason it was skipped)."""
+def _process(task: _Task) -> tuple[int, _Stored | None, str]:
+    """Worker body: prepare one image, write it to its row; (row, what was stored or None, reason skipped)."""
     spec: ImageSpec = _WORKER["spec"]
     try:
         if task.synthetic_index >= 0:
-            return task.row, _process_synthetic(task.synthetic_index), ""
-        return task.row, preprocess.process_file(task.path, task.mask_path, spec, _WORKER["max_pixels"]), ""
+            item = _process_synthetic(task.synthetic_index)
+        else:
+            item = preprocess.process_file(task.path, task.mask_path, spec, _WORKER["max_pixels"])
     except preprocess.ImageRejected as err:
         return task.row, None, err.reason
     except Exception as err:  # noqa: BLE001 - one bad file must never end the run
         return task.row, None, f"unexpected error: {type(err).__name__}: {err}"
+    # Outside the try: a failed write (disk full) must end the run, not skip every remaining image.
+    _WORKER["rows"].write(task.row, item.image, item.mask)
+    return task.row, _Stored(
+        sha256=item.sha256,
+        phash=int(item.phash),
+        width=int(item.width),
+        height=int(item.height),
+        has_mask=item.mask is not None,
+        mask_problem=getattr(item, "mask_problem", None),  # not part of the ProcessedImage contract
+    ), ""
 
 
 def _process_synthetic(index: int) -> preprocess.ProcessedImage:
@@ -182,6 +208,16 @@ def _plan(cfg: PreprocessConfig) -> tuple[list[_Task], pd.DataFrame, dict[str, A
     return tasks, inputs, params, key, None
 
 
+def prepared_key(cfg: PreprocessConfig) -> str:
+    """The folder name (under ``cfg.out_dir``) of the prepared dataset ``cfg`` describes *now*.
+
+    It covers the parameters and, for a data folder, every file's path, size and mtime, so a
+    finished run whose prepared folder has another name was made from other inputs. Lists the data
+    folder (no decoding); raises ``data.DatasetError`` as ``run_preprocess`` would.
+    """
+    return _plan(cfg)[3]
+
+
 def _start_method() -> str:
     """fork starts workers in milliseconds; spawn costs seconds of imports per worker but is the only
     safe choice once TensorFlow (or another threaded runtime) lives in the parent: forking its threads
@@ -216,15 +252,19 @@ def _chunksize(n_tasks: int, workers: int) -> int:
 
 
 @contextlib.contextmanager
-def _processed(tasks: list[_Task], workers: int, init_args: tuple) -> Iterator[Iterator[tuple[int, Any, str]]]:
-    """Yields an iterator of worker results ``(row, ProcessedImage | None, reason)`` in any order.
+def _processed(tasks: list[_Task], workers: int, init_args: tuple) -> Iterator[Iterator[tuple[int, _Stored | None, str]]]:
+    """Yields an iterator of worker results ``(row, _Stored | None, reason)`` in any order; each
+    stored image is already in its row of the dataset being written.
 
     The pool is started when the block is entered, before the caller starts threads of its own (a
     progress bar's monitor), and is terminated when the block is left, error or not.
     """
     if workers <= 1:
         _configure(*init_args)  # in-process: OpenCV keeps its own threads for this one image at a time
-        yield map(_process, tasks)
+        try:
+            yield map(_process, tasks)
+        finally:
+            _WORKER.clear()  # the row writer points into a folder that is about to be renamed
         return
     method = _start_method()
     ctx = multiprocessing.get_context(method)
@@ -261,7 +301,7 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
     skipped: list[tuple[str, str]] = []
 
     with DatasetWriter(cfg.out_dir, key, n, spec.image_size) as writer:
-        with _processed(tasks, workers, (spec, cfg.max_pixels, syn)) as results, \
+        with _processed(tasks, workers, (spec, cfg.max_pixels, syn, writer.rows)) as results, \
                 tqdm(total=n, desc="preprocess", unit="img", disable=not progress, file=sys.stderr) as bar:
             for row, item, reason in results:
                 bar.update(1)
@@ -270,14 +310,13 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
                     skipped.append((source, reason))
                     log.warning("skipped %s: %s", source, reason)
                     continue
-                mask_problem = getattr(item, "mask_problem", None)  # not part of the ProcessedImage contract
-                if mask_problem:
-                    log.warning("mask of %s unusable (%s): stored without a mask", inputs.at[row, "source"], mask_problem)
-                writer.write(row, item.image, item.mask)
+                if item.mask_problem:
+                    log.warning("mask of %s unusable (%s): stored without a mask", inputs.at[row, "source"],
+                                item.mask_problem)
                 ok[row] = True
                 sha[row] = item.sha256
                 phash[row] = item.phash
-                has_mask[row] = item.mask is not None
+                has_mask[row] = item.has_mask
                 width[row], height[row] = item.width, item.height
 
         kept = np.flatnonzero(ok)

@@ -8,9 +8,9 @@ from dataclasses import replace
 import mlflow
 import numpy as np
 
-from cxrexp import plots, preprocess, synthetic, tracking
+from cxrexp import preprocess, synthetic, tracking
 from cxrexp.config import PreprocessConfig
-from cxrexp.pipeline import PreprocessResult, run_preprocess
+from cxrexp.pipeline import PreprocessResult, prepared_key, run_preprocess
 from cxrexp.store import PreparedDataset
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ def log_result(cfg: PreprocessConfig, result: PreprocessResult) -> None:
     mlflow.log_artifact(str(dataset.root / "skipped.csv"), artifact_path="data")
     mlflow.log_artifact(str(dataset.root / "params.json"), artifact_path="data")
     try:
+        from cxrexp import plots  # matplotlib and scikit-learn: seconds of imports, only for this figure
+
         tracking.log_figure(plots.enhancement_panel(_before_after(dataset)), "figures/enhancement.png")
     except Exception as err:  # noqa: BLE001 - a figure must not cost the user the prepared data
         log.warning("could not draw the enhancement figure: %s", err)
@@ -108,8 +110,11 @@ def ensure(cfg: PreprocessConfig) -> PreparedDataset:
     if previous is not None:
         try:
             dataset = tracking.resolve_prepared(previous.info.run_id)
-            print(f"reusing preprocess run {previous.info.run_id} ({dataset.root})")
-            return dataset
+            # Same parameters is not enough for a data folder: files may have been added or replaced.
+            if dataset.root.name == prepared_key(cfg):
+                print(f"reusing preprocess run {previous.info.run_id} ({dataset.root})")
+                return dataset
+            print(f"preprocess run {previous.info.run_id} was made from other files; running preprocess again")
         except PreparedDataError as err:
             log.warning("preprocess run %s cannot be reused (%s); running preprocess again", previous.info.run_id, err)
     with tracking.outside_project_run():

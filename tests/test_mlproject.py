@@ -1,0 +1,78 @@
+"""MLproject parameters, CLI flags and config fields are one set of names."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cxrexp.config import EvaluateConfig, PreprocessConfig, PromoteConfig, TrainConfig, field_names
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STEPS = {"preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "promote": PromoteConfig}
+
+
+@pytest.fixture(scope="module")
+def entry_points() -> dict:
+    project = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())
+    return project["entry_points"]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_parameters_are_the_config_fields(entry_points, step):
+    parameters = entry_points[step]["parameters"]
+    fields = field_names(STEPS[step])
+    assert sorted(parameters) == sorted(fields), (
+        f"MLproject {step}: missing {sorted(set(fields) - set(parameters))}, "
+        f"extra {sorted(set(parameters) - set(fields))}"
+    )
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_command_passes_each_parameter_as_its_flag(entry_points, step):
+    command = entry_points[step]["command"]
+    assert command.startswith(f"python entrypoints/{step}.py ")
+    for name in field_names(STEPS[step]):
+        assert f"{flag(name)} {{{name}}}" in command, f"{step}: command lacks `{flag(name)} {{{name}}}`"
+    passed = re.findall(r"(--[a-z0-9-]+) \{([a-z0-9_]+)\}", command)
+    assert all(f == flag(n) for f, n in passed)  # no flag carries another parameter's value
+    assert len(passed) == len(field_names(STEPS[step])) == len(re.findall(r"--[a-z]", command))
+
+
+def _same_default(mlproject_value, config_value) -> bool:
+    if isinstance(config_value, tuple):
+        return str(mlproject_value).replace(" ", "") == ",".join(map(str, config_value))
+    if isinstance(config_value, bool):
+        return str(mlproject_value).lower() == str(config_value).lower()
+    if isinstance(config_value, float):
+        return math.isclose(float(mlproject_value), config_value, rel_tol=1e-12)
+    return str(mlproject_value) == str(config_value)
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_defaults_agree(entry_points, step):
+    parameters = entry_points[step]["parameters"]
+    config = STEPS[step]()
+    defaults = {name: getattr(config, name) for name in field_names(STEPS[step])}
+    differ = {
+        name: (spec.get("default"), defaults[name])
+        for name, spec in parameters.items()
+        if name in defaults and not _same_default(spec.get("default"), defaults[name])
+    }
+    assert not differ, f"MLproject {step} defaults differ from {STEPS[step].__name__} (MLproject, config): {differ}"
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_help_lists_every_flag(step):
+    out = subprocess.run(["cxrexp", step, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    listed = set(re.findall(r"--[a-z0-9-]+", out))
+    missing = [flag(name) for name in field_names(STEPS[step]) if flag(name) not in listed]
+    assert not missing, f"`cxrexp {step} --help` does not list {missing}"

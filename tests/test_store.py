@@ -1,0 +1,305 @@
+"""The prepared-dataset format: atomic writer, validating reader, digest."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrexp.config import ImageSpec
+from cxrexp.store import (
+    FORMAT_VERSION,
+    MANIFEST_COLUMNS,
+    DatasetWriter,
+    PreparedDataError,
+    dataset_digest,
+    open_prepared,
+    spec_dict,
+)
+
+SIZE = 16
+
+
+def manifest_frame(rows: list[int], labels: list[int], splits: list[str], shas: list[str] | None = None,
+                   phashes: list[str] | None = None, has_mask: list[bool] | None = None) -> pd.DataFrame:
+    n = len(rows)
+    return pd.DataFrame(
+        {
+            "row": rows,
+            "source": [f"/data/{'COVID' if lab else 'Normal'}/images/{r}.png" for r, lab in zip(rows, labels)],
+            "class_name": ["COVID" if lab else "Normal" for lab in labels],
+            "label": labels,
+            "split": splits,
+            "sha256": shas or [f"{r:064x}" for r in rows],
+            "phash": phashes or [f"{r:016x}" for r in rows],
+            "dup_group": list(range(n)),
+            "group": list(range(n)),
+            "patient_id": [""] * n,
+            "has_mask": has_mask or [False] * n,
+            "width": [SIZE] * n,
+            "height": [SIZE] * n,
+        }
+    )
+
+
+def params_dict(source: str = "/data") -> dict:
+    return {
+        "image_spec": spec_dict(ImageSpec(image_size=SIZE)),
+        "classes": ["COVID", "Normal"],
+        "positive_class": "COVID",
+        "val_frac": 0.1,
+        "test_frac": 0.1,
+        "seed": 42,
+        "source": source,
+        "notes": [],
+        "layout": "kaggle",
+    }
+
+
+def row_image(row: int) -> np.ndarray:
+    return np.full((SIZE, SIZE), 10 * row + 1, dtype=np.uint8)
+
+
+def write_dataset(out_dir: Path, key: str = "ds", capacity: int = 5, skipped_rows: tuple[int, ...] = (2,)):
+    """Rows 0..capacity-1 except ``skipped_rows``; row 1 carries a mask; returns the PreparedDataset."""
+    kept = [r for r in range(capacity) if r not in skipped_rows]
+    labels = [r % 2 for r in kept]
+    splits = (["train", "val", "test"] * capacity)[: len(kept)]
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[2:6, 1:4] = 1
+    with DatasetWriter(out_dir, key, capacity, SIZE) as writer:
+        for r in reversed(kept):  # out of order, as a worker pool delivers them
+            writer.write(r, row_image(r), mask if r == 1 else None)
+        skipped = pd.DataFrame({"path": [f"/data/bad{r}.png" for r in skipped_rows],
+                                "reason": ["empty file"] * len(skipped_rows)})
+        return writer.finish(manifest_frame(kept, labels, splits, has_mask=[r == 1 for r in kept]),
+                             params_dict(), skipped)
+
+
+def leftovers(out_dir: Path) -> list[str]:
+    return sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
+
+
+# ------------------------------------------------------------------------------ round trip
+
+
+def test_round_trip(tmp_path):
+    dataset = write_dataset(tmp_path)
+    assert leftovers(tmp_path) == ["ds"]  # no temp folder beside it
+    reopened = open_prepared(tmp_path / "ds")
+    assert reopened.digest == dataset.digest == (tmp_path / "ds" / "COMPLETE").read_text().strip()
+    assert reopened.spec == ImageSpec(image_size=SIZE)
+    assert reopened.params["format_version"] == FORMAT_VERSION
+    assert list(reopened.manifest.columns) == MANIFEST_COLUMNS
+    assert reopened.manifest["row"].tolist() == [0, 1, 3, 4]
+
+    images, masks = reopened.images(), reopened.masks()
+    assert images.shape == masks.shape == (5, SIZE, SIZE) and images.dtype == np.uint8
+    for r in (0, 1, 3, 4):
+        np.testing.assert_array_equal(images[r], row_image(r))
+    assert not images[2].any()  # the skipped row stays a zero hole
+    assert masks[1].sum() == 12 and masks[[0, 3, 4]].sum() == 0
+    assert reopened.has_masks and reopened.manifest["has_mask"].tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="read-only"):
+        images[0, 0, 0] = 1
+
+    rows, labels = reopened.split_rows("train")
+    assert rows.dtype == labels.dtype == np.int64
+    assert rows.tolist() == [0, 4] and labels.tolist() == [0, 0]
+    assert reopened.split_rows("val")[0].tolist() == [1]
+    assert reopened.skipped().to_dict("records") == [{"path": "/data/bad2.png", "reason": "empty file"}]
+    with pytest.raises(PreparedDataError, match="split 'holdout' is not one of"):
+        reopened.split_rows("holdout")
+
+
+def test_text_columns_survive_round_trip(tmp_path):
+    # Hashes that look like numbers: an all-digit hex with leading zeros and one that parses as a float.
+    phashes = ["0000000000001234", "12e4000000000000"]
+    shas = ["0" * 63 + "7", "1e5" + "0" * 61]
+    with DatasetWriter(tmp_path, "ds", 2, SIZE) as writer:
+        for r in (0, 1):
+            writer.write(r, row_image(r), None)
+        dataset = writer.finish(manifest_frame([0, 1], [1, 0], ["train", "train"], shas=shas, phashes=phashes),
+                                params_dict(), pd.DataFrame(columns=["path", "reason"]))
+    assert dataset.manifest["phash"].tolist() == phashes
+    assert dataset.manifest["sha256"].tolist() == shas
+    assert dataset.manifest["patient_id"].tolist() == ["", ""]
+    assert dataset.skipped().empty
+
+
+@pytest.mark.parametrize(
+    "image, mask, error, fragment",
+    [
+        (np.zeros((SIZE + 1, SIZE), np.uint8), None, ValueError, rf"uint8 \({SIZE + 1}, {SIZE}\)"),
+        (np.zeros((SIZE, SIZE), np.float32), None, ValueError, "float32"),
+        (np.zeros((SIZE, SIZE), np.uint8), np.zeros((4, 4), np.uint8), ValueError, "mask for row 0"),
+    ],
+)
+def test_write_rejects_wrong_rows(tmp_path, image, mask, error, fragment):
+    with pytest.raises(error, match=fragment):
+        with DatasetWriter(tmp_path, "ds", 2, SIZE) as writer:
+            writer.write(0, image, mask)
+    assert leftovers(tmp_path) == []
+
+
+def test_write_rejects_row_outside_capacity(tmp_path):
+    with DatasetWriter(tmp_path, "ds", 2, SIZE) as writer:
+        with pytest.raises(IndexError, match="row 2 is outside 0..1"):
+            writer.write(2, row_image(0), None)
+        writer.abort()
+    assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ atomicity
+
+
+def test_aborted_writer_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="worker died"):
+        with DatasetWriter(tmp_path, "ds", 3, SIZE) as writer:
+            writer.write(0, row_image(0), None)
+            assert writer.tmp.is_dir() and writer.tmp.name.startswith(f".ds.tmp-{os.getpid()}-")
+            raise RuntimeError("worker died")
+    assert leftovers(tmp_path) == []
+    with pytest.raises(PreparedDataError, match="does not exist"):
+        open_prepared(tmp_path / "ds")
+
+
+def test_failing_finish_leaves_nothing(tmp_path):
+    bad_manifest = manifest_frame([0], [1], ["train"]).drop(columns=["phash"])
+    with pytest.raises(KeyError):
+        with DatasetWriter(tmp_path, "ds", 1, SIZE) as writer:
+            writer.write(0, row_image(0), None)
+            writer.finish(bad_manifest, params_dict(), pd.DataFrame(columns=["path", "reason"]))
+    assert leftovers(tmp_path) == []
+
+
+def test_finish_replaces_an_incomplete_folder_and_keeps_a_complete_one(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "images.npy").write_bytes(b"half written by hand")
+    first = write_dataset(tmp_path)
+    assert open_prepared(tmp_path / "ds").digest == first.digest
+    # A second writer of the same key (a concurrent run that lost the race) keeps the first result.
+    with DatasetWriter(tmp_path, "ds", 5, SIZE) as writer:
+        writer.write(0, np.full((SIZE, SIZE), 99, np.uint8), None)
+        kept = writer.finish(manifest_frame([0], [1], ["train"]), params_dict(), pd.DataFrame(columns=["path", "reason"]))
+    assert kept.digest == first.digest and kept.images()[0, 0, 0] == 1
+    assert leftovers(tmp_path) == ["ds"]
+
+
+def test_stale_temp_of_a_dead_writer_is_removed(tmp_path):
+    dead_pid = 2**22 + 12345  # above the default pid_max, so no live process has it
+    stale = tmp_path / f".ds.tmp-{dead_pid}-abc"
+    stale.mkdir()
+    other_key = tmp_path / f".other.tmp-{dead_pid}-abc"
+    other_key.mkdir()
+    write_dataset(tmp_path)
+    assert leftovers(tmp_path) == [other_key.name, "ds"]  # only the same key's leftovers are touched
+
+
+# ------------------------------------------------------------------------------ reader errors
+
+
+def _remove(path: Path, name: str) -> None:
+    (path / name).unlink()
+
+
+def _set_format(path: Path, value) -> None:
+    params = json.loads((path / "params.json").read_text())
+    params["format_version"] = value
+    (path / "params.json").write_text(json.dumps(params))
+
+
+def _corrupt_params(path: Path) -> None:
+    (path / "params.json").write_text("{not json")
+
+
+def _drop_column(path: Path) -> None:
+    frame = pd.read_csv(path / "manifest.csv")
+    frame.drop(columns=["split"]).to_csv(path / "manifest.csv", index=False)
+
+
+def _wrong_size(path: Path) -> None:
+    np.save(path / "images.npy", np.zeros((5, SIZE, SIZE + 1), np.uint8))
+
+
+def _too_few_rows(path: Path) -> None:
+    np.save(path / "masks.npy", np.zeros((3, SIZE, SIZE), np.uint8))
+
+
+@pytest.mark.parametrize(
+    "damage, fragments",
+    [
+        (lambda p: _remove(p, "COMPLETE"), ["is incomplete", "no COMPLETE marker", "run preprocess again"]),
+        (lambda p: _remove(p, "images.npy"), ["lacks images.npy", "run preprocess again"]),
+        (lambda p: _remove(p, "skipped.csv"), ["lacks skipped.csv"]),
+        (lambda p: _set_format(p, FORMAT_VERSION + 1), [f"format_version {FORMAT_VERSION + 1}",
+                                                        f"reads {FORMAT_VERSION}", "run preprocess again"]),
+        (lambda p: _set_format(p, None), ["format_version None"]),
+        (_corrupt_params, ["params.json is unreadable"]),
+        (_drop_column, ["manifest.csv has columns", "expected"]),
+        (_wrong_size, [f"images.npy holds uint8 (5, {SIZE}, {SIZE + 1})", f"expected uint8 (>= 5, {SIZE}, {SIZE})"]),
+        (_too_few_rows, [f"masks.npy holds uint8 (3, {SIZE}, {SIZE})"]),
+    ],
+    ids=["no-complete", "no-images", "no-skipped", "newer-format", "no-format", "bad-json", "bad-manifest",
+         "wrong-image-size", "too-few-rows"],
+)
+def test_open_prepared_errors(tmp_path, damage, fragments):
+    write_dataset(tmp_path)
+    damage(tmp_path / "ds")
+    with pytest.raises(PreparedDataError) as info:
+        open_prepared(tmp_path / "ds")
+    message = str(info.value)
+    assert str(tmp_path / "ds") in message  # names the folder
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_open_prepared_missing_folder(tmp_path):
+    with pytest.raises(PreparedDataError, match=r"does not exist: run `mlflow run . -e preprocess` first"):
+        open_prepared(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------ digest
+
+
+BASE = manifest_frame([0, 1, 2, 3], [1, 0, 1, 0], ["train", "train", "val", "test"])
+
+
+def _changed(column: str, value) -> pd.DataFrame:
+    frame = BASE.copy()
+    frame.loc[1, column] = value
+    return frame
+
+
+def test_digest_is_stable():
+    digest = dataset_digest(BASE, params_dict())
+    assert digest == dataset_digest(BASE.copy(), dict(reversed(list(params_dict().items()))))
+    assert len(digest) == 16 and int(digest, 16) >= 0
+
+
+@pytest.mark.parametrize(
+    "manifest, params, same",
+    [
+        (BASE, params_dict(source="/elsewhere/copy"), True),  # where the data lives is not what it is
+        (BASE, {**params_dict(), "notes": ["a note"], "layout": "plain", "cache_key": "x"}, True),
+        (_changed("source", "/moved/Normal/images/1.png"), params_dict(), True),
+        (_changed("label", 1), params_dict(), False),
+        (_changed("split", "test"), params_dict(), False),
+        (_changed("sha256", "f" * 64), params_dict(), False),
+        (BASE, {**params_dict(), "image_spec": spec_dict(ImageSpec(image_size=SIZE, clip_limit=3.0))}, False),
+        (BASE, {**params_dict(), "seed": 7}, False),
+    ],
+    ids=["source-folder", "notes-layout-key", "source-column", "label", "split", "content", "spec", "seed"],
+)
+def test_digest_sensitivity(manifest, params, same):
+    assert (dataset_digest(manifest, params) == dataset_digest(BASE, params_dict())) is same
+
+
+def test_digest_written_by_finish_matches(tmp_path):
+    dataset = write_dataset(tmp_path)
+    params = {k: v for k, v in dataset.params.items() if k != "digest"}
+    assert dataset.digest == dataset_digest(dataset.manifest, params)
