@@ -465,7 +465,12 @@ def perceptual_hash(grey: np.ndarray) -> int:
     A python int in [0, 2**256). Near-duplicates (re-encoded, rescaled, annotated) differ in few bits.
     """
     _require_grey_uint8(grey, "perceptual_hash")
-    bits = imagehash.phash(Image.fromarray(grey), hash_size=PHASH_SIZE).hash.flatten()
+    # imagehash shrinks to 4x the hash size with PIL's Lanczos filter before its DCT; doing that shrink
+    # with OpenCV's area filter first costs a third of the time and moves real X-rays' hashes by a few
+    # bits of 256 (same near-duplicate pairs on cxr-mini).
+    side = PHASH_SIZE * 4
+    small = cv2.resize(grey, (side, side), interpolation=cv2.INTER_AREA) if grey.shape != (side, side) else grey
+    bits = imagehash.phash(Image.fromarray(small), hash_size=PHASH_SIZE).hash.flatten()
     # First bit most significant, as imagehash prints it; packbits is 70x faster than a Python loop.
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
