@@ -24,11 +24,20 @@ def _available(step: str) -> bool:
     return importlib.util.find_spec(f"cxrexp.steps.{step}_step") is not None
 
 
-def _get_or_run(entry_point: str, cfg: Any) -> str:
+def _reusable(entry_point: str, cfg: Any) -> str | None:
+    if entry_point == "preprocess":  # also checks that the prepared data and the input files are unchanged
+        from cxrexp.steps import preprocess_step
+
+        return preprocess_step.reusable_run(cfg)
     previous = tracking.find_finished_run(entry_point, cfg)
+    return previous.info.run_id if previous is not None else None
+
+
+def _get_or_run(entry_point: str, cfg: Any) -> str:
+    previous = _reusable(entry_point, cfg)
     if previous is not None:
-        print(f"[main] {entry_point}: reusing finished run {previous.info.run_id} (same parameters and commit)")
-        return previous.info.run_id
+        print(f"[main] {entry_point}: reusing finished run {previous} (same parameters and commit)")
+        return previous
     print(f"[main] {entry_point}: starting")
     with tracking.outside_project_run():
         submitted = mlflow.projects.run(

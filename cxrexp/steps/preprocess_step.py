@@ -102,21 +102,33 @@ def run(cfg: PreprocessConfig) -> str:
         return active.info.run_id
 
 
-def ensure(cfg: PreprocessConfig) -> PreparedDataset:
-    """The prepared dataset for ``cfg``: from a finished preprocess run with these parameters, or a new run."""
+def reusable_run(cfg: PreprocessConfig) -> str | None:
+    """Id of a finished preprocess run with these parameters whose prepared data is still there and
+    was made from the same files; None when preprocess has to run."""
     from cxrexp.store import PreparedDataError
 
     previous = tracking.find_finished_run("preprocess", cfg)
-    if previous is not None:
-        try:
-            dataset = tracking.resolve_prepared(previous.info.run_id)
-            # Same parameters is not enough for a data folder: files may have been added or replaced.
-            if dataset.root.name == prepared_key(cfg):
-                print(f"reusing preprocess run {previous.info.run_id} ({dataset.root})")
-                return dataset
-            print(f"preprocess run {previous.info.run_id} was made from other files; running preprocess again")
-        except PreparedDataError as err:
-            log.warning("preprocess run %s cannot be reused (%s); running preprocess again", previous.info.run_id, err)
+    if previous is None:
+        return None
+    try:
+        dataset = tracking.resolve_prepared(previous.info.run_id)
+    except PreparedDataError as err:
+        log.warning("preprocess run %s cannot be reused (%s); running preprocess again", previous.info.run_id, err)
+        return None
+    # Same parameters is not enough for a data folder: files may have been added or replaced.
+    if dataset.root.name != prepared_key(cfg):
+        print(f"preprocess run {previous.info.run_id} was made from other files; running preprocess again")
+        return None
+    return previous.info.run_id
+
+
+def ensure(cfg: PreprocessConfig) -> PreparedDataset:
+    """The prepared dataset for ``cfg``: from a reusable preprocess run, or a new run."""
+    run_id = reusable_run(cfg)
+    if run_id is not None:
+        dataset = tracking.resolve_prepared(run_id)
+        print(f"reusing preprocess run {run_id} ({dataset.root})")
+        return dataset
     with tracking.outside_project_run():
         run_id = run(cfg)
     return tracking.resolve_prepared(run_id)
