@@ -62,12 +62,16 @@ def _gradcam_model(model: keras.Model, conv_layer: str | None) -> keras.Model:
     )
 
 
+CAM_METHODS = ("gradcam", "hirescam")
+
+
 def gradcam(
     model: keras.Model,
     images,
     conv_layer: str | None = None,
     *,
     batch_size: int = 32,
+    method: str = "gradcam",
 ) -> np.ndarray:
     """Grad-CAM heatmaps for the positive class.
 
@@ -78,7 +82,15 @@ def gradcam(
 
     Gradients are taken of the pre-sigmoid ``logit`` output, not of the probability: a saturated
     sigmoid (p ~ 0 or 1) has a vanishing derivative and would give empty maps for confident cases.
+
+    method: ``"gradcam"`` weights each channel by its gradient averaged over positions (Selvaraju
+    et al.); ``"hirescam"`` multiplies gradient and activation position by position before summing
+    the channels (Draelos & Carin, 2020). With a Flatten + Dense head, as ``build_cnn`` has, the
+    gradient differs from position to position and averaging it smears the map over the image;
+    HiResCAM keeps where the logit's evidence actually sits (the shortcut audit uses it).
     """
+    if method not in CAM_METHODS:
+        raise ValueError(f"method={method!r} is not one of {CAM_METHODS}")
     image_arr = _check_images(images)
     n_images, size = image_arr.shape[0], image_arr.shape[1]
     if n_images == 0:
@@ -92,8 +104,9 @@ def gradcam(
             # Summing over the batch is safe: each logit depends only on its own image.
             target = tf.reduce_sum(logits)
         grads = tape.gradient(target, feature_maps)  # (b, h, w, c)
-        channel_weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (b, 1, 1, c)
-        cams = tf.nn.relu(tf.reduce_sum(channel_weights * feature_maps, axis=-1, keepdims=True))
+        if method == "gradcam":
+            grads = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (b, 1, 1, c) channel weights
+        cams = tf.nn.relu(tf.reduce_sum(grads * feature_maps, axis=-1, keepdims=True))
         cams = tf.image.resize(cams, (size, size), method="bilinear")[..., 0]
         heatmaps.append(np.asarray(cams, dtype=np.float32))
     heatmap_arr = np.concatenate(heatmaps, axis=0)
@@ -285,6 +298,7 @@ def audit(scores: list[dict], min_lung_focus: float) -> AuditResult:
 
 
 __all__ = [
+    "CAM_METHODS",
     "AuditResult",
     "audit",
     "border_band",

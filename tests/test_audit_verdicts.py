@@ -1,0 +1,100 @@
+"""The shortcut audit tells a marker-reading model from a lung-reading one (no MLflow).
+
+Two small CNNs are trained on the built-in synthetic set, identical except for the planted marker:
+``synthetic_shortcut=1.0`` burns a bright letter into the border band of exactly the positives, so
+a model can score well by reading the letter; the clean set has no marker, so the only signal is in
+the lungs. The evaluate step's audit (``evaluate_step.shortcut_audit``: HiResCAM on the test cases
+the model calls positive, salient region against the dataset's lung masks) must fail the first
+model and pass the second at the default ``min_lung_focus``.
+
+Settings (64 px, 600 images, balanced, 15 epochs) are the smallest that held across the seeds
+tried while keeping the file near a minute: see docs/evaluate.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxrexp.config import EvaluateConfig, TrainConfig
+
+from .conftest import tiny_preprocess_config
+
+IMAGE_SIZE = 64
+TRAIN = TrainConfig(filters=(8, 16, 32), dense=(16,), epochs=15, patience=8, lr_patience=3, batch_size=32, seed=42)
+MIN_LUNG_FOCUS = EvaluateConfig().min_lung_focus
+
+
+def _prepared(out_dir, shortcut: float):
+    from cxrexp.pipeline import run_preprocess
+
+    cfg = tiny_preprocess_config(out_dir, image_size=IMAGE_SIZE, synthetic_count=600, synthetic_size=128,
+                                 synthetic_prevalence=0.5, synthetic_shortcut=shortcut)
+    return run_preprocess(cfg, progress=False).dataset
+
+
+def _trained_and_audited(dataset):
+    from cxrexp.dataset import predict_probabilities
+    from cxrexp.steps import evaluate_step as es
+    from cxrexp.training import train_model
+
+    train_rows, train_labels = dataset.split_rows("train")
+    val_rows, val_labels = dataset.split_rows("val")
+    result = train_model(TRAIN, dataset.images(), IMAGE_SIZE, train_rows, train_labels, val_rows, val_labels,
+                         verbose=0)
+    test = es.evaluation_frame(dataset)
+    probabilities = predict_probabilities(result.model, dataset.images(), test["row"].to_numpy(np.int64), 64)
+    cells = es.confusion_cells(test["label"].to_numpy(), probabilities >= result.threshold)
+    outcome, _ = es.shortcut_audit(result.model, dataset, test, cells, min_lung_focus=MIN_LUNG_FOCUS, seed=42)
+    return result.model, test, probabilities, outcome
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit-prepared")
+    return {"marker": _prepared(out, 1.0), "clean": _prepared(out, 0.0)}
+
+
+@pytest.fixture(scope="module")
+def marker_model(datasets):
+    return _trained_and_audited(datasets["marker"])
+
+
+@pytest.fixture(scope="module")
+def clean_model(datasets):
+    return _trained_and_audited(datasets["clean"])
+
+
+def test_the_marker_model_reads_the_marker(marker_model, datasets):
+    """The premise: on the same test images without the letter, the marker model does worse."""
+    from cxrexp.dataset import predict_probabilities
+    from cxrexp.metrics import roc_auc
+
+    model, test, probabilities, _ = marker_model
+    clean = datasets["clean"]
+    row_of = dict(zip(clean.manifest["source"], clean.manifest["row"]))  # same index, same anatomy
+    unmarked = np.array([row_of[source] for source in test["source"]], dtype=np.int64)
+    without_marker = predict_probabilities(model, clean.images(), unmarked, 64)
+    labels = test["label"].to_numpy()
+    assert roc_auc(labels, probabilities) > 0.9
+    assert roc_auc(labels, without_marker) < roc_auc(labels, probabilities) - 0.1
+
+
+def test_audit_fails_the_marker_model(marker_model):
+    outcome = marker_model[3]
+    result = outcome.result
+    assert result.n >= 10  # enough positive calls to judge
+    assert not result.passed, result.reason
+    assert result.lung_focus_mean < MIN_LUNG_FOCUS - 0.15, result.reason
+    assert result.border_share_mean > 0.5, result.reason  # the evidence sits where the letters are
+    assert "looks outside the lungs" in result.reason
+
+
+def test_audit_passes_the_clean_model(clean_model):
+    outcome = clean_model[3]
+    result = outcome.result
+    assert result.n >= 10
+    assert result.passed, result.reason
+    assert result.lung_focus_mean > MIN_LUNG_FOCUS + 0.15, result.reason
+    assert result.border_share_mean < 0.45, result.reason
+    assert outcome.mask_note == "lung masks from the dataset"  # synthetic images carry real lung masks

@@ -1,0 +1,518 @@
+"""The evaluate step: pure helpers on tiny arrays, then end to end against a temporary MLflow store.
+
+End to end: one tiny model is trained once for the module through ``cxrexp.cli.main(["train", ...])``
+on the session's 48 px synthetic set; every evaluation then reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrexp.config import EvaluateConfig, ImageSpec
+from cxrexp.steps import evaluate_step as es
+
+MODEL_NAME = "cxr-covid-cnn"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+@pytest.mark.parametrize(
+    "model_spec, data_spec, expected",
+    [
+        (ImageSpec(48), ImageSpec(48), []),
+        (ImageSpec(48), ImageSpec(64), ["image_size: model 48, data 64"]),
+        (ImageSpec(48, "clahe"), ImageSpec(48, "gamma"), ["enhance: model 'clahe', data 'gamma'"]),
+        (ImageSpec(48, clip_limit=2.0), ImageSpec(48, clip_limit=40.0), ["clip_limit: model 2.0, data 40.0"]),
+        (ImageSpec(48, tile_grid=8), ImageSpec(48, tile_grid=4), ["tile_grid: model 8, data 4"]),
+        # gamma cannot change a CLAHE image, nor CLAHE settings a gamma image
+        (ImageSpec(48, "clahe", gamma=0.8), ImageSpec(48, "clahe", gamma=1.2), []),
+        (ImageSpec(48, "gamma", clip_limit=2.0), ImageSpec(48, "gamma", clip_limit=9.0), []),
+        (ImageSpec(48, "gamma", gamma=0.8), ImageSpec(48, "gamma", gamma=1.2), ["gamma: model 0.8, data 1.2"]),
+        (ImageSpec(32, "none"), ImageSpec(48, "clahe"),
+         ["image_size: model 32, data 48", "enhance: model 'none', data 'clahe'"]),
+    ],
+)
+def test_spec_mismatches(model_spec, data_spec, expected):
+    assert es.spec_mismatches(model_spec, data_spec) == expected
+
+
+@pytest.mark.parametrize(
+    "labels, predicted, expected",
+    [
+        ([1, 0, 0, 1], [1, 1, 0, 0], ["TP", "FP", "TN", "FN"]),
+        ([0, 0], [False, False], ["TN", "TN"]),
+        ([], [], []),
+    ],
+)
+def test_confusion_cells(labels, predicted, expected):
+    assert es.confusion_cells(np.array(labels, dtype=int), np.array(predicted, dtype=bool)).tolist() == expected
+
+
+def test_sample_order_is_a_seeded_permutation():
+    first, again, other = es.sample_order(50, 42), es.sample_order(50, 42), es.sample_order(50, 7)
+    assert sorted(first.tolist()) == list(range(50))
+    assert first.tolist() == again.tolist()
+    assert first.tolist() != other.tolist()
+    assert es.sample_order(0, 42).size == 0
+
+
+@pytest.mark.parametrize(
+    "per_cell, expected",
+    [
+        # order visits positions 5, 0, 3, 1, 4, 2; cells by position: TP TN TP FN TN TN
+        (1, {"TP": [5], "FP": [], "TN": [0], "FN": [1]}),
+        (2, {"TP": [5, 3], "FP": [], "TN": [0, 4], "FN": [1]}),
+        (0, {"TP": [], "FP": [], "TN": [], "FN": []}),
+    ],
+)
+def test_pick_per_cell_follows_the_order(per_cell, expected):
+    cells = ["TN", "FN", "TN", "TP", "TN", "TP"]
+    order = np.array([5, 0, 3, 1, 4, 2])
+    picks = es.pick_per_cell(cells, order, per_cell)
+    assert {cell: picks[cell].tolist() for cell in es.CELLS} == expected
+
+
+@pytest.mark.parametrize(
+    "n_gated, n_context, gated, context",
+    [
+        (64, 16, [5, 3, 2], [0, 1, 4]),  # positive calls (TP, FP) in order, then negative calls
+        (2, 1, [5, 3], [0]),
+        (0, 0, [], []),
+    ],
+)
+def test_audit_sample_gates_the_positive_calls(n_gated, n_context, gated, context):
+    cells = ["TN", "FN", "FP", "TP", "TN", "TP"]
+    order = np.array([5, 0, 3, 1, 4, 2])
+    got_gated, got_context = es.audit_sample(cells, order, n_gated, n_context)
+    assert (got_gated.tolist(), got_context.tolist()) == (gated, context)
+
+
+def test_display_pair_keeps_the_model_pixels():
+    image = np.array([[0, 255], [10, 20]], dtype=np.uint8)
+    heat = np.array([[0.0, 1.0], [0.5, 0.25]], dtype=np.float32)
+    big_image, big_heat = es.display_pair(image, heat, min_side=5)
+    assert big_image.shape == (6, 6) and big_heat.shape == (6, 6)  # factor ceil(5 / 2) = 3
+    assert (big_image[:3, :3] == 0).all() and (big_image[:3, 3:] == 255).all() and (big_image[3:, :3] == 10).all()
+    assert big_heat.min() >= 0 and big_heat.max() <= 1
+    same_image, same_heat = es.display_pair(image, heat, min_side=2)
+    assert same_image is image and same_heat is heat
+
+
+@pytest.mark.parametrize(
+    "level, expected",
+    [(0.5, [[0.0, 1.0], [0.5, 0.0]]), (0.0, [[0.2, 1.0], [0.5, 0.4]]), (0.45, [[0.0, 1.0], [0.5, 0.0]])],
+)
+def test_salient(level, expected):
+    heat = np.array([[[0.2, 1.0], [0.5, 0.4]]], dtype=np.float32)
+    np.testing.assert_allclose(es.salient(heat, level)[0], expected)
+
+
+def test_widen_masks():
+    mask = np.zeros((1, 7, 7), dtype=np.uint8)
+    mask[0, 3, 3] = 1
+    assert es.widen_masks(mask, 0).sum() == 1
+    widened = es.widen_masks(mask, 1)[0]
+    assert widened.sum() == 5 and widened[2, 3] == widened[3, 2] == widened[4, 3] == widened[3, 4] == 1  # a plus
+
+
+def test_audit_heatmaps_scores_the_salient_region_in_the_widened_mask():
+    size = 16
+    lung = np.zeros((size, size), dtype=np.uint8)
+    lung[4:12, 3:7] = 1
+    inside = np.full((size, size), 0.1, dtype=np.float32)  # a diffuse floor everywhere ...
+    inside[5:10, 4:6] = 1.0  # ... and the peak in the lung
+    marker = np.full((size, size), 0.1, dtype=np.float32)
+    marker[0:2, 13:16] = 1.0  # the peak on a corner marker
+    edge = np.full((size, size), 0.1, dtype=np.float32)
+    edge[5:10, 7:8] = 1.0  # the peak one pixel beside the mask: within a 2-px tolerance
+    outcome = es.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2)
+    focus = [s["lung_focus"] for s in outcome.scores]
+    assert focus[0] == pytest.approx(1.0) and focus[1] == pytest.approx(0.0) and focus[2] == pytest.approx(1.0)
+    assert outcome.tolerance_px == 2
+    assert outcome.result.n == 3 and outcome.result.passed  # mean 2/3 >= 0.5
+    strict = es.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2,
+                               tolerance_cells=0)
+    assert [s["lung_focus"] for s in strict.scores][2] == pytest.approx(0.0)
+    assert not strict.result.passed  # 1/3 < 0.5
+    # Only gated heatmaps enter the verdict; the others are still scored.
+    marker_only = es.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2,
+                                    gated=np.array([False, True, False]))
+    assert len(marker_only.scores) == 3 and marker_only.result.n == 1 and not marker_only.result.passed
+    assert marker_only.result.lung_focus_mean == pytest.approx(0.0)
+    # Only flagged masks get the tolerance (the caller leaves the generous geometric prior alone).
+    unwidened = es.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2,
+                                  widen=np.array([True, True, False]))
+    assert [s["lung_focus"] for s in unwidened.scores][2] == pytest.approx(0.0)
+    none = es.audit_heatmaps(np.stack([inside]), np.stack([lung]), 0.5, stride=2, gated=np.array([False]))
+    assert not none.result.passed and none.result.n == 0 and "predicted positive" in none.result.reason
+
+
+def test_lung_masks_fall_back_to_the_geometric_prior(synthetic_prepared):
+    from cxrexp import gradcam
+
+    rows, _ = synthetic_prepared.split_rows("test")
+    rows = rows[:3]
+    size = synthetic_prepared.image_size
+    prior = gradcam.estimate_lung_mask(np.zeros((size, size), np.uint8))
+    masks, note = es.lung_masks(synthetic_prepared, rows, np.array([True, False, True]))
+    np.testing.assert_array_equal(masks[0], synthetic_prepared.masks()[rows[0]])
+    np.testing.assert_array_equal(masks[1], prior)
+    assert note == "2 dataset lung masks, 1 from the geometric prior"
+    assert es.lung_masks(synthetic_prepared, rows, np.zeros(3, bool))[1].startswith("no dataset lung masks")
+    assert es.lung_masks(synthetic_prepared, rows, np.ones(3, bool))[1] == "lung masks from the dataset"
+
+
+def _position_reader(size: int = 8):
+    """A conv layer passing the image through and a dense logit reading only pixel (1, 1)."""
+    import keras
+
+    inputs = keras.Input((size, size, 1), name="image")
+    features = keras.layers.Conv2D(1, 1, activation="relu", kernel_initializer="ones", bias_initializer="zeros",
+                                   name="block1_conv")(inputs)
+    flat = keras.layers.Flatten()(features)
+    weights = np.zeros((size * size, 1), np.float32)
+    weights[1 * size + 1] = 1.0
+    logit = keras.layers.Dense(1, name="logit", kernel_initializer=keras.initializers.Constant(weights))(flat)
+    return keras.Model(inputs, keras.layers.Activation("sigmoid", name="probability")(logit))
+
+
+@pytest.mark.parametrize(
+    "method, hot",
+    [
+        # Grad-CAM averages the (position-specific) gradient into one channel weight: every bright pixel lights up.
+        ("gradcam", {(1, 1), (6, 6)}),
+        # HiResCAM keeps gradient x activation per position: only the pixel the dense head reads.
+        ("hirescam", {(1, 1)}),
+    ],
+)
+def test_cam_methods_on_a_dense_head(method, hot):
+    from cxrexp import gradcam
+
+    image = np.zeros((1, 8, 8, 1), np.float32)
+    image[0, 1, 1, 0] = image[0, 6, 6, 0] = 1.0
+    heat = gradcam.gradcam(_position_reader(), image, method=method)[0]
+    assert {(int(r), int(c)) for r, c in zip(*np.nonzero(heat > 0.9))} == hot
+
+
+def test_gradcam_unavailable():
+    import keras
+
+    from cxrexp.model import build_cnn
+
+    assert es.gradcam_unavailable(build_cnn(32, (4,), (), 0.0, seed=1)) == ""
+    inputs = keras.Input((8, 8, 1))
+    dense_only = keras.Model(inputs, keras.layers.Dense(1, name="logit")(keras.layers.Flatten()(inputs)))
+    assert "no Conv2D layer" in es.gradcam_unavailable(dense_only)
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        (es.ModelSource("models:/m@champion", registered_name="cxr", version="3", train_run_id="a" * 32), "evaluate-cxr-v3"),
+        (es.ModelSource("models:/m-1", model_id="m-1", train_run_id="0123456789" + "a" * 22), "evaluate-run-01234567"),
+        (es.ModelSource("runs:/x/model", source_run_id="b" * 32), "evaluate-run-bbbbbbbb"),
+        (es.ModelSource("file:///tmp/model"), "evaluate-model"),
+    ],
+)
+def test_run_name(source, expected):
+    assert source.run_name() == expected
+
+
+def test_training_overlap():
+    test = pd.DataFrame({"sha256": ["a", "b", "c"]})
+
+    class Prepared:
+        digest = "train-digest"
+        manifest = pd.DataFrame({"sha256": ["a", "c", "x"], "split": ["train", "test", "val"]})
+
+    assert es.training_overlap(test, None, "d") is None
+    assert es.training_overlap(test, Prepared(), "train-digest") == 0
+    assert es.training_overlap(test, Prepared(), "other") == 1  # only "a": "c" is in its test split
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"threshold": 1.5}, "--threshold 1.5"),
+        ({"prevalence": 2.0}, "--prevalence 2.0"),
+        ({"n_bootstrap": -1}, "--n-bootstrap -1"),
+        ({"gradcam_per_cell": -1}, "--gradcam-per-cell -1"),
+        ({"min_lung_focus": 1.5}, "--min-lung-focus 1.5"),
+        ({"batch_size": 0}, "--batch-size 0"),
+        ({"model_uri": " "}, "--model-uri is empty"),
+    ],
+)
+def test_check_config(overrides, fragment):
+    from cxrexp.cli import UserError
+
+    with pytest.raises(UserError, match=fragment.replace("-", r"\-").replace(".", r"\.")):
+        es.check_config(EvaluateConfig(**overrides))
+    es.check_config(EvaluateConfig())  # the defaults are fine
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end
+
+
+@pytest.fixture(scope="module")
+def trained(session_store, synthetic_prepared):
+    """A tiny model trained and registered as @challenger through the CLI; returns its train run."""
+    import mlflow
+
+    from cxrexp import cli
+
+    code = cli.main([
+        "train", "--data", str(synthetic_prepared.root), "--epochs", "2", "--filters", "8,16", "--dense", "8",
+        "--patience", "2", "--lr-patience", "1", "--batch-size", "32", "--registered-model-name", MODEL_NAME,
+    ])
+    assert code == 0
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cxrexp.step` = 'train'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    return runs[0]
+
+
+def _evaluate(args: list[str]) -> tuple[int, str]:
+    """Run ``cxrexp evaluate``; (exit code, id of the newest evaluate run or "")."""
+    import mlflow
+
+    from cxrexp import cli
+
+    code = cli.main(["evaluate", *args])
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cxrexp.step` = 'evaluate'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    return code, (runs[0].info.run_id if runs else "")
+
+
+def _evaluate_runs() -> int:
+    import mlflow
+
+    return len(mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cxrexp.step` = 'evaluate'",
+                                  output_format="list"))
+
+
+def _artifacts(run_id: str) -> set[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found, pending = set(), [""]
+    while pending:
+        for item in client.list_artifacts(run_id, pending.pop() or None):
+            (pending.append(item.path) if item.is_dir else found.add(item.path))
+    return found
+
+
+def _download(run_id: str, path: str) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+
+
+FAST = ["--n-bootstrap", "200", "--gradcam-per-cell", "1"]
+
+
+@pytest.fixture(scope="module")
+def alias_run(trained):
+    code, run_id = _evaluate(["--model-uri", f"models:/{MODEL_NAME}@challenger", "--prevalence", "0.1", *FAST])
+    assert code == 0
+    return run_id
+
+
+def test_evaluate_logs_every_metric_and_artifact(alias_run, trained, synthetic_prepared):
+    import mlflow
+
+    from cxrexp import metrics
+
+    run = mlflow.get_run(alias_run)
+    logged = run.data.metrics
+    with_ci = metrics.RATE_NAMES + metrics.SCORE_NAMES + ("ppv_at_prevalence", "npv_at_prevalence")
+    expected = {f"test_{n}" for n in ("tp", "fp", "tn", "fn", "n", "prevalence")}
+    expected |= {f"test_{n}{suffix}" for n in with_ci for suffix in ("", "_ci_low", "_ci_high")}
+    expected |= {"threshold", "audit_lung_focus_mean", "audit_lung_focus_median", "audit_border_share_mean",
+                 "audit_n", "audit_passed"}
+    assert expected <= set(logged), sorted(expected - set(logged))
+
+    _, test_labels = synthetic_prepared.split_rows("test")
+    assert logged["test_n"] == len(test_labels)
+    assert logged["test_tp"] + logged["test_fn"] == test_labels.sum()
+    assert logged["threshold"] == pytest.approx(float(trained.data.metrics["threshold"]))
+    assert logged["audit_passed"] in (0.0, 1.0) and 0 < logged["audit_n"] <= es.AUDIT_SAMPLE
+
+    tags = run.data.tags
+    assert tags["cxrexp.train_run_id"] == trained.info.run_id
+    assert tags["cxrexp.model_uri"] == f"models:/{MODEL_NAME}@challenger"
+    assert tags["cxrexp.dataset_digest"] == synthetic_prepared.digest
+    assert tags["cxrexp.training_dataset_digest"] == synthetic_prepared.digest
+    assert tags["cxrexp.registered_model"] == MODEL_NAME and tags["cxrexp.model_version"].isdigit()
+    assert tags["cxrexp.model_id"].startswith("m-")
+    assert tags["cxrexp.audit"] == ("passed" if logged["audit_passed"] else "failed")
+    assert tags["cxrexp.audit_reason"]
+    assert tags["mlflow.runName"] == f"evaluate-{MODEL_NAME}-v{tags['cxrexp.model_version']}"
+    assert tags["cxrexp.mlflow_evaluate"] == "ok: confusion counts agree"  # both classes in this split
+    assert logged["mlflow_test_true_positives"] == logged["test_tp"]  # MLflow's own evaluator, cross-checked
+    contexts = [i.tags[0].value for i in run.inputs.dataset_inputs if i.dataset.digest == synthetic_prepared.digest]
+    assert contexts == ["test"]
+
+    artifacts = _artifacts(alias_run)
+    needed = {"predictions.csv", "metric_notes.json", "report.html", "audit/scores.csv", "gradcam/samples.csv"}
+    needed |= {f"figures/{name}.png" for name in ("confusion_matrix", "roc", "pr", "calibration", "threshold_sweep",
+                                                  "gradcam_gallery", "lung_focus")}
+    assert needed <= artifacts, sorted(needed - artifacts)
+    for cell in es.CELLS:
+        has_cases = logged[f"test_{cell.lower()}"] > 0
+        assert (f"gradcam/{cell}_1_overlay.png" in artifacts) == has_cases, cell
+        assert (f"gradcam/{cell}_1_contour.png" in artifacts) == has_cases, cell
+
+    predictions = pd.read_csv(_download(alias_run, "predictions.csv"))
+    assert list(predictions.columns[:4]) == ["source", "class_name", "label", "probability"]
+    assert len(predictions) == len(test_labels)
+    assert predictions["source"].tolist() == sorted(predictions["source"])
+    assert (predictions["predicted"] == (predictions["probability"] >= logged["threshold"])).all()
+    assert predictions["label"].sum() == test_labels.sum()
+
+
+def test_report_holds_the_logged_metrics(alias_run):
+    import mlflow
+
+    logged = mlflow.get_run(alias_run).data.metrics
+    document = _download(alias_run, "report.html").read_text()
+    cells: dict[str, list[str]] = {}
+
+    class Rows(HTMLParser):
+        current = None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "tr" and "data-metric" in attrs:
+                self.current = attrs["data-metric"]
+                cells[self.current] = []
+            elif tag == "td" and self.current:
+                cells[self.current].append("")
+
+        def handle_endtag(self, tag):
+            if tag == "tr":
+                self.current = None
+
+        def handle_data(self, data):
+            if self.current and cells[self.current]:
+                cells[self.current][-1] += data
+
+    Rows().feed(document)
+    assert cells["tp"][1] == str(int(logged["test_tp"]))
+    for name in ("sensitivity", "specificity", "roc_auc"):
+        value = logged[f"test_{name}"]
+        assert cells[name][1] == ("undefined" if math.isnan(value) else f"{value:.3f}"), name
+    assert "data:image/png;base64," in document and "<script" not in document
+    assert f"models:/{MODEL_NAME}@challenger" in document
+
+
+def test_evaluate_by_logged_model_uri_with_explicit_data_and_threshold(alias_run, trained, synthetic_prepared):
+    import mlflow
+
+    model_uri = trained.data.tags["cxrexp.model_uri"]
+    assert model_uri.startswith("models:/m-")
+    # The model's own threshold, given as a flag: same calls, so the audit must draw the same images.
+    threshold = round(trained.data.metrics["threshold"], 6)
+    code, run_id = _evaluate(["--model-uri", model_uri, "--data", str(synthetic_prepared.root),
+                              "--threshold", str(threshold), *FAST])
+    assert code == 0 and run_id != alias_run
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics["threshold"] == pytest.approx(threshold)
+    assert run.data.tags["cxrexp.threshold_source"] == "flag"
+    assert run.data.tags["cxrexp.train_run_id"] == trained.info.run_id
+    assert run.data.tags["mlflow.runName"] == f"evaluate-run-{trained.info.run_id[:8]}"
+    assert "test_ppv_at_prevalence" not in run.data.metrics  # no --prevalence given
+    # Same dataset, seed and calls: the same images are drawn for Grad-CAM and the audit, whatever the run.
+    for artifact in ("audit/scores.csv", "gradcam/samples.csv"):
+        first = pd.read_csv(_download(alias_run, artifact))
+        second = pd.read_csv(_download(run_id, artifact))
+        assert len(first) and first["source"].tolist() == second["source"].tolist(), artifact
+
+
+def test_unknown_model_uri_exits_2_naming_it(trained, capsys):
+    before = _evaluate_runs()
+    code, _ = _evaluate(["--model-uri", f"models:/{MODEL_NAME}@no-such-alias"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"models:/{MODEL_NAME}@no-such-alias" in err and "challenger" in err  # names what exists
+    code, _ = _evaluate(["--model-uri", "models:/not-a-model@challenger"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not-a-model" in err and MODEL_NAME in err
+    assert _evaluate_runs() == before
+
+
+def _rewritten(dataset, out_dir: Path, *, image_size: int | None = None, drop_test_positives: bool = False):
+    """A prepared dataset derived from ``dataset`` through the store's writer (so it has a real digest)."""
+    import cv2
+
+    from cxrexp.store import DatasetWriter
+
+    size = image_size or dataset.image_size
+    manifest = dataset.manifest.copy()
+    if drop_test_positives:
+        manifest.loc[(manifest["split"] == "test") & (manifest["label"] == 1), "split"] = "train"
+    params = {k: v for k, v in dataset.params.items() if k not in ("digest", "format_version")}
+    params["image_spec"] = {**params["image_spec"], "image_size": size}
+    images, masks = dataset.images(), dataset.masks()
+    with DatasetWriter(out_dir, f"derived-{size}-{int(drop_test_positives)}", images.shape[0], size) as writer:
+        for row in manifest["row"]:
+            image, mask = np.asarray(images[row]), np.asarray(masks[row])
+            if size != dataset.image_size:
+                image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+                mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+            writer.write(int(row), image, mask)
+        return writer.finish(manifest, params, dataset.skipped())
+
+
+def test_dataset_with_another_image_size_exits_2_before_any_run(trained, synthetic_prepared, tmp_path, capsys):
+    other = _rewritten(synthetic_prepared, tmp_path, image_size=32)
+    before = _evaluate_runs()
+    code, _ = _evaluate(["--model-uri", f"models:/{MODEL_NAME}@challenger", "--data", str(other.root)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "image_size: model 48, data 32" in err and str(other.root) in err
+    assert _evaluate_runs() == before
+
+
+def test_empty_test_split_exits_2(trained, synthetic_prepared, tmp_path, capsys):
+    from cxrexp.store import DatasetWriter
+
+    manifest = synthetic_prepared.manifest.copy()
+    manifest.loc[manifest["split"] == "test", "split"] = "val"
+    params = {k: v for k, v in synthetic_prepared.params.items() if k not in ("digest", "format_version")}
+    images, masks = synthetic_prepared.images(), synthetic_prepared.masks()
+    with DatasetWriter(tmp_path, "no-test", images.shape[0], synthetic_prepared.image_size) as writer:
+        for row in manifest["row"]:
+            writer.write(int(row), np.asarray(images[row]), np.asarray(masks[row]))
+        empty = writer.finish(manifest, params, synthetic_prepared.skipped())
+    before = _evaluate_runs()
+    code, _ = _evaluate(["--model-uri", f"models:/{MODEL_NAME}@challenger", "--data", str(empty.root)])
+    assert code == 2 and "test split" in capsys.readouterr().err and _evaluate_runs() == before
+
+
+def test_one_class_test_split_runs_with_nan_and_reasons(trained, synthetic_prepared, tmp_path):
+    import mlflow
+
+    negatives_only = _rewritten(synthetic_prepared, tmp_path, drop_test_positives=True)
+    code, run_id = _evaluate(["--model-uri", f"models:/{MODEL_NAME}@challenger", "--data", str(negatives_only.root),
+                              *FAST])
+    assert code == 0
+    run = mlflow.get_run(run_id)
+    logged = run.data.metrics
+    assert math.isnan(logged["test_sensitivity"]) and math.isnan(logged["test_roc_auc"])
+    assert not math.isnan(logged["test_specificity"])
+    notes = json.loads(_download(run_id, "metric_notes.json").read_text())
+    assert "no positives" in notes["test_sensitivity"] and "no positives" in notes["test_roc_auc"]
+    assert "no positives" in run.data.tags["cxrexp.note.test_roc_auc"]
+    assert run.data.tags["cxrexp.mlflow_evaluate"].startswith("skipped")
+    assert run.data.tags["cxrexp.training_dataset_digest"] == synthetic_prepared.digest
+    document = _download(run_id, "report.html").read_text()
+    assert "no positives in the test split" in document and "undefined" in document
