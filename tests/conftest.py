@@ -72,3 +72,19 @@ def synthetic_prepared(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("prepared")
     return run_preprocess(tiny_preprocess_config(out), progress=False).dataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_active_experiment():
+    """mlflow.set_experiment in one module must not leak into the next module's fresh store
+    (MLflow keeps the active experiment id in a process-wide global)."""
+    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    yield
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None
+    # set_experiment also exports MLFLOW_EXPERIMENT_ID, which later start_run calls would obey.
+    if before is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = before

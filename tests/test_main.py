@@ -1,0 +1,65 @@
+"""End to end: `mlflow run .` (the `main` entry point) chains preprocess -> train -> evaluate as MLflow
+runs, then a second invocation reuses all three finished steps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mlflow_run(tmp_path: Path, uri: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    cmd = [
+        sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local",
+        "--experiment-name", "main-e2e",
+        "-P", "image_size=32", "-P", "epochs=2", "-P", "registered_model_name=e2e-cnn",
+    ]
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+
+
+def test_main_chains_the_steps_and_reuses_finished_ones(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _mlflow_run(tmp_path, uri)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = MlflowClient()
+        exp = client.get_experiment_by_name("main-e2e")
+        runs = client.search_runs([exp.experiment_id])
+        by_step = {}
+        for run in runs:
+            by_step.setdefault(run.data.tags.get("cxrexp.step"), []).append(run)
+        assert {step: len(found) for step, found in by_step.items()} == {
+            "main": 1, "preprocess": 1, "train": 1, "evaluate": 1
+        }
+        assert all(run.info.status == "FINISHED" for run in runs)
+        main_run = by_step["main"][0]
+        assert main_run.data.tags["cxrexp.evaluate_run"] == by_step["evaluate"][0].info.run_id
+        evaluate = by_step["evaluate"][0].data
+        assert 0.0 <= evaluate.metrics["test_roc_auc"] <= 1.0
+        assert evaluate.metrics["test_n"] == by_step["preprocess"][0].data.metrics["n_test"]
+        assert evaluate.tags["cxrexp.dataset_digest"] == by_step["preprocess"][0].data.tags["cxrexp.dataset_digest"]
+        version = client.get_model_version_by_alias("e2e-cnn", "challenger")
+        assert version.version == "1"
+
+        second = _mlflow_run(tmp_path, uri)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        output = second.stdout + second.stderr
+        for step in ("preprocess", "train", "evaluate"):
+            assert f"[main] {step}: reusing finished run" in output, output[-3000:]
+        again = client.search_runs([exp.experiment_id])
+        steps = sorted(run.data.tags.get("cxrexp.step") for run in again)
+        assert steps == ["evaluate", "main", "main", "preprocess", "train"]
+    finally:
+        mlflow.set_tracking_uri(None)
