@@ -267,6 +267,12 @@ class AuditResult:
     passed: bool
     reason: str
 
+    @classmethod
+    def undecided(cls, reason: str) -> AuditResult:
+        """No verdict (nothing to score): NaN statistics, n = 0, not passed, and ``reason`` why."""
+        nan = float("nan")
+        return cls(nan, nan, nan, 0, False, reason)
+
 
 def audit(scores: list[dict], min_lung_focus: float) -> AuditResult:
     """Pass/fail the shortcut audit from ``focus_scores`` results; the mean lung focus is gated."""
@@ -278,9 +284,8 @@ def audit(scores: list[dict], min_lung_focus: float) -> AuditResult:
     n, skipped = int(usable.sum()), int((~usable).sum())
     skipped_note = f" ({skipped} all-zero heatmaps skipped)" if skipped else ""
     if n == 0:
-        return AuditResult(
-            float("nan"), float("nan"), float("nan"), 0, False,
-            f"no usable heatmap among {len(scores)}{skipped_note}: cannot tell where the model looks",
+        return AuditResult.undecided(
+            f"no usable heatmap among {len(scores)}{skipped_note}: cannot tell where the model looks"
         )
     lung_mean = float(lung[usable].mean())
     lung_median = float(np.median(lung[usable]))

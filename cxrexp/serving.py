@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import math
+import os
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 import numpy as np
@@ -69,6 +72,8 @@ DEFAULT_MAX_PIXELS = 64_000_000  # PreprocessConfig.max_pixels
 MIN_SIDE = 32
 # Rows per forward pass: bounds memory for big requests (1024 px x 32 x 4 B = 128 MiB).
 PREDICT_CHUNK = 32
+# Threads decoding the rows of one request (cv2 releases the GIL); more than the cores only adds switching.
+DECODE_WORKERS = min(8, os.cpu_count() or 1)
 # A message listing thousands of bad rows helps nobody; the count is always given.
 MAX_LISTED_ERRORS = 20
 
@@ -240,17 +245,55 @@ def prepare_row(value: Any, spec: ServingSpec) -> np.ndarray:
     return prepare(grey, spec.image_spec)
 
 
-def prepare_batch(images: pd.Series | list[Any], spec: ServingSpec) -> np.ndarray:
-    """Request cells -> float32 (N, S, S, 1) in [0, 1]; every bad row listed in one ``MlflowException``."""
+def _prepare_into(batch: np.ndarray, row: int, value: Any, spec: ServingSpec) -> str | None:
+    """Write row ``row`` of the uint8 ``batch``; the rejection reason, or None when the row is fine."""
+    try:
+        batch[row] = prepare_row(value, spec)
+    except RowRejected as exc:
+        return exc.reason
+    return None
+
+
+def prepare_chunks(
+    images: pd.Series | list[Any], spec: ServingSpec, chunk_rows: int = PREDICT_CHUNK, *, workers: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Request cells -> ``(start, float32 (n, S, S, 1) in [0, 1])`` for rows ``start .. start + n - 1``.
+
+    Chunks of ``chunk_rows`` rows come in row order as soon as their rows are decoded, while up to
+    ``workers`` threads (default ``DECODE_WORKERS``) go on decoding the later rows: OpenCV's decode,
+    resize and CLAHE release the GIL, so decoding uses the cores the model leaves idle, and the
+    caller's forward pass on one chunk overlaps the decoding of the next (measured in
+    benchmarks/bench_train.py). After the first bad row no further chunk is yielded; every row is
+    still checked and, when any was bad, one ``MlflowException`` (INVALID_PARAMETER_VALUE) listing
+    them all is raised at the end. The pixels do not depend on ``workers`` or ``chunk_rows``.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
     values = list(images)
     size = spec.image_spec.image_size
-    batch = np.empty((len(values), size, size, 1), dtype=np.float32)
+    pixels = np.empty((len(values), size, size), dtype=np.uint8)
+    n_workers = max(1, min(len(values), DECODE_WORKERS if workers is None else workers))
+    # A pool per request, not per process: nothing is left running when a server forks workers.
+    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="cxrexp-decode") if n_workers > 1 else None
     errors: list[str] = []
-    for row, value in enumerate(values):
-        try:
-            batch[row, :, :, 0] = prepare_row(value, spec).astype(np.float32) / 255.0
-        except RowRejected as exc:
-            errors.append(f"row {row}: {exc.reason}")
+    try:
+        if pool is not None:
+            futures = [pool.submit(_prepare_into, pixels, row, value, spec) for row, value in enumerate(values)]
+            reasons = (future.result() for future in futures)
+        else:
+            reasons = (_prepare_into(pixels, row, value, spec) for row, value in enumerate(values))
+        for start in range(0, len(values), chunk_rows):
+            stop = min(start + chunk_rows, len(values))
+            for row in range(start, stop):
+                reason = next(reasons)
+                if reason is not None:
+                    errors.append(f"row {row}: {reason}")
+            if not errors:
+                # The same float32 division as the training pipeline's x / 255.
+                yield start, pixels[start:stop].astype(np.float32)[..., None] / np.float32(255.0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if errors:
         listed = "; ".join(errors[:MAX_LISTED_ERRORS])
         more = f"; ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
@@ -258,7 +301,17 @@ def prepare_batch(images: pd.Series | list[Any], spec: ServingSpec) -> np.ndarra
             f"{len(errors)} of {len(values)} rows rejected, nothing was scored: {listed}{more}",
             error_code=INVALID_PARAMETER_VALUE,
         )
-    return batch
+
+
+def prepare_batch(images: pd.Series | list[Any], spec: ServingSpec, *, workers: int | None = None) -> np.ndarray:
+    """Request cells -> float32 (N, S, S, 1) in [0, 1]; every bad row listed in one ``MlflowException``.
+
+    All rows at once (``prepare_chunks`` with one chunk); decoded by up to ``workers`` threads.
+    """
+    values = list(images)
+    size = spec.image_spec.image_size
+    chunks = [chunk for _, chunk in prepare_chunks(values, spec, max(1, len(values)), workers=workers)]
+    return chunks[0] if chunks else np.empty((0, size, size, 1), dtype=np.float32)
 
 
 def label_probabilities(probabilities: np.ndarray, spec: ServingSpec) -> pd.DataFrame:
@@ -311,14 +364,18 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
                 f"row per image with PNG/JPEG bytes or base64 text in {INPUT_COLUMN!r}",
                 error_code=INVALID_PARAMETER_VALUE,
             )
-        batch = prepare_batch(model_input[INPUT_COLUMN], spec)
-        probabilities = np.empty(len(batch), dtype=np.float64)
-        for start in range(0, len(batch), PREDICT_CHUNK):
-            chunk = batch[start : start + PREDICT_CHUNK]
-            # A direct call, not model.predict: no progress bar, no per-call tf.data pipeline.
-            probabilities[start : start + len(chunk)] = np.asarray(
-                self.keras_model(chunk, training=False), dtype=np.float64
-            ).reshape(-1)
+        probabilities = np.empty(len(model_input), dtype=np.float64)
+        # Each chunk's forward pass runs while the decode threads prepare the next chunks; a bad row
+        # anywhere raises (listing every bad row) before anything is returned. closing(): if the
+        # model raises, the generator's decode pool is shut down at once.
+        with contextlib.closing(prepare_chunks(model_input[INPUT_COLUMN], spec, PREDICT_CHUNK)) as chunks:
+            for start, chunk in chunks:
+                # predict_on_batch: Keras' compiled (tf.function) predict step, without model.predict's
+                # progress bar and per-call tf.data pipeline; about twice as fast as an eager
+                # self.keras_model(chunk) call, which dispatches every layer's ops one by one.
+                probabilities[start : start + len(chunk)] = np.asarray(
+                    self.keras_model.predict_on_batch(chunk), dtype=np.float64
+                ).reshape(-1)
         bad = np.flatnonzero(~np.isfinite(probabilities))
         if bad.size:
             raise MlflowException(
@@ -541,6 +598,7 @@ __all__ = [
     "log_raw_image_model",
     "pinned_requirements",
     "prepare_batch",
+    "prepare_chunks",
     "prepare_row",
     "row_bytes",
     "serving_signature",

@@ -63,17 +63,27 @@ def step_run(step: str, cfg: Any, *, run_name: str | None = None, nested: bool =
         if commit:
             tags[GIT_TAG] = commit
         mlflow.set_tags(tags)
-        # Under `mlflow run` the MLproject parameters are already logged, as the text the user typed
-        # ("1e-3", "true"); MLflow refuses to log a parameter twice, so only the rest is added.
-        already = run.data.params
-        mlflow.log_params(
-            {k: v for k, v in {**flat_params(cfg), **(extra_params or {})}.items() if k not in already}
-        )
+        log_new_params(run, {**flat_params(cfg), **(extra_params or {})})
         try:
             yield run
         except KeyboardInterrupt:
             mlflow.end_run("KILLED")  # interrupted, not broken: the UI should say so
             raise
+
+
+def log_new_params(run: mlflow.ActiveRun, params: dict[str, Any]) -> None:
+    """Log the params the run does not have yet.
+
+    Under `mlflow run` the MLproject parameters are already logged, as the text the user typed
+    ("1e-3", "true", and "''" for an empty string); MLflow refuses to log a parameter twice.
+    """
+    already = run.data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in already})
+
+
+def _param_text(value: Any) -> str:
+    text = str(value)
+    return "" if text in ("''", '""') else text  # `mlflow run` logs an empty string shell-quoted
 
 
 @contextlib.contextmanager
@@ -143,7 +153,7 @@ def _same_params(run_params: dict[str, str], wanted: dict[str, Any]) -> bool:
         have = run_params.get(key)
         if have is None:
             return False
-        if str(have) == str(value):
+        if _param_text(have) == _param_text(value):
             continue
         try:  # MLflow stores "0.1" for 0.1 and "1e-3" may come back as "0.001"
             if math.isclose(float(have), float(value)):

@@ -3,7 +3,7 @@
 Two small CNNs are trained on the built-in synthetic set, identical except for the planted marker:
 ``synthetic_shortcut=1.0`` burns a bright letter into the border band of exactly the positives, so
 a model can score well by reading the letter; the clean set has no marker, so the only signal is in
-the lungs. The evaluate step's audit (``evaluate_step.shortcut_audit``: HiResCAM on the test cases
+the lungs. The evaluate step's audit (``cxrexp.audit.shortcut_audit``: HiResCAM on the test cases
 the model calls positive, salient region against the dataset's lung masks) must fail the first
 model and pass the second at the default ``min_lung_focus``.
 
@@ -34,6 +34,7 @@ def _prepared(out_dir, shortcut: float):
 
 
 def _trained_and_audited(dataset):
+    from cxrexp import audit
     from cxrexp.dataset import predict_probabilities
     from cxrexp.steps import evaluate_step as es
     from cxrexp.training import train_model
@@ -44,8 +45,8 @@ def _trained_and_audited(dataset):
                          verbose=0)
     test = es.evaluation_frame(dataset)
     probabilities = predict_probabilities(result.model, dataset.images(), test["row"].to_numpy(np.int64), 64)
-    cells = es.confusion_cells(test["label"].to_numpy(), probabilities >= result.threshold)
-    outcome, _ = es.shortcut_audit(result.model, dataset, test, cells, min_lung_focus=MIN_LUNG_FOCUS, seed=42)
+    cells = audit.confusion_cells(test["label"].to_numpy(), probabilities >= result.threshold)
+    outcome, _ = audit.shortcut_audit(result.model, dataset, test, cells, min_lung_focus=MIN_LUNG_FOCUS, seed=42)
     return result.model, test, probabilities, outcome
 
 

@@ -113,6 +113,34 @@ def test_gradcam_bad_images_raise(model_and_reloaded, bad, message):
         gradcam.gradcam(model_and_reloaded[0], bad)
 
 
+def _position_reader(size: int = 8):
+    """A conv layer passing the image through and a dense logit reading only pixel (1, 1)."""
+    inputs = keras.Input((size, size, 1), name="image")
+    features = keras.layers.Conv2D(1, 1, activation="relu", kernel_initializer="ones", bias_initializer="zeros",
+                                   name="block1_conv")(inputs)
+    flat = keras.layers.Flatten()(features)
+    weights = np.zeros((size * size, 1), np.float32)
+    weights[1 * size + 1] = 1.0
+    logit = keras.layers.Dense(1, name="logit", kernel_initializer=keras.initializers.Constant(weights))(flat)
+    return keras.Model(inputs, keras.layers.Activation("sigmoid", name="probability")(logit))
+
+
+@pytest.mark.parametrize(
+    "method, hot",
+    [
+        # Grad-CAM averages the (position-specific) gradient into one channel weight: every bright pixel lights up.
+        ("gradcam", {(1, 1), (6, 6)}),
+        # HiResCAM keeps gradient x activation per position: only the pixel the dense head reads.
+        ("hirescam", {(1, 1)}),
+    ],
+)
+def test_cam_methods_on_a_dense_head(method, hot):
+    image = np.zeros((1, 8, 8, 1), np.float32)
+    image[0, 1, 1, 0] = image[0, 6, 6, 0] = 1.0
+    heat = gradcam.gradcam(_position_reader(), image, method=method)[0]
+    assert {(int(r), int(c)) for r, c in zip(*np.nonzero(heat > 0.9))} == hot
+
+
 # ---------------------------------------------------------------------------------------------- #
 # Overlays
 

@@ -54,9 +54,10 @@ def run(*, data_dir: str, image_size: int, epochs: int, n_trials: int, registere
     pre_cfg = PreprocessConfig(data_dir=data_dir, image_size=image_size)
     with mlflow.start_run(run_name="main") as active:
         mlflow.set_tag(tracking.STEP_TAG, "main")
-        mlflow.log_params(
+        tracking.log_new_params(
+            active,
             {"data_dir": data_dir, "image_size": image_size, "epochs": epochs, "n_trials": n_trials,
-             "registered_model_name": registered_model_name}
+             "registered_model_name": registered_model_name},
         )
         pre_run = _get_or_run("preprocess", pre_cfg)
         mlflow.set_tag("cxrexp.preprocess_run", pre_run)
