@@ -36,7 +36,6 @@ def _train_cfg(argv):
         (["--preset", "seed"], "filters", (32, 32, 64, 128, 256)),
         (["--preset", "seed"], "dense", (256, 128)),
         (["--preset", "seed"], "epochs", 25),
-        (["--preset", "seed"], "batch_norm", False),
         # mlflow run passes every parameter at its default: the preset must still apply
         (["--preset", "seed", "--epochs", "15", "--filters", "16,32,64,128"], "filters", (32, 32, 64, 128, 256)),
         # a value other than the default wins over the preset

@@ -119,7 +119,7 @@ def test_build_cnn_from_config_uses_config_fields():
 
 
 def test_batch_norm_adds_one_layer_per_block_after_the_relu():
-    model = build_cnn_from_config(TrainConfig(filters=(4, 8), dense=(16,), dropout=0.3, seed=9), 32)
+    model = build_cnn_from_config(TrainConfig(filters=(4, 8), dense=(16,), dropout=0.3, seed=9, batch_norm=True), 32)
     # 8561 weights without it, plus gamma, beta, moving mean and variance per channel (4 + 8 channels).
     assert model.count_params() == 8561 + 4 * (4 + 8)
     names = [layer.name for layer in model.layers]
