@@ -51,7 +51,7 @@ def test_main_chains_the_steps_and_reuses_finished_ones(tmp_path):
         assert evaluate.metrics["test_n"] == by_step["preprocess"][0].data.metrics["n_test"]
         assert evaluate.tags["cxrexp.dataset_digest"] == by_step["preprocess"][0].data.tags["cxrexp.dataset_digest"]
         version = client.get_model_version_by_alias("e2e-cnn", "challenger")
-        assert version.version == "1"
+        assert str(version.version) == "1"
 
         second = _mlflow_run(tmp_path, uri)
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
