@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from cxrexp.config import PromoteConfig
+
 # Gate names, in the order they are reported. They become tag keys (``promotion.<gate>``).
 THRESHOLD_GATES = ("sensitivity", "specificity", "roc_auc")
 AUDIT_GATE = "audit"
@@ -48,13 +50,14 @@ TIE_TOLERANCE = 1e-9
 class Gates:
     """What a challenger must show. Thresholds are rates/AUCs in [0, 1]; ``margin`` in metric units."""
 
-    min_sensitivity: float = 0.8
-    min_specificity: float = 0.8
-    min_roc_auc: float = 0.85
-    gate_on_ci_low: bool = False
-    primary_metric: str = "test_roc_auc"
-    margin: float = 0.01
-    require_audit: bool = True
+    # Defaults are the promote step's (one source of truth: the config the flags come from).
+    min_sensitivity: float = PromoteConfig.min_sensitivity
+    min_specificity: float = PromoteConfig.min_specificity
+    min_roc_auc: float = PromoteConfig.min_roc_auc
+    gate_on_ci_low: bool = PromoteConfig.gate_on_ci_low
+    primary_metric: str = PromoteConfig.primary_metric
+    margin: float = PromoteConfig.margin
+    require_audit: bool = PromoteConfig.require_audit
 
     def __post_init__(self) -> None:
         for name in ("min_sensitivity", "min_specificity", "min_roc_auc"):
