@@ -486,7 +486,7 @@ class ProcessedImage:
 
     image: uint8 (S, S) after ``prepare``; mask: uint8 (S, S) in {0, 1} or None (no mask, or the
     mask could not be read: ``mask_problem`` then says why); sha256: hex digest of the file bytes;
-    phash: 64-bit perceptual hash of the decoded grey before enhancement; width/height: decoded
+    phash: 256-bit perceptual hash of the decoded grey before enhancement; width/height: decoded
     size in pixels.
     """
 
