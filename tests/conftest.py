@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -38,20 +39,33 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(None)
 
 
-@pytest.fixture(scope="session")
-def session_store(tmp_path_factory):
-    """One MLflow store shared by the session-scoped pipeline fixtures (train once, use many times)."""
+@contextlib.contextmanager
+def temp_mlflow_store(root: Path):
+    """A sqlite MLflow store in ``root`` (artifacts in ``root/mlruns``) for the duration of the block.
+
+    For module- and session-scoped fixtures, where pytest's function-scoped ``monkeypatch`` is not
+    available; yields the tracking URI.
+    """
     import mlflow
 
-    root = tmp_path_factory.mktemp("session-mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         mp.chdir(root)
         mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def session_store(tmp_path_factory):
+    """One MLflow store shared by the session-scoped pipeline fixtures (train once, use many times)."""
+    root = tmp_path_factory.mktemp("session-mlflow")
+    with temp_mlflow_store(root):
         yield root
-        mlflow.set_tracking_uri(None)
 
 
 def tiny_preprocess_config(out_dir: Path, **overrides):

@@ -18,6 +18,8 @@ from cxrexp.serving import ModelNotFound, log_raw_image_model
 from cxrexp.steps import predict_step
 from cxrexp.synthetic import SyntheticSpec, make_image
 
+from .conftest import temp_mlflow_store
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CXR_MINI = PROJECT_ROOT.parent / "shared" / "data" / "cxr-mini"
 SPEC = ImageSpec(image_size=48, tile_grid=4)
@@ -51,17 +53,11 @@ BAD_FILES = {
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict-model")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(root)
-        mlflow.set_tracking_uri(uri)
+    with temp_mlflow_store(root):
         with mlflow.start_run() as run:
             info = log_raw_image_model(build_cnn(SPEC.image_size, (8, 16), (8,), 0.0, seed=5), SPEC, 0.5)
         pyfunc = mlflow.pyfunc.load_model(info.model_uri)
         yield {"uri": info.model_uri, "run_id": run.info.run_id, "pyfunc": pyfunc}
-        mlflow.set_tracking_uri(None)
 
 
 def _write(folder: Path, files: dict[str, bytes]) -> None:

@@ -24,6 +24,8 @@ from cxrexp.config import ImageSpec, PromoteConfig
 from cxrexp.serving import log_raw_image_model
 from cxrexp.steps import promote_step
 
+from .conftest import temp_mlflow_store
+
 DIGEST = "aaaaaaaaaaaaaaaa"
 OTHER_DIGEST = "bbbbbbbbbbbbbbbb"
 PREPARED_DIR = "/nonexistent/prepared/synthetic-aaaa"  # only passed on to the (fake) evaluate step
@@ -54,19 +56,13 @@ def _tiny_keras_model(size: int = 32) -> keras.Model:
 def store(tmp_path_factory):
     """A temp tracking store holding one logged raw-image model and a fake train run."""
     root = tmp_path_factory.mktemp("promote")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(root)
-        mlflow.set_tracking_uri(uri)
+    with temp_mlflow_store(root):
         with mlflow.start_run(run_name="fake-train") as run:
             mlflow.set_tags({tracking.STEP_TAG: "train", tracking.PREPARED_DIR_TAG: PREPARED_DIR,
                              tracking.DIGEST_TAG: DIGEST})
             info = log_raw_image_model(_tiny_keras_model(), ImageSpec(image_size=32, tile_grid=4), 0.5,
                                        keras_flavour_name=None)
         yield {"model_uri": info.model_uri, "train_run_id": run.info.run_id, "root": root}
-        mlflow.set_tracking_uri(None)
 
 
 def new_name() -> str:
