@@ -39,18 +39,13 @@ import tempfile
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CXR_MINI = PROJECT_ROOT.parent / "shared" / "data" / "cxr-mini"
+from common import CXR_MINI, PROJECT_ROOT, has_cxr_mini, load_average  # noqa: E402  (benchmarks/common.py)
 REPORTED = ("accuracy", "sensitivity", "specificity", "roc_auc")
 # The published figures (full database, 299 px) for comparison.
 PUBLISHED = {"accuracy": 0.96, "sensitivity": 0.947, "specificity": 0.967, "roc_auc": 0.957}
 
 sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def load_average() -> str:
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def cxrexp_command() -> list[str]:
@@ -174,9 +169,7 @@ def main() -> int:
                         help='appended to every `cxrexp train` (e.g. "--epochs 1" for a smoke run)')
     args = parser.parse_args()
 
-    if not (args.data_dir / "COVID" / "images").is_dir():
-        print(f"cxr-mini not found at {args.data_dir}: this benchmark needs the shared real data set "
-              "(../shared/data/cxr-mini beside the project), or pass --data-dir", file=sys.stderr)
+    if not has_cxr_mini(args.data_dir):
         return 2
     from cxrexp.config import PreprocessConfig, SEED_IMAGE_SPEC
 

@@ -35,8 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CXR_MINI = PROJECT_ROOT.parent / "shared" / "data" / "cxr-mini"
+from common import CXR_MINI, PROJECT_ROOT, has_cxr_mini, load_average  # noqa: E402  (benchmarks/common.py)
 CLASSES = ("COVID", "Normal")
 SPEED_TARGET = 1.7
 MEMORY_TARGET = 1.25
@@ -195,9 +194,7 @@ def main() -> int:
     parser.add_argument("--memory-n", type=int, default=300, help="N for the memory runs (N and 4N images)")
     args = parser.parse_args()
 
-    if not (args.data_dir / "COVID" / "images").is_dir():
-        print(f"cxr-mini not found at {args.data_dir}: this benchmark needs the shared real data set "
-              "(../shared/data/cxr-mini beside the project), or pass --data-dir", file=sys.stderr)
+    if not has_cxr_mini(args.data_dir):
         return 2
     from cxrexp.config import PreprocessConfig
 
@@ -207,7 +204,7 @@ def main() -> int:
     n_files = len(all_files)
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"data: {args.data_dir} ({n_files} files); cores: {os.cpu_count()}; workers: {args.workers}; "
-          f"load average: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+          f"load average: {load_average()}")
     warm_cache(all_files)
 
     speed_rows = []
@@ -252,7 +249,7 @@ def main() -> int:
         print(f"{row['size']:>6} {row['naive_ips']:>11.1f} {row['pipe_ips']:>15.1f} {ratio:>6.2f}   "
               f"{row['naive_cpu_ms']:>9.2f} {row['pipe_cpu_ms']:>12.2f} {ceiling:>9.2f}   {verdict} "
               f"({row['kept']} kept, {row['skipped']} skipped)")
-    print(f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())} "
+    print(f"load average after: {load_average()} "
           "(others' work on the same cores shrinks the measured ratio)")
     print()
     print(f"(b) peak memory of preprocess (image_size {defaults.image_size}, {args.workers} workers), MB")

@@ -42,8 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CXR_MINI = PROJECT_ROOT.parent / "shared" / "data" / "cxr-mini"
+from common import CXR_MINI, PROJECT_ROOT, has_cxr_mini, load_average  # noqa: E402  (benchmarks/common.py)
 FIT_TARGET = 0.9
 SERVE_TARGET = 0.7
 MEMMAP = "make_dataset(memmap), as train_model"
@@ -55,10 +54,6 @@ NAIVE = "untuned: 1 decode thread, eager call"
 
 sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def load_average() -> str:
-    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def prepare_data(data_dir: Path, out_dir: Path, image_size: int):
@@ -334,9 +329,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes of each serving variant")
     args = parser.parse_args()
 
-    if not (args.data_dir / "COVID" / "images").is_dir():
-        print(f"cxr-mini not found at {args.data_dir}: this benchmark needs the shared real data set "
-              "(../shared/data/cxr-mini beside the project), or pass --data-dir", file=sys.stderr)
+    if not has_cxr_mini(args.data_dir):
         return 2
 
     import tensorflow as tf

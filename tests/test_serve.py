@@ -31,6 +31,8 @@ from cxrexp.model import build_cnn
 from cxrexp.serving import log_raw_image_model
 from cxrexp.synthetic import SyntheticSpec, make_image
 
+from .conftest import temp_mlflow_store
+
 requests = pytest.importorskip("requests")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +85,7 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(root)  # the store's artifacts (./mlruns) land in the temp folder
-        mlflow.set_tracking_uri(uri)
+    with temp_mlflow_store(root) as uri:  # the store's artifacts (./mlruns) land in the temp folder
         keras_model = build_cnn(SPEC.image_size, (8, 16), (8,), 0.0, seed=3)
         with mlflow.start_run():
             info = log_raw_image_model(keras_model, SPEC, 0.5, keras_flavour_name=None)
@@ -123,7 +120,6 @@ def server(tmp_path_factory):
                    "startup_seconds": time.monotonic() - started}
         finally:
             _stop(process)
-            mlflow.set_tracking_uri(None)
 
 
 def _invoke(server, records: list[dict] | None = None, **kwargs):
