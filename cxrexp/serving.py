@@ -83,6 +83,7 @@ SERVING_DISTRIBUTIONS = (
     "tensorflow",
     "keras",
     "opencv-python-headless",
+    "imagecodecs",
     "pillow",
     "numpy",
     "pandas",

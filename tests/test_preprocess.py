@@ -34,6 +34,7 @@ from cxrexp.preprocess import (
     process_file,
     read_grey,
     resize,
+    to_uint8,
 )
 
 CXR_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr-mini"
@@ -151,6 +152,51 @@ def test_decode_png_exact(name, data, expected):
     grey = decode_grey(data)
     assert grey.dtype == np.uint8 and grey.ndim == 2, name
     np.testing.assert_array_equal(grey, expected, err_msg=name)
+
+
+def opencv_grey(data: bytes) -> np.ndarray:
+    """The grey image OpenCV's own PNG decoder gives (what decode_grey used before imagecodecs)."""
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if decoded.ndim == 3:
+        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2GRAY if decoded.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
+    return decoded
+
+
+def with_chunk_after_ihdr(png: bytes, chunk_type: bytes, payload: bytes) -> bytes:
+    at = len(b"\x89PNG\r\n\x1a\n") + 8 + 13 + 4  # signature, IHDR header, IHDR payload, CRC
+    return png[:at] + png_chunk(chunk_type, payload) + png[at:]
+
+
+NOISE_8 = smooth_noise(3, (40, 48))
+NOISE_BGR = np.dstack([NOISE_8, 255 - NOISE_8, NOISE_8 // 2])
+NOISE_16 = NOISE_8.astype(np.uint16) * 257 + 3
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("grey 8-bit", encode(NOISE_8, ".png")),
+        ("grey 8-bit, tRNS", pil_bytes(Image.fromarray(NOISE_8), "PNG", transparency=7)),
+        ("grey 1-bit", pil_bytes(Image.fromarray(NOISE_8 > 128), "PNG")),
+        ("grey 4-bit", pil_bytes(Image.fromarray(NOISE_8 // 17), "PNG", bits=4)),
+        ("grey+alpha", pil_bytes(Image.fromarray(np.dstack([NOISE_8, 255 - NOISE_8]), mode="LA"), "PNG")),
+        ("palette", pil_bytes(Image.fromarray(NOISE_BGR[:, :, ::-1]).convert("P"), "PNG")),
+        ("palette, tRNS", pil_bytes(Image.fromarray(NOISE_BGR[:, :, ::-1]).convert("P"), "PNG", transparency=3)),
+        ("RGB 8-bit", encode(NOISE_BGR, ".png")),
+        ("RGBA 8-bit", encode(np.dstack([NOISE_BGR, NOISE_8]), ".png")),
+        ("grey 16-bit", encode(NOISE_16, ".png")),
+        ("RGB 16-bit", encode(np.dstack([NOISE_16, NOISE_16 // 2, NOISE_16 // 3]), ".png")),
+        ("RGBA 16-bit", encode(np.dstack([NOISE_16] * 4), ".png")),
+        ("interlaced", pil_bytes(Image.fromarray(NOISE_BGR[:, :, ::-1]), "PNG", interlace=1)),
+        ("gAMA 0.45 (not applied)", with_chunk_after_ihdr(encode(NOISE_BGR, ".png"), b"gAMA", struct.pack(">I", 45455))),
+        ("sRGB", with_chunk_after_ihdr(encode(NOISE_8, ".png"), b"sRGB", b"\x00")),
+    ],
+)
+def test_png_decoder_gives_opencv_pixels(name, data):
+    # decode_grey decodes PNG with imagecodecs (faster) and must give exactly the pixels OpenCV's
+    # decoder gives, so prepared datasets and served models agree whichever decoded them.
+    reference = to_uint8(opencv_grey(data))
+    np.testing.assert_array_equal(decode_grey(data, min_side=8), reference, err_msg=name)
 
 
 @pytest.mark.parametrize(
