@@ -101,11 +101,17 @@ def outside_project_run() -> Iterator[None]:
             os.environ["MLFLOW_RUN_ID"] = saved
 
 
-def log_metrics(metrics: dict[str, float], *, prefix: str = "", step: int | None = None) -> None:
-    """Log finite and NaN values alike (MLflow stores NaN); None is left out."""
+def log_metrics(
+    metrics: dict[str, float], *, prefix: str = "", step: int | None = None, model_id: str = "", dataset: Any = None
+) -> None:
+    """Log finite and NaN values alike (MLflow stores NaN); None is left out.
+
+    ``model_id`` (an MLflow 3 LoggedModel id) and ``dataset`` (an ``mlflow.data`` dataset) link the
+    values to that model and dataset as well: the model's page in the UI then lists them.
+    """
     clean = {f"{prefix}{k}": float(v) for k, v in metrics.items() if v is not None}
     if clean:
-        mlflow.log_metrics(clean, step=step)
+        mlflow.log_metrics(clean, step=step, model_id=model_id or None, dataset=dataset)
 
 
 def log_figure(fig: Any, artifact_file: str) -> None:
@@ -128,8 +134,9 @@ def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
 
-def log_prepared_dataset(dataset: PreparedDataset, context: str) -> None:
-    """The prepared dataset as an ``mlflow.data`` input, identified by its digest."""
+def log_prepared_dataset(dataset: PreparedDataset, context: str) -> Any:
+    """The prepared dataset as an ``mlflow.data`` input, identified by its digest; returns the
+    ``mlflow.data`` dataset (to link metrics to it)."""
     manifest = dataset.manifest
     frame = manifest.drop(columns=["row"]) if context == "preprocess" else manifest[manifest["split"] == context]
     source = dataset.params.get("source")
@@ -146,6 +153,7 @@ def log_prepared_dataset(dataset: PreparedDataset, context: str) -> None:
         )
         mlflow.log_input(ds, context=context)
     mlflow.set_tags({PREPARED_DIR_TAG: str(dataset.root), DIGEST_TAG: dataset.digest})
+    return ds
 
 
 def _same_params(run_params: dict[str, str], wanted: dict[str, Any]) -> bool:

@@ -186,6 +186,12 @@ def test_evaluate_logs_every_metric_and_artifact(alias_run, trained, synthetic_p
     contexts = [i.tags[0].value for i in run.inputs.dataset_inputs if i.dataset.digest == synthetic_prepared.digest]
     assert contexts == ["test"]
 
+    # The evaluated LoggedModel carries the test figures too, linked to this run and the test split.
+    linked = {m.key: m for m in mlflow.get_logged_model(tags["cxrexp.model_id"]).metrics if m.run_id == alias_run}
+    assert linked["test_roc_auc"].value == pytest.approx(logged["test_roc_auc"])
+    assert linked["test_roc_auc"].dataset_digest == synthetic_prepared.digest
+    assert {"test_sensitivity", "test_specificity", "test_roc_auc_ci_low"} <= set(linked)
+
     artifacts = _artifacts(alias_run)
     needed = {"predictions.csv", "metric_notes.json", "report.html", "audit/scores.csv", "gradcam/samples.csv"}
     needed |= {f"figures/{name}.png" for name in ("confusion_matrix", "roc", "pr", "calibration", "threshold_sweep",

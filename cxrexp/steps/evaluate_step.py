@@ -385,8 +385,11 @@ def _log_gallery(stage: _Staging, model: Any, dataset: PreparedDataset, test: pd
                         "figures/gradcam_gallery.png", dpi=80)
 
 
-def _log_test_metrics(evaluation: metrics.Evaluation, n_test: int, threshold: float, overlap: int | None) -> None:
-    tracking.log_metrics(evaluation.metrics, prefix="test_")
+def _log_test_metrics(evaluation: metrics.Evaluation, n_test: int, threshold: float, overlap: int | None,
+                      model_id: str, test_data: Any) -> None:
+    # Linked to the evaluated LoggedModel and the test split too, so the model's page in the MLflow UI
+    # (Models tab of the experiment) shows its test figures next to the training run's.
+    tracking.log_metrics(evaluation.metrics, prefix="test_", model_id=model_id, dataset=test_data)
     tracking.log_metrics({"test_n": n_test, "threshold": threshold})
     if overlap is not None:
         tracking.log_metrics({"test_overlap_with_training": overlap})
@@ -511,7 +514,7 @@ def run(cfg: EvaluateConfig) -> str:
             TRAINING_DIGEST_TAG: training_digest,
             "cxrexp.threshold_source": "flag" if cfg.threshold >= 0 else "model",
         })
-        tracking.log_prepared_dataset(dataset, context="test")  # also tags prepared_dir and digest
+        test_data = tracking.log_prepared_dataset(dataset, context="test")  # also tags prepared_dir and digest
 
         probabilities = predict_probabilities(
             model, dataset.images(), test["row"].to_numpy(np.int64), cfg.batch_size
@@ -521,7 +524,7 @@ def run(cfg: EvaluateConfig) -> str:
             labels, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, prevalence=prevalence
         )
         overlap = training_overlap(test, trained_on, dataset.digest)
-        _log_test_metrics(evaluation, len(test), threshold, overlap)
+        _log_test_metrics(evaluation, len(test), threshold, overlap, source.model_id, test_data)
         cells = confusion_cells(labels, predicted)
         predictions = pd.DataFrame({
             "source": test["source"], "class_name": test["class_name"], "label": labels,
