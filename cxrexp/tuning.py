@@ -142,18 +142,25 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     """``cfg.pruner`` as an Optuna pruner.
 
     median/percentile: no pruning during the first 2 trials or the first 2 epochs of a trial (the
-    first epochs of a CNN are noisy); percentile prunes only the bottom quarter. hyperband: budgets
-    from 1 epoch up to ``max_epochs``.
+    first epochs of a CNN are noisy); percentile prunes only the bottom quarter. halving: successive
+    halving with Optuna's default reduction factor 4, rungs after epochs 2, 5, 17, ...: a trial goes on
+    past a rung only while it is in the top quarter of the trials that reached that rung (the first
+    trials at a rung only when they are its best); prunes hardest (benchmarks/bench_pruning.py).
+    hyperband: budgets from 1 epoch up to ``max_epochs``.
     """
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
     if name == "percentile":
         return optuna.pruners.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=2)
+    if name == "halving":
+        # min_resource 1 = Optuna's "auto" for fewer than 100 steps, fixed so rungs do not depend on
+        # the first finished trial. Steps are 0-based epochs: rungs at steps 1, 4, 16.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=4)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(int(max_epochs), 1), reduction_factor=3)
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise ValueError(f"pruner={name!r} is not one of median, percentile, hyperband, none")
+    raise ValueError(f"pruner={name!r} is not one of median, percentile, halving, hyperband, none")
 
 
 class PruningCallback(keras.callbacks.Callback):

@@ -113,10 +113,37 @@ def test_sampled_configs_stay_inside_the_space():
 @pytest.mark.parametrize(
     "name, kind",
     [("median", optuna.pruners.MedianPruner), ("percentile", optuna.pruners.PercentilePruner),
-     ("hyperband", optuna.pruners.HyperbandPruner), ("none", optuna.pruners.NopPruner)],
+     ("halving", optuna.pruners.SuccessiveHalvingPruner), ("hyperband", optuna.pruners.HyperbandPruner),
+     ("none", optuna.pruners.NopPruner)],
 )
 def test_make_pruner(name, kind):
     assert isinstance(tuning.make_pruner(name, max_epochs=8), kind)
+
+
+@pytest.mark.parametrize(
+    "curves, expected",
+    [
+        # Rung 0 is step 1 (after epoch 2). A trial reaching it goes on only as the best of the first
+        # three there, later only in the top quarter: of 4 the best, of 8 the best two (0.89 >= 0.88).
+        ([[0.6, 0.8], [0.6, 0.7], [0.6, 0.9]], [False, True, False]),
+        ([[0.5, 0.9], [0.5, 0.8], [0.5, 0.85], [0.5, 0.95]], [False, True, True, False]),
+        ([[0.5, 0.9], [0.5, 0.8], [0.5, 0.85], [0.5, 0.7], [0.5, 0.88], [0.5, 0.6], [0.5, 0.5], [0.5, 0.89]],
+         [False, True, True, True, True, True, True, False]),
+        # Before the rung nothing is pruned, however bad.
+        ([[0.9], [0.1]], [False, False]),
+    ],
+)
+def test_halving_pruner_keeps_the_top_quarter_at_each_rung(curves, expected):
+    study = optuna.create_study(direction="maximize", pruner=tuning.make_pruner("halving", max_epochs=8))
+    decisions = []
+    for curve in curves:
+        trial = study.ask()
+        for step, value in enumerate(curve):
+            trial.report(value, step)
+        decisions.append(trial.should_prune())
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED if decisions[-1] else optuna.trial.TrialState.COMPLETE,
+                   values=None if decisions[-1] else curve[-1])
+    assert decisions == expected
 
 
 def test_make_pruner_rejects_unknown_name():
