@@ -7,7 +7,9 @@ Run from the project root:
 cxr-mini is prepared once with ``pipeline.run_preprocess`` (defaults: 128 px, CLAHE 2.0/8x8) into
 ``.cxrexp/prepared`` under the project root (the same cache ``cxrexp preprocess`` uses there; reused
 when it is already complete; ``--out-dir`` to put it elsewhere). Model, batch size and seeds are
-``TrainConfig`` defaults for both parts.
+``TrainConfig`` defaults for both parts (``--preset seed``: the published architecture, 32-32-64-128-256
+filters and dense 256-128, at ``--image-size``; the served-model ratio depends on how much the forward
+pass costs next to the PNG decode).
 
 (a) Training images/second over the train split, class-weighted like ``train_model``:
     - ``make_dataset`` over the prepared memmap exactly as ``train_model`` calls it (``cache=None``:
@@ -23,7 +25,9 @@ when it is already complete; ``--out-dir`` to put it elsewhere). Model, batch si
     ``mlflow.pyfunc.load_model``; ``predict`` is called on DataFrames of ``--serve-batch`` rows whose
     ``image`` column holds the real PNG files' bytes (what a client sends). Baseline: Keras
     ``model.predict(x, batch_size=--serve-batch)`` on the same images already prepared as float32.
-    Also shown: ``serving.prepare_batch`` alone (decode + CLAHE + resize), to see where the time goes,
+    Also shown: Keras ``predict_on_batch`` over the same batches (the compiled step the pyfunc calls,
+    without ``model.predict``'s per-call tf.data pipeline; ``model.predict``'s pass time is bimodal on
+    the 2-core machine, ~0.4 s or ~0.7 s for the same pass), ``serving.prepare_batch`` alone (decode + CLAHE + resize), to see where the time goes,
     and the untuned path (rows decoded one by one, then an eager ``model(chunk)`` call per 32 rows: what
     ``RawImageClassifier.predict`` did before it decoded in threads and used ``predict_on_batch``).
     Median of ``--repeats`` passes over ``--serve-images`` images, in rotating order. Target: pyfunc / Keras >= 0.7.
@@ -50,6 +54,7 @@ TENSORS = "from_tensor_slices(float32 in RAM)"
 NUMPY = "model.fit(numpy float32 in RAM)"
 PYFUNC = "pyfunc.predict(PNG bytes)"
 KERAS = "keras model.predict(float32)"
+KERAS_BATCH = "keras predict_on_batch(float32)"
 NAIVE = "untuned: 1 decode thread, eager call"
 
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -265,6 +270,12 @@ def serve_comparison(dataset, model, n_images: int, batch: int, repeats: int, tm
     def run_keras() -> None:
         model.predict(x_float, batch_size=batch, verbose=0)
 
+    def run_keras_batches() -> None:
+        # The compiled predict step the pyfunc itself calls, without model.predict's per-call tf.data
+        # pipeline: a steadier baseline (model.predict's pass time is bimodal on the 2-core machine).
+        for start in range(0, len(x_float), batch):
+            model.predict_on_batch(x_float[start : start + batch])
+
     def run_naive() -> None:
         # What RawImageClassifier.predict did before it was tuned (commit d3ed74d): rows decoded one
         # after another, then an eager model call per chunk of PREDICT_CHUNK rows.
@@ -280,7 +291,8 @@ def serve_comparison(dataset, model, n_images: int, batch: int, repeats: int, tm
     if largest_gap > 1e-4:
         raise RuntimeError(f"pyfunc and Keras disagree by up to {largest_gap:.2g}: not the same preprocessing")
 
-    runs = {PYFUNC: run_pyfunc, "serving.prepare_batch only": run_prepare, KERAS: run_keras, NAIVE: run_naive}
+    runs = {PYFUNC: run_pyfunc, "serving.prepare_batch only": run_prepare, KERAS: run_keras,
+            KERAS_BATCH: run_keras_batches, NAIVE: run_naive}
     timings = {name: Timings(len(png_bytes)) for name in runs}
     for run in runs.values():  # warm-up
         run()
@@ -323,6 +335,8 @@ def main() -> int:
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / ".cxrexp" / "prepared",
                         help="prepared-data cache (reused when complete)")
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--preset", default="default", choices=["default", "seed"],
+                        help="model and batch size: TrainConfig defaults, or the published architecture")
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs per variant, after one warm-up")
     parser.add_argument("--serve-images", type=int, default=512)
     parser.add_argument("--serve-batch", type=int, default=64)
@@ -334,13 +348,15 @@ def main() -> int:
 
     import tensorflow as tf
 
-    from cxrexp.config import TrainConfig
+    from dataclasses import replace
 
-    cfg = TrainConfig()
+    from cxrexp.config import TrainConfig, apply_preset
+
+    cfg = apply_preset(replace(TrainConfig(), preset=args.preset), set())
     print(f"cores: {os.cpu_count()}; GPUs: {len(tf.config.list_physical_devices('GPU'))}; "
           f"tensorflow {tf.__version__}; load average at start: {load_average()}")
     dataset = prepare_data(args.data_dir, args.out_dir, args.image_size)
-    print(f"model (TrainConfig defaults): filters {cfg.filters}, batch_norm {cfg.batch_norm}, dense {cfg.dense}; "
+    print(f"model (TrainConfig, preset={cfg.preset}): filters {cfg.filters}, batch_norm {cfg.batch_norm}, dense {cfg.dense}; "
           f"batch {cfg.batch_size}; seed {cfg.seed}; {dataset.image_size} px")
 
     print("(a) training epochs:", flush=True)
@@ -363,6 +379,7 @@ def main() -> int:
     print_table(f"(b) serving, {n_served} real PNGs (224x224) in batches of {args.serve_batch}, {args.repeats} "
                 f"passes (load average at end: {load_end}; largest |pyfunc - keras| {gap:.1e})", served)
     print_ratio("pyfunc(PNG bytes) / keras predict(float32)", served[PYFUNC], served[KERAS], SERVE_TARGET)
+    print_ratio("pyfunc(PNG bytes) / keras predict_on_batch(float32)", served[PYFUNC], served[KERAS_BATCH])
     print_ratio("untuned path / keras predict(float32)", served[NAIVE], served[KERAS])
     return 0
 

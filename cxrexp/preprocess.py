@@ -292,7 +292,7 @@ def decode_grey(
 def _decode_png(data: bytes) -> np.ndarray:
     """uint8/uint16 HxW grey from PNG bytes, decoded by imagecodecs (libpng).
 
-    imagecodecs' libpng build decodes the 224-299 px X-rays of the Kaggle set ~25% faster than
+    imagecodecs' libpng build decodes the 224-299 px X-rays of the Kaggle set ~20% faster than
     OpenCV's, and PNG is lossless, so the pixels are the same (tests/test_preprocess.py compares both
     decoders on every PNG colour type and bit depth). It returns the file's own channels in RGB order:
     grey, grey+alpha, RGB, RGBA (palettes expanded to RGB/RGBA).
