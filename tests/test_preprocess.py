@@ -162,9 +162,10 @@ def opencv_grey(data: bytes) -> np.ndarray:
     return decoded
 
 
-def with_chunk_after_ihdr(png: bytes, chunk_type: bytes, payload: bytes) -> bytes:
+def with_chunk_after_ihdr(png: bytes, chunk: bytes) -> bytes:
+    """The PNG with ``chunk`` (length, type, payload, CRC) inserted right after IHDR."""
     at = len(b"\x89PNG\r\n\x1a\n") + 8 + 13 + 4  # signature, IHDR header, IHDR payload, CRC
-    return png[:at] + png_chunk(chunk_type, payload) + png[at:]
+    return png[:at] + chunk + png[at:]
 
 
 NOISE_8 = smooth_noise(3, (40, 48))
@@ -188,8 +189,8 @@ NOISE_16 = NOISE_8.astype(np.uint16) * 257 + 3
         ("RGB 16-bit", encode(np.dstack([NOISE_16, NOISE_16 // 2, NOISE_16 // 3]), ".png")),
         ("RGBA 16-bit", encode(np.dstack([NOISE_16] * 4), ".png")),
         ("interlaced", pil_bytes(Image.fromarray(NOISE_BGR[:, :, ::-1]), "PNG", interlace=1)),
-        ("gAMA 0.45 (not applied)", with_chunk_after_ihdr(encode(NOISE_BGR, ".png"), b"gAMA", struct.pack(">I", 45455))),
-        ("sRGB", with_chunk_after_ihdr(encode(NOISE_8, ".png"), b"sRGB", b"\x00")),
+        ("gAMA 0.45 (not applied)", with_chunk_after_ihdr(encode(NOISE_BGR, ".png"), png_chunk(b"gAMA", struct.pack(">I", 45455)))),
+        ("sRGB", with_chunk_after_ihdr(encode(NOISE_8, ".png"), png_chunk(b"sRGB", b"\x00"))),
     ],
 )
 def test_png_decoder_gives_opencv_pixels(name, data):
@@ -282,7 +283,7 @@ def with_text_chunk(png: bytes, crc_ok: bool) -> bytes:
     chunk = png_chunk(b"tEXt", b"Comment\x00scanned at site 3")
     if not crc_ok:
         chunk = chunk[:-4] + bytes(4)
-    return png[:33] + chunk + png[33:]
+    return with_chunk_after_ihdr(png, chunk)
 
 
 # OpenCV 5 refuses these files by itself, but older builds (pyproject allows 4.8) return half a
