@@ -102,9 +102,9 @@ def run(cfg: PreprocessConfig) -> str:
         return active.info.run_id
 
 
-def reusable_run(cfg: PreprocessConfig) -> str | None:
-    """Id of a finished preprocess run with these parameters whose prepared data is still there and
-    was made from the same files; None when preprocess has to run."""
+def _reusable(cfg: PreprocessConfig) -> tuple[str, PreparedDataset] | None:
+    """(run id, its prepared dataset) of a finished preprocess run with these parameters whose prepared
+    data is still there and was made from the same files; None when preprocess has to run."""
     from cxrexp.store import PreparedDataError
 
     previous = tracking.find_finished_run("preprocess", cfg)
@@ -119,14 +119,20 @@ def reusable_run(cfg: PreprocessConfig) -> str | None:
     if dataset.root.name != prepared_key(cfg):
         print(f"preprocess run {previous.info.run_id} was made from other files; running preprocess again")
         return None
-    return previous.info.run_id
+    return previous.info.run_id, dataset
+
+
+def reusable_run(cfg: PreprocessConfig) -> str | None:
+    """The run id ``_reusable`` finds (the main pipeline needs only the id); None when preprocess has to run."""
+    found = _reusable(cfg)
+    return found[0] if found is not None else None
 
 
 def ensure(cfg: PreprocessConfig) -> PreparedDataset:
     """The prepared dataset for ``cfg``: from a reusable preprocess run, or a new run."""
-    run_id = reusable_run(cfg)
-    if run_id is not None:
-        dataset = tracking.resolve_prepared(run_id)
+    found = _reusable(cfg)
+    if found is not None:
+        run_id, dataset = found
         print(f"reusing preprocess run {run_id} ({dataset.root})")
         return dataset
     with tracking.outside_project_run():
