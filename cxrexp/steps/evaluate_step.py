@@ -400,9 +400,9 @@ def _log_test_metrics(evaluation: metrics.Evaluation, n_test: int, threshold: fl
 
 
 def _log_figures(stage: _Staging, labels: np.ndarray, probabilities: np.ndarray, threshold: float,
-                 evaluation: metrics.Evaluation, dataset: PreparedDataset) -> list[report.Figure]:
+                 counts: metrics.Confusion, evaluation: metrics.Evaluation,
+                 dataset: PreparedDataset) -> list[report.Figure]:
     """The five classification figures, logged under figures/ and returned for the report."""
-    counts = metrics.confusion(labels, probabilities, threshold)
     roc_ci = (evaluation.metrics["roc_auc_ci_low"], evaluation.metrics["roc_auc_ci_high"])
     sweep = metrics.threshold_sweep(labels, probabilities, np.linspace(0.0, 1.0, 101))
     tracking.log_frame(sweep, "threshold_sweep.csv")
@@ -531,12 +531,13 @@ def run(cfg: EvaluateConfig) -> str:
             "probability": probabilities, "predicted": predicted.astype(np.int64), "cell": cells,
         })
         tracking.log_frame(predictions, "predictions.csv")
-        mlflow_status = mlflow_cross_check(predictions, metrics.confusion(labels, probabilities, threshold))
+        counts = metrics.confusion(labels, probabilities, threshold)
+        mlflow_status = mlflow_cross_check(predictions, counts)
         mlflow.set_tag(MLFLOW_EVALUATE_TAG, mlflow_status[:500])
 
         stage = _Staging()
         try:
-            figures = _log_figures(stage, labels, probabilities, threshold, evaluation, dataset)
+            figures = _log_figures(stage, labels, probabilities, threshold, counts, evaluation, dataset)
             audit, gallery = _audit_and_gallery(stage, model, dataset, test, probabilities, cells, cfg)
             mlflow.set_tags({AUDIT_TAG: "passed" if audit.passed else "failed", AUDIT_REASON_TAG: audit.reason[:500]})
             card = report.ModelCard(
