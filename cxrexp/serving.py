@@ -72,7 +72,7 @@ DEFAULT_MAX_PIXELS = 64_000_000  # PreprocessConfig.max_pixels
 MIN_SIDE = 32
 # Rows per forward pass: bounds memory for big requests (1024 px x 32 x 4 B = 128 MiB).
 PREDICT_CHUNK = 32
-# Threads decoding the rows of one request (cv2 releases the GIL); more than the cores only adds switching.
+# Threads decoding the rows of one request (imagecodecs and cv2 release the GIL); more than the cores only adds switching.
 DECODE_WORKERS = min(8, os.cpu_count() or 1)
 # A message listing thousands of bad rows helps nobody; the count is always given.
 MAX_LISTED_ERRORS = 20
@@ -261,9 +261,10 @@ def prepare_chunks(
     """Request cells -> ``(start, float32 (n, S, S, 1) in [0, 1])`` for rows ``start .. start + n - 1``.
 
     Chunks of ``chunk_rows`` rows come in row order as soon as their rows are decoded, while up to
-    ``workers`` threads (default ``DECODE_WORKERS``) go on decoding the later rows: OpenCV's decode,
-    resize and CLAHE release the GIL, so decoding uses the cores the model leaves idle, and the
-    caller's forward pass on one chunk overlaps the decoding of the next (measured in
+    ``workers`` threads (default ``DECODE_WORKERS``) go on decoding the later rows: the decoders
+    (imagecodecs for PNG, OpenCV for JPEG), resize and CLAHE release the GIL, so decoding uses the
+    cores the model leaves idle, and the caller's forward pass on one chunk overlaps the decoding of
+    the next (measured in
     benchmarks/bench_train.py). After the first bad row no further chunk is yielded; every row is
     still checked and, when any was bad, one ``MlflowException`` (INVALID_PARAMETER_VALUE) listing
     them all is raised at the end. The pixels do not depend on ``workers`` or ``chunk_rows``.
