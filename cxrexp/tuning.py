@@ -31,6 +31,7 @@ import signal
 import threading
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -629,9 +630,7 @@ def best_trained_run(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, tra
     """The best COMPLETE trial and what its run left in MLflow; ``StudyFailed`` when there is none."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
-        states = {}
-        for t in study.get_trials(deepcopy=False):
-            states[t.state.name] = states.get(t.state.name, 0) + 1
+        states = dict(Counter(t.state.name for t in study.get_trials(deepcopy=False)))
         raise StudyFailed(
             f"study {study.study_name!r} has no COMPLETE trial ({states or 'no trials'}), so there is no model to "
             "register: look at the failed trials' optuna.fail_reason tags, or use --pruner none / more --n-trials"
