@@ -335,7 +335,8 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 
 
 def test_pruned_trial_is_pruned_in_optuna_and_killed_in_mlflow(in_shared_store, synthetic_prepared, monkeypatch):
-    monkeypatch.setattr(tuning, "make_pruner", lambda name, max_epochs: AlwaysPrune())
+    # open_study (cxrexp.tuning.storage) is where the pruner is made.
+    monkeypatch.setattr(tuning.storage, "make_pruner", lambda name, max_epochs: AlwaysPrune())
     cfg = study_cfg(study_name="pruned", epochs=2, patience=2, lr_patience=1, registered_model_name="m-pruned")
     with pytest.raises(tuning.StudyFailed, match="no COMPLETE trial"):
         tuning.run_study(cfg, synthetic_prepared, verbose=0)

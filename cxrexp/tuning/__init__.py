@@ -1,0 +1,105 @@
+"""The Optuna edge: a hyperparameter study as one parent MLflow run with one nested run per trial.
+
+Only this package imports ``optuna``. The layout it leaves behind:
+
+- an Optuna study ``cfg.study_name`` in ``cfg.storage`` (default ``sqlite:///optuna.db`` in the
+  current folder, beside MLflow's default ``sqlite:///mlflow.db``; any Optuna RDB URL otherwise);
+- one parent MLflow run per invocation, ``study-<study_name>``, tagged ``cxrexp.step=train``, with
+  the base config as params, and at the end the best params (``best_<name>``), ``best_value``, the
+  trial table, the optimisation-history and parameter-importance figures, and the tag
+  ``cxrexp.model_uri`` of the best model (what the main pipeline evaluates);
+- one nested run per trial, ``trial-007``, tagged ``cxrexp.step=trial``, ``optuna.trial_number``,
+  ``optuna.study_name`` and finally ``optuna.state`` (COMPLETE / PRUNED / FAIL); its run status is
+  FINISHED, KILLED (pruned or interrupted) or FAILED. The trial keeps the run id in its user attr
+  ``mlflow_run_id``.
+
+Re-running resumes: trials already COMPLETE or PRUNED count, only the missing ones run (under a
+new parent run). Failed trials do not count, so a re-run retries them; within one invocation,
+though, every attempt (failed ones included) uses up one of the missing slots, so a setting that
+always fails cannot loop forever.
+
+The package, one module per job: ``space`` (the search space), ``pruning`` (pruner and per-epoch
+callback), ``storage`` (Optuna storages; opening and resuming a study), ``trial`` (one trial's
+nested run), ``workers`` (trial budget and worker processes), ``summary`` (trial table, figures,
+registration of the best model) and ``study`` (``run_study``, which ties them together). Names
+used elsewhere are re-exported here.
+"""
+
+from cxrexp.tuning.pruning import PruningCallback, make_pruner
+from cxrexp.tuning.space import (
+    MAX_FILTERS,
+    SEARCHED_FIELDS,
+    base_widths,
+    depth_range,
+    doubling_filters,
+    suggest_config,
+)
+from cxrexp.tuning.storage import (
+    DEFAULT_STORAGE,
+    DONE_STATES,
+    StorageError,
+    StudyMismatch,
+    count_done,
+    defining_settings,
+    make_storage,
+    open_study,
+    rdb_url,
+    redact,
+    sampler_seed,
+    storage_url,
+)
+from cxrexp.tuning.study import run_study
+from cxrexp.tuning.summary import StudyFailed, best_trained_run, log_study_summary, register_best, study_figures
+from cxrexp.tuning.trial import (
+    EPOCHS_ATTR,
+    FAIL_REASON_TAG,
+    RUN_ID_ATTR,
+    STATE_TAG,
+    STUDY_NAME_TAG,
+    TRIAL_NUMBER_TAG,
+    TRIAL_STEP,
+    TrialObjective,
+)
+from cxrexp.tuning.workers import TrialBudget, close_orphans, optimize, run_workers, sigterm_as_interrupt
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "DONE_STATES",
+    "EPOCHS_ATTR",
+    "FAIL_REASON_TAG",
+    "MAX_FILTERS",
+    "RUN_ID_ATTR",
+    "SEARCHED_FIELDS",
+    "STATE_TAG",
+    "STUDY_NAME_TAG",
+    "TRIAL_NUMBER_TAG",
+    "TRIAL_STEP",
+    "PruningCallback",
+    "StorageError",
+    "StudyFailed",
+    "StudyMismatch",
+    "TrialBudget",
+    "TrialObjective",
+    "base_widths",
+    "best_trained_run",
+    "close_orphans",
+    "count_done",
+    "defining_settings",
+    "depth_range",
+    "doubling_filters",
+    "log_study_summary",
+    "make_pruner",
+    "make_storage",
+    "open_study",
+    "optimize",
+    "rdb_url",
+    "redact",
+    "register_best",
+    "run_study",
+    "run_workers",
+    "sampler_seed",
+    "sigterm_as_interrupt",
+    "storage_url",
+    "study_figures",
+    "suggest_config",
+]

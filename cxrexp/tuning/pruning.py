@@ -1,0 +1,66 @@
+"""Pruning: ``cfg.pruner`` as an Optuna pruner, fed by a per-epoch Keras callback."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import keras
+import optuna
+
+
+def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
+    """``cfg.pruner`` as an Optuna pruner.
+
+    median/percentile: no pruning during the first 2 trials or the first 2 epochs of a trial (the
+    first epochs of a CNN are noisy); percentile prunes only the bottom quarter. halving: successive
+    halving with Optuna's default reduction factor 4, rungs after epochs 2, 5, 17, ...: a trial goes on
+    past a rung only while it is in the top quarter of the trials that reached that rung (the first
+    trials at a rung only when they are its best); prunes hardest (benchmarks/bench_pruning.py).
+    hyperband: budgets from 1 epoch up to ``max_epochs``.
+    """
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=2)
+    if name == "halving":
+        # min_resource 1 = Optuna's "auto" for fewer than 100 steps, fixed so rungs do not depend on
+        # the first finished trial. Steps are 0-based epochs: rungs at steps 1, 4, 16.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=4)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(int(max_epochs), 1), reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"pruner={name!r} is not one of median, percentile, halving, hyperband, none")
+
+
+class PruningCallback(keras.callbacks.Callback):
+    """Reports ``val_auc`` to the trial after each epoch and raises ``optuna.TrialPruned`` when told to.
+
+    The reported step is the 0-based epoch. Non-finite values are not reported (Optuna would
+    compare them). ``timeout_s`` > 0 stops training (keeping the best epoch so far, as early
+    stopping does) once a trial has run that long; ``timed_out`` then says so.
+    """
+
+    def __init__(self, trial: optuna.trial.BaseTrial, monitor: str = "val_auc", timeout_s: float = 0.0):
+        super().__init__()
+        self.trial = trial
+        self.monitor = monitor
+        self.timeout_s = float(timeout_s)
+        self.epochs_seen = 0
+        self.timed_out = False
+        self._started = time.monotonic()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._started = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.epochs_seen = epoch + 1
+        value = (logs or {}).get(self.monitor)
+        if value is not None and math.isfinite(float(value)):
+            self.trial.report(float(value), step=epoch)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"{self.monitor}={float(value):.4f} after epoch {epoch + 1}")
+        if self.timeout_s > 0 and time.monotonic() - self._started > self.timeout_s:
+            self.timed_out = True
+            self.model.stop_training = True

@@ -1,0 +1,140 @@
+"""After the trials: the study's table, counts and figures on the parent run; the best model registered."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from typing import Any
+
+import mlflow
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from cxrexp import registry, tracking
+from cxrexp.config import TrainConfig
+from cxrexp.steps import train_step
+from cxrexp.store import PreparedDataset
+from cxrexp.tuning.space import suggest_config
+from cxrexp.tuning.trial import EPOCHS_ATTR, RUN_ID_ATTR, STUDY_NAME_TAG, TRIAL_NUMBER_TAG
+
+
+class StudyFailed(RuntimeError):
+    """The study has no COMPLETE trial, so there is no model to register."""
+
+
+def study_figures(study: optuna.Study, objective: str, seed: int) -> tuple[dict[str, Any], list[str]]:
+    """({artifact path: matplotlib Figure}, notes on figures left out). Needs matplotlib only (no plotly)."""
+    from optuna.visualization import matplotlib as optuna_plots
+
+    figures: dict[str, Any] = {}
+    notes: list[str] = []
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if complete:
+            axes = optuna_plots.plot_optimization_history(study, target_name=objective)
+            figures["figures/optimization_history.png"] = axes.figure
+        else:
+            notes.append("optimization history: no COMPLETE trial")
+        if len(complete) >= 2:
+            try:
+                evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+                axes = optuna_plots.plot_param_importances(study, evaluator=evaluator, target_name=objective)
+                figures["figures/param_importances.png"] = axes.figure
+            except (ValueError, RuntimeError) as err:  # e.g. every parameter took one value
+                notes.append(f"parameter importances: {err}")
+        else:
+            notes.append(f"parameter importances: need at least 2 COMPLETE trials, have {len(complete)}")
+    return figures, notes
+
+
+def log_study_summary(study: optuna.Study, cfg: TrainConfig, image_size: int) -> dict[str, int]:
+    """Log the trial table, counts, figures and (when there is one) the best trial to the active run."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    tracking.log_metrics(
+        {
+            "n_trials_complete": counts["complete"],
+            "n_trials_pruned": counts["pruned"],
+            "n_trials_failed": counts["fail"],
+            "study_epochs_trained": sum(int(t.user_attrs.get(EPOCHS_ATTR, 0)) for t in trials),
+        }
+    )
+    if trials:
+        tracking.log_frame(study.trials_dataframe(), "study/trials.csv")
+    figures, notes = study_figures(study, cfg.objective, cfg.seed)
+    for artifact_file, fig in figures.items():
+        tracking.log_figure(fig, artifact_file)
+    if notes:
+        tracking.log_text("\n".join(notes) + "\n", "study/notes.txt")
+    if counts["complete"]:
+        best = study.best_trial
+        # Replaying the best params through the search space gives the filters they stand for.
+        best_cfg = suggest_config(optuna.trial.FixedTrial(best.params, best.number), cfg, image_size)
+        best_params = {**best.params, "filters": ",".join(map(str, best_cfg.filters))}
+        mlflow.log_params({f"best_{k}": v for k, v in best_params.items()})
+        tracking.log_text(
+            json.dumps({"trial": best.number, "value": best.value, "params": best_params}, indent=2),
+            "study/best_params.json",
+        )
+        tracking.log_metrics({"best_value": best.value})
+    return counts
+
+
+def best_trained_run(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, train_step.TrainedRun]:
+    """The best COMPLETE trial and what its run left in MLflow; ``StudyFailed`` when there is none."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        states = dict(Counter(t.state.name for t in study.get_trials(deepcopy=False)))
+        raise StudyFailed(
+            f"study {study.study_name!r} has no COMPLETE trial ({states or 'no trials'}), so there is no model to "
+            "register: look at the failed trials' optuna.fail_reason tags, or use --pruner none / more --n-trials"
+        )
+    best = study.best_trial
+    run_id = best.user_attrs.get(RUN_ID_ATTR)
+    if not run_id:
+        raise StudyFailed(f"best trial {best.number} of study {study.study_name!r} has no {RUN_ID_ATTR} user attr")
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise StudyFailed(
+            f"best trial {best.number}'s run {run_id} is not in {mlflow.get_tracking_uri()} ({err.message}): "
+            "was the study run against another MLflow store?"
+        ) from err
+    model_uri = run.data.tags.get(tracking.MODEL_URI_TAG)
+    if not model_uri:
+        raise StudyFailed(f"best trial {best.number}'s run {run_id} has no {tracking.MODEL_URI_TAG} tag")
+    val_metrics = {k: v for k, v in run.data.metrics.items() if k in ("val_roc_auc", "val_pr_auc", "val_sens_at_spec")}
+    return best, train_step.TrainedRun(run_id, model_uri, val_metrics, int(best.user_attrs.get(EPOCHS_ATTR, 0)))
+
+
+def register_best(study: optuna.Study, cfg: TrainConfig, dataset: PreparedDataset) -> tuple[str, str]:
+    """Register the best trial's model as ``challenger`` (reusing its version if already registered).
+
+    Returns ``(model_uri, version)``.
+    """
+    best, trained = best_trained_run(study)
+    client = MlflowClient()
+    try:
+        existing = client.search_model_versions(
+            f"name = '{cfg.registered_model_name}' and tags.train_run_id = '{trained.run_id}'"
+        )
+    except mlflow.exceptions.MlflowException:
+        existing = []
+    if existing:  # a re-run of a finished study: the same model, no duplicate version
+        version = str(max(int(v.version) for v in existing))
+        client.set_registered_model_alias(cfg.registered_model_name, registry.CHALLENGER, version)
+        print(f"{cfg.registered_model_name} version {version} (trial {best.number}) is @{registry.CHALLENGER} again")
+    else:
+        version = train_step.register_model(
+            trained, cfg, dataset,
+            **{
+                STUDY_NAME_TAG: study.study_name,
+                TRIAL_NUMBER_TAG: best.number,
+                "objective": cfg.objective,
+                "objective_value": round(float(best.value), 6),
+            },
+        )
+    return trained.model_uri, version

@@ -1,0 +1,105 @@
+"""One trial = one nested MLflow run around ``train_step.train_and_log``, and the names it leaves."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import keras
+import mlflow
+import optuna
+
+from cxrexp import tracking
+from cxrexp.config import TrainConfig, flat_params
+from cxrexp.steps import train_step
+from cxrexp.store import PreparedDataset
+from cxrexp.tuning.pruning import PruningCallback
+from cxrexp.tuning.space import suggest_config
+
+log = logging.getLogger(__name__)
+
+STATE_TAG = "optuna.state"
+TRIAL_NUMBER_TAG = "optuna.trial_number"
+STUDY_NAME_TAG = "optuna.study_name"
+FAIL_REASON_TAG = "optuna.fail_reason"
+RUN_ID_ATTR = "mlflow_run_id"
+EPOCHS_ATTR = "epochs_trained"
+TRIAL_STEP = "trial"
+
+
+class TrialObjective:
+    """The objective: one trial = one nested MLflow run around ``train_step.train_and_log``.
+
+    Returns the validation objective (``train_step.objective_value``), NaN when it is undefined
+    (Optuna marks the trial FAIL), raises ``optuna.TrialPruned`` from the pruning callback, and
+    lets every other exception through for Optuna to record as FAIL.
+    """
+
+    def __init__(self, base: TrainConfig, dataset: PreparedDataset, parent_run_id: str, experiment_id: str,
+                 *, verbose: int = 2):
+        self.base = base
+        self.dataset = dataset
+        self.parent_run_id = parent_run_id
+        self.experiment_id = experiment_id
+        self.verbose = verbose
+
+    def __call__(self, trial: optuna.trial.Trial) -> float:
+        # A fresh Keras state per trial (no layer-name drift); the costly garbage collection runs
+        # once, at the end of the trial, when the trial's model can be freed.
+        keras.backend.clear_session(free_memory=False)
+        trial_cfg = suggest_config(trial, self.base, self.dataset.image_size)
+        run = mlflow.start_run(
+            run_name=f"trial-{trial.number:03d}",
+            experiment_id=self.experiment_id,
+            parent_run_id=self.parent_run_id,
+            nested=True,
+            tags={
+                tracking.STEP_TAG: TRIAL_STEP,
+                TRIAL_NUMBER_TAG: str(trial.number),
+                STUDY_NAME_TAG: trial.study.study_name,
+            },
+        )
+        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        pruning = PruningCallback(trial, timeout_s=self.base.trial_timeout)
+        state, status = "FAIL", "FAILED"
+        try:
+            mlflow.log_params(
+                {**flat_params(trial_cfg), "image_size": self.dataset.image_size, "dataset_digest": self.dataset.digest}
+            )
+            trained = train_step.train_and_log(
+                trial_cfg, self.dataset, run.info.run_id,
+                extra_callbacks=[pruning], verbose=self.verbose,
+                model_metadata={"optuna_study": trial.study.study_name, "optuna_trial": trial.number},
+            )
+            trial.set_user_attr(EPOCHS_ATTR, trained.epochs_trained)
+            value = float(train_step.objective_value(trained.val_metrics, trial_cfg.objective))
+            if pruning.timed_out:
+                mlflow.set_tag("optuna.timed_out", f"stopped after {self.base.trial_timeout} s (trial_timeout)")
+            if not math.isfinite(value):
+                mlflow.set_tag(FAIL_REASON_TAG, f"objective {trial_cfg.objective} is undefined (NaN) on the validation split")
+                return float("nan")  # Optuna records FAIL
+            tracking.log_metrics({"objective_value": value})
+            state, status = "COMPLETE", "FINISHED"
+            return value
+        except optuna.TrialPruned as pruned:
+            state, status = "PRUNED", "KILLED"
+            trial.set_user_attr(EPOCHS_ATTR, pruning.epochs_seen)
+            mlflow.set_tag("optuna.pruned_at", str(pruned))
+            tracking.log_metrics({"epochs_trained": pruning.epochs_seen})
+            raise
+        except KeyboardInterrupt:
+            status = "KILLED"  # Optuna records FAIL; the study stays resumable
+            trial.set_user_attr(EPOCHS_ATTR, pruning.epochs_seen)
+            raise
+        except Exception as err:
+            trial.set_user_attr(EPOCHS_ATTR, pruning.epochs_seen)
+            mlflow.set_tag(FAIL_REASON_TAG, f"{type(err).__name__}: {err}"[:4000])
+            raise
+        finally:
+            try:
+                mlflow.set_tag(STATE_TAG, state)
+            except Exception as err:  # the tracking store itself failed: still end the run below
+                log.warning("could not tag trial %s run %s: %s", trial.number, run.info.run_id, err)
+            finally:
+                mlflow.end_run(status)
+                keras.backend.clear_session(free_memory=True)
