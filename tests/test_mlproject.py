@@ -76,3 +76,20 @@ def test_help_lists_every_flag(step):
     listed = set(re.findall(r"--[a-z0-9-]+", out))
     missing = [flag(name) for name in field_names(STEPS[step]) if flag(name) not in listed]
     assert not missing, f"`cxrexp {step} --help` does not list {missing}"
+
+
+def test_conda_env_installs_what_pyproject_declares():
+    # `mlflow run .` without --env-manager local builds its environment from conda.yaml alone, so
+    # a dependency added to pyproject.toml but not there would only fail on a user's machine.
+    import tomllib
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    conda = yaml.safe_load((PROJECT_ROOT / "conda.yaml").read_text())
+    pip_lists = [d["pip"] for d in conda["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert len(pip_lists) == 1, "conda.yaml needs exactly one pip: list"
+    declared = project["dependencies"] + project["optional-dependencies"]["postgres"]
+    assert sorted(pip_lists[0]) == sorted(declared)
+    (python,) = [d for d in conda["dependencies"] if isinstance(d, str) and d.startswith("python=")]
+    major, minor = python.split("=")[1].split(".")[:2]
+    lowest = project["requires-python"].removeprefix(">=").split(".")
+    assert (int(major), int(minor)) >= (int(lowest[0]), int(lowest[1]))
