@@ -115,7 +115,6 @@ def main() -> int:
 
     base_epochs = sum(results[seed, "none"]["epochs"] for seed in args.seeds)
     base_seconds = sum(results[seed, "none"]["seconds"] for seed in args.seeds)
-    verdicts = []
     print()
     for pruner in args.pruners:
         epochs = sum(results[seed, pruner]["epochs"] for seed in args.seeds)
@@ -123,7 +122,6 @@ def main() -> int:
         gaps = [results[seed, "none"]["best_auc"] - results[seed, pruner]["best_auc"] for seed in args.seeds]
         ratio = epochs / max(base_epochs, 1)
         ok = ratio <= EPOCH_RATIO_TARGET and max(gaps) <= AUC_TOLERANCE
-        verdicts.append(ok)
         print(f"{pruner}: epochs {pruner}/none = {epochs}/{base_epochs} = {ratio:.2f} (target <= "
               f"{EPOCH_RATIO_TARGET:.2f}); wall time ratio {seconds / max(base_seconds, 1e-9):.2f}; best val "
               f"ROC-AUC none - {pruner} per seed " + ", ".join(f"{g:+.4f}" for g in gaps)

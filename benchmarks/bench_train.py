@@ -27,8 +27,8 @@ pass costs next to the PNG decode).
     ``model.predict(x, batch_size=--serve-batch)`` on the same images already prepared as float32.
     Also shown: Keras ``predict_on_batch`` over the same batches (the compiled step the pyfunc calls,
     without ``model.predict``'s per-call tf.data pipeline; ``model.predict``'s pass time is bimodal on
-    the 2-core machine, ~0.4 s or ~0.7 s for the same pass), ``serving.prepare_batch`` alone (decode + CLAHE + resize), to see where the time goes,
-    and the untuned path (rows decoded one by one, then an eager ``model(chunk)`` call per 32 rows: what
+    the 2-core machines, one of two times for the same pass), ``serving.prepare_batch`` alone
+    (decode + CLAHE + resize), to see where the time goes, and the untuned path (rows decoded one by one, then an eager ``model(chunk)`` call per 32 rows: what
     ``RawImageClassifier.predict`` did before it decoded in threads and used ``predict_on_batch``).
     Median of ``--repeats`` passes over ``--serve-images`` images, in rotating order. Target: pyfunc / Keras >= 0.7.
 
