@@ -21,14 +21,13 @@ always fails cannot loop forever.
 The package, one module per job: ``space`` (the search space), ``pruning`` (pruner and per-epoch
 callback), ``storage`` (Optuna storages; opening and resuming a study), ``trial`` (one trial's
 nested run), ``workers`` (trial budget and worker processes), ``summary`` (trial table, figures,
-registration of the best model) and ``study`` (``run_study``, which ties them together). Names
-used elsewhere are re-exported here.
+registration of the best model) and ``study`` (``run_study``, which ties them together). The names
+the rest of the project uses are re-exported here.
 """
 
 from cxrexp.tuning.pruning import PruningCallback, make_pruner
 from cxrexp.tuning.space import (
     MAX_FILTERS,
-    SEARCHED_FIELDS,
     base_widths,
     depth_range,
     doubling_filters,
@@ -36,11 +35,9 @@ from cxrexp.tuning.space import (
 )
 from cxrexp.tuning.storage import (
     DEFAULT_STORAGE,
-    DONE_STATES,
     StorageError,
     StudyMismatch,
     count_done,
-    defining_settings,
     make_storage,
     open_study,
     rdb_url,
@@ -49,7 +46,7 @@ from cxrexp.tuning.storage import (
     storage_url,
 )
 from cxrexp.tuning.study import run_study
-from cxrexp.tuning.summary import StudyFailed, best_trained_run, log_study_summary, register_best, study_figures
+from cxrexp.tuning.summary import StudyFailed, register_best, study_figures
 from cxrexp.tuning.trial import (
     EPOCHS_ATTR,
     FAIL_REASON_TAG,
@@ -57,23 +54,19 @@ from cxrexp.tuning.trial import (
     STATE_TAG,
     STUDY_NAME_TAG,
     TRIAL_NUMBER_TAG,
-    TRIAL_STEP,
     TrialObjective,
 )
-from cxrexp.tuning.workers import TrialBudget, close_orphans, optimize, run_workers, sigterm_as_interrupt
+from cxrexp.tuning.workers import TrialBudget, close_orphans
 
 __all__ = [
     "DEFAULT_STORAGE",
-    "DONE_STATES",
     "EPOCHS_ATTR",
     "FAIL_REASON_TAG",
     "MAX_FILTERS",
     "RUN_ID_ATTR",
-    "SEARCHED_FIELDS",
     "STATE_TAG",
     "STUDY_NAME_TAG",
     "TRIAL_NUMBER_TAG",
-    "TRIAL_STEP",
     "PruningCallback",
     "StorageError",
     "StudyFailed",
@@ -81,24 +74,18 @@ __all__ = [
     "TrialBudget",
     "TrialObjective",
     "base_widths",
-    "best_trained_run",
     "close_orphans",
     "count_done",
-    "defining_settings",
     "depth_range",
     "doubling_filters",
-    "log_study_summary",
     "make_pruner",
     "make_storage",
     "open_study",
-    "optimize",
     "rdb_url",
     "redact",
     "register_best",
     "run_study",
-    "run_workers",
     "sampler_seed",
-    "sigterm_as_interrupt",
     "storage_url",
     "study_figures",
     "suggest_config",

@@ -8,6 +8,8 @@ import time
 import keras
 import optuna
 
+from cxrexp.config import PRUNERS
+
 
 def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     """``cfg.pruner`` as an Optuna pruner.
@@ -31,7 +33,7 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(int(max_epochs), 1), reduction_factor=3)
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise ValueError(f"pruner={name!r} is not one of median, percentile, halving, hyperband, none")
+    raise ValueError(f"pruner={name!r} is not one of {', '.join(PRUNERS)}")
 
 
 class PruningCallback(keras.callbacks.Callback):
