@@ -120,6 +120,35 @@ def test_make_pruner(name, kind):
     assert isinstance(tuning.make_pruner(name, max_epochs=8), kind)
 
 
+# Eight finished trials whose validation AUC at step 2 is 0.1 ... 0.8: median 0.45, lowest quarter 0.275.
+REFERENCE_AT_STEP_2 = [round(0.1 * k, 1) for k in range(1, 9)]
+
+
+@pytest.mark.parametrize(
+    "name, curve, pruned",
+    [
+        ("median", [0.1, 0.1, 0.40], True),
+        ("median", [0.1, 0.1, 0.50], False),
+        ("median", [0.6, 0.1, 0.10], False),  # the trial's best so far counts, not its last value
+        ("median", [0.0, 0.0], False),  # warm-up: nothing pruned before step 2
+        ("percentile", [0.1, 0.1, 0.25], True),
+        ("percentile", [0.1, 0.1, 0.30], False),
+        ("percentile", [0.1, 0.1, 0.40], False),  # below the median, but not in the lowest quarter
+        ("percentile", [0.0, 0.0], False),
+    ],
+)
+def test_median_and_percentile_pruners_compare_with_finished_trials_at_the_same_epoch(name, curve, pruned):
+    study = optuna.create_study(direction="maximize", pruner=tuning.make_pruner(name, max_epochs=8))
+    for value in REFERENCE_AT_STEP_2:
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=value, intermediate_values={0: 0.5, 1: 0.5, 2: value},
+        ))
+    trial = study.ask()
+    for step, value in enumerate(curve):
+        trial.report(value, step)
+    assert bool(trial.should_prune()) is pruned
+
+
 @pytest.mark.parametrize(
     "curves, expected",
     [

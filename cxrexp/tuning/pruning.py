@@ -15,7 +15,8 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     """``cfg.pruner`` as an Optuna pruner.
 
     median/percentile: no pruning during the first 2 trials or the first 2 epochs of a trial (the
-    first epochs of a CNN are noisy); percentile prunes only the bottom quarter. halving: successive
+    first epochs of a CNN are noisy); a trial is pruned when its best value so far is below the
+    median (percentile: below the lowest quarter) of the finished trials' values at that epoch. halving: successive
     halving with Optuna's default reduction factor 4, rungs after epochs 2, 5, 17, ...: a trial goes on
     past a rung only while it is in the top quarter of the trials that reached that rung (the first
     trials at a rung only when they are its best); prunes hardest (benchmarks/bench_pruning.py).
@@ -24,7 +25,8 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
     if name == "percentile":
-        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=2, n_warmup_steps=2)
+        # Optuna's percentile is the share of trials *kept* (25.0 would prune all but the top quarter).
+        return optuna.pruners.PercentilePruner(75.0, n_startup_trials=2, n_warmup_steps=2)
     if name == "halving":
         # min_resource 1 = Optuna's "auto" for fewer than 100 steps, fixed so rungs do not depend on
         # the first finished trial. Steps are 0-based epochs: rungs at steps 1, 4, 16.
