@@ -18,12 +18,15 @@ baseline's on every seed.
 The studies are not trial-for-trial identical after the first pruned trial (TPE sees pruned
 trials' values), and the validation split is small (~60 images), so one seed says little: hence
 several. Everything (prepared data, MLflow store, Optuna DB) lives in a temporary folder that is
-deleted at the end.
+deleted at the end, or with ``--workdir DIR`` in DIR, kept: a later run with the same DIR resumes its
+studies (a finished one is read back, not redone, and then reports ~0 s), so ``--pruners`` with no
+name runs only the baselines and later runs add pruners beside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -77,9 +80,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 7])
-    parser.add_argument("--pruners", nargs="+", default=["median", "halving"],
+    parser.add_argument("--pruners", nargs="*", default=["median", "halving"],
                         choices=["median", "percentile", "halving", "hyperband"],
                         help="the pruners measured against no pruning")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the prepared sets, MLflow store and Optuna DB here instead of a temporary folder; "
+                             "a later run with the same folder resumes its studies (finished ones are not redone)")
     args = parser.parse_args()
 
     import mlflow
@@ -92,8 +98,12 @@ def main() -> int:
     print(f"{args.images} synthetic images at {args.image_size} px, {args.trials} trials of up to "
           f"{args.epochs} epochs (patience {args.patience}), seeds {args.seeds}", flush=True)
     results: dict[tuple[int, str], dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pruning-")))
+        else:
+            root = args.workdir.resolve()
+            root.mkdir(parents=True, exist_ok=True)
         os.chdir(root)  # MLflow's artifacts and anything relative land in the temp folder
         os.environ.pop("MLFLOW_RUN_ID", None)
         uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -101,13 +111,14 @@ def main() -> int:
         mlflow.set_tracking_uri(uri)
         storage = f"sqlite:///{root / 'optuna.db'}"
         for seed in args.seeds:
-            prepared = run_preprocess(
+            kept = sorted((root / f"prepared-{seed}").glob("*/manifest.csv"))  # --workdir: made earlier
+            data_dir = kept[0].parent if kept else run_preprocess(
                 PreprocessConfig(out_dir=str(root / f"prepared-{seed}"), image_size=args.image_size,
                                  synthetic_count=args.images, synthetic_size=128, seed=seed),
                 progress=False,
-            ).dataset
+            ).dataset.root
             for pruner in ["none", *args.pruners]:
-                r = results[seed, pruner] = run_one(pruner, seed, prepared.root, storage, args)
+                r = results[seed, pruner] = run_one(pruner, seed, data_dir, storage, args)
                 print(f"  seed {seed:>3} pruner={pruner:<9}: {r['epochs']:4d} epochs, best val ROC-AUC "
                       f"{r['best_auc']:.4f}, {r['complete']} complete / {r['pruned']} pruned / {r['failed']} failed, "
                       f"{r['seconds']:.0f} s", flush=True)
