@@ -32,6 +32,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -42,11 +45,57 @@ EPOCH_RATIO_TARGET = 0.60
 AUC_TOLERANCE = 0.01
 
 
-def run_one(pruner: str, seed: int, data_dir: Path, storage: str, args: argparse.Namespace) -> dict[str, float]:
-    """One study; returns epochs, best AUC, trial counts and seconds."""
+FRESH_SEED_OFFSET = 10_000  # the fresh set's generator seed: seed + this, so no image repeats the study's
+N_RESAMPLES = 2000
+SECONDS_ATTR, TRIALS_TIMED_ATTR = "bench_seconds", "bench_trials_timed"
+
+
+def fresh_set(root: Path, seed: int, args: argparse.Namespace):
+    """``args.fresh`` new synthetic images (another generator seed), all of them scored: (images, rows, labels)."""
+    from cxrexp.config import PreprocessConfig
+    from cxrexp.pipeline import run_preprocess
+    from cxrexp.store import open_prepared
+
+    kept = sorted((root / "fresh").glob("*/manifest.csv"))
+    dataset = open_prepared(kept[0].parent) if kept else run_preprocess(
+        PreprocessConfig(out_dir=str(root / "fresh"), image_size=args.image_size,
+                         synthetic_count=args.fresh, synthetic_size=128, seed=seed + FRESH_SEED_OFFSET),
+        progress=False,
+    ).dataset
+    return dataset.images(), dataset.manifest["row"].to_numpy(), dataset.manifest["label"].to_numpy()
+
+
+def fresh_probabilities(model_uri: str, fresh) -> np.ndarray:
+    """The registered model's probabilities on the fresh set (what the study's choice is worth)."""
+    from cxrexp.dataset import predict_probabilities
+    from cxrexp.serving import load_keras_model
+
+    model, _, _ = load_keras_model(model_uri)
+    images, rows, _ = fresh
+    return predict_probabilities(model, images, rows, batch_size=256)
+
+
+def paired_auc_difference(labels: np.ndarray, base: np.ndarray, other: np.ndarray, seed: int) -> tuple[float, float, float]:
+    """ROC-AUC(base) - ROC-AUC(other) on the same images, with a 95% paired bootstrap interval."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(N_RESAMPLES):
+        idx = rng.integers(0, len(labels), len(labels))
+        if labels[idx].min() == labels[idx].max():
+            continue
+        diffs.append(roc_auc_score(labels[idx], base[idx]) - roc_auc_score(labels[idx], other[idx]))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(roc_auc_score(labels, base) - roc_auc_score(labels, other)), float(low), float(high)
+
+
+def run_one(pruner: str, seed: int, data_dir: Path, storage: str, args: argparse.Namespace, fresh) -> dict[str, Any]:
+    """One study; returns epochs, best AUC, trial counts, seconds and the fresh-set probabilities."""
+    import mlflow
     import optuna
 
-    from cxrexp import tuning
+    from cxrexp import tracking, tuning
     from cxrexp.config import TrainConfig
     from cxrexp.store import open_prepared
 
@@ -58,9 +107,16 @@ def run_one(pruner: str, seed: int, data_dir: Path, storage: str, args: argparse
         registered_model_name=f"bench-{seed}-{pruner}",
     )
     started = time.perf_counter()
-    tuning.run_study(cfg, dataset, verbose=0)
+    parent_id = tuning.run_study(cfg, dataset, verbose=0)
     seconds = time.perf_counter() - started
     study = optuna.load_study(study_name=cfg.study_name, storage=tuning.make_storage(storage))
+    # A resumed study (--workdir) keeps the seconds of the runs that trained its trials.
+    if study.user_attrs.get(SECONDS_ATTR) is None or len(study.trials) > study.user_attrs.get(TRIALS_TIMED_ATTR, 0):
+        seconds += float(study.user_attrs.get(SECONDS_ATTR) or 0.0)
+        study.set_user_attr(SECONDS_ATTR, seconds)
+        study.set_user_attr(TRIALS_TIMED_ATTR, len(study.trials))
+    seconds = float(study.user_attrs.get(SECONDS_ATTR, seconds))
+    model_uri = mlflow.get_run(parent_id).data.tags[tracking.MODEL_URI_TAG]
     trials = study.get_trials(deepcopy=False)
     return {
         "epochs": sum(int(t.user_attrs.get(tuning.EPOCHS_ATTR, 0)) for t in trials),
@@ -69,6 +125,7 @@ def run_one(pruner: str, seed: int, data_dir: Path, storage: str, args: argparse
         "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
         "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
         "seconds": seconds,
+        "fresh_probabilities": fresh_probabilities(model_uri, fresh) if fresh is not None else None,
     }
 
 
@@ -83,6 +140,9 @@ def main() -> int:
     parser.add_argument("--pruners", nargs="*", default=["median", "halving"],
                         choices=["median", "percentile", "halving", "hyperband"],
                         help="the pruners measured against no pruning")
+    parser.add_argument("--fresh", type=int, default=2000,
+                        help="also score each study's registered model on this many new synthetic images "
+                             "(another generator seed; 0 skips)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the prepared sets, MLflow store and Optuna DB here instead of a temporary folder; "
                              "a later run with the same folder resumes its studies (finished ones are not redone)")
@@ -90,6 +150,7 @@ def main() -> int:
 
     import mlflow
     import optuna
+    from sklearn.metrics import roc_auc_score
 
     from cxrexp.config import PreprocessConfig
     from cxrexp.pipeline import run_preprocess
@@ -97,28 +158,36 @@ def main() -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"{args.images} synthetic images at {args.image_size} px, {args.trials} trials of up to "
           f"{args.epochs} epochs (patience {args.patience}), seeds {args.seeds}", flush=True)
-    results: dict[tuple[int, str], dict[str, float]] = {}
+    results: dict[tuple[int, str], dict[str, Any]] = {}
+    labels_by_seed: dict[int, np.ndarray] = {}
     with contextlib.ExitStack() as stack:
         if args.workdir is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pruning-")))
         else:
             root = args.workdir.resolve()
             root.mkdir(parents=True, exist_ok=True)
-        os.chdir(root)  # MLflow's artifacts and anything relative land in the temp folder
-        os.environ.pop("MLFLOW_RUN_ID", None)
-        uri = f"sqlite:///{root / 'mlflow.db'}"
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-        mlflow.set_tracking_uri(uri)
-        storage = f"sqlite:///{root / 'optuna.db'}"
         for seed in args.seeds:
-            kept = sorted((root / f"prepared-{seed}").glob("*/manifest.csv"))  # --workdir: made earlier
+            # One folder per seed (its own MLflow store and Optuna DB), so seeds can also run in
+            # separate processes on one --workdir and a later run reads them all back.
+            seed_root = root / f"seed-{seed}"
+            seed_root.mkdir(exist_ok=True)
+            os.chdir(seed_root)  # MLflow's artifacts and anything relative land here
+            os.environ.pop("MLFLOW_RUN_ID", None)
+            uri = f"sqlite:///{seed_root / 'mlflow.db'}"
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+            mlflow.set_tracking_uri(uri)
+            storage = f"sqlite:///{seed_root / 'optuna.db'}"
+            kept = sorted((seed_root / "prepared").glob("*/manifest.csv"))  # --workdir: made earlier
             data_dir = kept[0].parent if kept else run_preprocess(
-                PreprocessConfig(out_dir=str(root / f"prepared-{seed}"), image_size=args.image_size,
+                PreprocessConfig(out_dir=str(seed_root / "prepared"), image_size=args.image_size,
                                  synthetic_count=args.images, synthetic_size=128, seed=seed),
                 progress=False,
             ).dataset.root
+            fresh = fresh_set(seed_root, seed, args) if args.fresh else None
+            if fresh is not None:
+                labels_by_seed[seed] = fresh[2]
             for pruner in ["none", *args.pruners]:
-                r = results[seed, pruner] = run_one(pruner, seed, data_dir, storage, args)
+                r = results[seed, pruner] = run_one(pruner, seed, data_dir, storage, args, fresh)
                 print(f"  seed {seed:>3} pruner={pruner:<9}: {r['epochs']:4d} epochs, best val ROC-AUC "
                       f"{r['best_auc']:.4f}, {r['complete']} complete / {r['pruned']} pruned / {r['failed']} failed, "
                       f"{r['seconds']:.0f} s", flush=True)
@@ -137,6 +206,13 @@ def main() -> int:
               f"{EPOCH_RATIO_TARGET:.2f}); wall time ratio {seconds / max(base_seconds, 1e-9):.2f}; best val "
               f"ROC-AUC none - {pruner} per seed " + ", ".join(f"{g:+.4f}" for g in gaps)
               + f" (target <= {AUC_TOLERANCE} each): {'PASS' if ok else 'MISSED TARGET'}")
+        for seed in labels_by_seed:
+            labels = labels_by_seed[seed]
+            base, other = results[seed, "none"]["fresh_probabilities"], results[seed, pruner]["fresh_probabilities"]
+            diff, low, high = paired_auc_difference(labels, base, other, seed)
+            print(f"  seed {seed:>3}, the registered model on {len(labels)} fresh images ({int(labels.sum())} positive): "
+                  f"ROC-AUC none {roc_auc_score(labels, base):.4f}, {pruner} {roc_auc_score(labels, other):.4f}; "
+                  f"none - {pruner} {diff:+.4f} [95% paired bootstrap {low:+.4f}, {high:+.4f}]")
     return 0
 
 
