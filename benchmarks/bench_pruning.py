@@ -18,9 +18,10 @@ baseline's on every seed.
 The studies are not trial-for-trial identical after the first pruned trial (TPE sees pruned
 trials' values), and the validation split is small (~60 images), so one seed says little: hence
 several. Everything (prepared data, MLflow store, Optuna DB) lives in a temporary folder that is
-deleted at the end, or with ``--workdir DIR`` in DIR, kept: a later run with the same DIR resumes its
-studies (a finished one is read back, not redone, and then reports ~0 s), so ``--pruners`` with no
-name runs only the baselines and later runs add pruners beside them.
+deleted at the end, or with ``--workdir DIR`` in DIR/seed-<seed>, kept: a later run with the same DIR
+resumes its studies (a finished one is read back with the seconds it took, not redone), so seeds can
+run in separate processes, ``--pruners`` with no name runs only the baselines, and later runs add
+pruners beside them. ``--fresh N`` scores each study's registered model on N new synthetic images.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ SECONDS_ATTR, TRIALS_TIMED_ATTR = "bench_seconds", "bench_trials_timed"
 
 
 def fresh_set(root: Path, seed: int, args: argparse.Namespace):
-    """``args.fresh`` new synthetic images (another generator seed), all of them scored: (images, rows, labels)."""
+    """``args.fresh`` new synthetic images (another generator seed), all scored: ``(images, rows, labels)``."""
     from cxrexp.config import PreprocessConfig
     from cxrexp.pipeline import run_preprocess
     from cxrexp.store import open_prepared
@@ -75,19 +76,18 @@ def fresh_probabilities(model_uri: str, fresh) -> np.ndarray:
     return predict_probabilities(model, images, rows, batch_size=256)
 
 
-def paired_auc_difference(labels: np.ndarray, base: np.ndarray, other: np.ndarray, seed: int) -> tuple[float, float, float]:
-    """ROC-AUC(base) - ROC-AUC(other) on the same images, with a 95% paired bootstrap interval."""
-    from sklearn.metrics import roc_auc_score
+def paired_auc_difference(labels: np.ndarray, base: np.ndarray, other: np.ndarray,
+                          seed: int) -> tuple[float, float, float, float]:
+    """``(AUC(base), AUC(other), low, high)``: [low, high] is a 95% paired bootstrap interval of the difference."""
+    from cxrexp.metrics import roc_auc
 
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(N_RESAMPLES):
         idx = rng.integers(0, len(labels), len(labels))
-        if labels[idx].min() == labels[idx].max():
-            continue
-        diffs.append(roc_auc_score(labels[idx], base[idx]) - roc_auc_score(labels[idx], other[idx]))
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return float(roc_auc_score(labels, base) - roc_auc_score(labels, other)), float(low), float(high)
+        diffs.append(roc_auc(labels[idx], base[idx]) - roc_auc(labels[idx], other[idx]))
+    low, high = np.nanpercentile(diffs, [2.5, 97.5])  # NaN: a resample with one class only
+    return roc_auc(labels, base), roc_auc(labels, other), float(low), float(high)
 
 
 def run_one(pruner: str, seed: int, data_dir: Path, storage: str, args: argparse.Namespace, fresh) -> dict[str, Any]:
@@ -110,14 +110,16 @@ def run_one(pruner: str, seed: int, data_dir: Path, storage: str, args: argparse
     parent_id = tuning.run_study(cfg, dataset, verbose=0)
     seconds = time.perf_counter() - started
     study = optuna.load_study(study_name=cfg.study_name, storage=tuning.make_storage(storage))
-    # A resumed study (--workdir) keeps the seconds of the runs that trained its trials.
-    if study.user_attrs.get(SECONDS_ATTR) is None or len(study.trials) > study.user_attrs.get(TRIALS_TIMED_ATTR, 0):
-        seconds += float(study.user_attrs.get(SECONDS_ATTR) or 0.0)
-        study.set_user_attr(SECONDS_ATTR, seconds)
-        study.set_user_attr(TRIALS_TIMED_ATTR, len(study.trials))
-    seconds = float(study.user_attrs.get(SECONDS_ATTR, seconds))
-    model_uri = mlflow.get_run(parent_id).data.tags[tracking.MODEL_URI_TAG]
     trials = study.get_trials(deepcopy=False)
+    # A resumed study (--workdir) reports the seconds of the runs that trained its trials.
+    timed = study.user_attrs
+    if len(trials) > timed.get(TRIALS_TIMED_ATTR, 0):  # this run trained trials: add its time
+        seconds += float(timed.get(SECONDS_ATTR, 0.0))
+        study.set_user_attr(SECONDS_ATTR, seconds)
+        study.set_user_attr(TRIALS_TIMED_ATTR, len(trials))
+    else:
+        seconds = float(timed[SECONDS_ATTR])
+    model_uri = mlflow.get_run(parent_id).data.tags[tracking.MODEL_URI_TAG]
     return {
         "epochs": sum(int(t.user_attrs.get(tuning.EPOCHS_ATTR, 0)) for t in trials),
         "best_auc": float(study.best_value),
@@ -150,8 +152,6 @@ def main() -> int:
 
     import mlflow
     import optuna
-    from sklearn.metrics import roc_auc_score
-
     from cxrexp.config import PreprocessConfig
     from cxrexp.pipeline import run_preprocess
 
@@ -209,10 +209,10 @@ def main() -> int:
         for seed in labels_by_seed:
             labels = labels_by_seed[seed]
             base, other = results[seed, "none"]["fresh_probabilities"], results[seed, pruner]["fresh_probabilities"]
-            diff, low, high = paired_auc_difference(labels, base, other, seed)
-            print(f"  seed {seed:>3}, the registered model on {len(labels)} fresh images ({int(labels.sum())} positive): "
-                  f"ROC-AUC none {roc_auc_score(labels, base):.4f}, {pruner} {roc_auc_score(labels, other):.4f}; "
-                  f"none - {pruner} {diff:+.4f} [95% paired bootstrap {low:+.4f}, {high:+.4f}]")
+            auc_base, auc_other, low, high = paired_auc_difference(labels, base, other, seed)
+            print(f"  seed {seed:>3}, the registered model on {len(labels)} fresh images ({int(labels.sum())} "
+                  f"positive): ROC-AUC none {auc_base:.4f}, {pruner} {auc_other:.4f}; none - {pruner} "
+                  f"{auc_base - auc_other:+.4f} [95% paired bootstrap {low:+.4f}, {high:+.4f}]")
     return 0
 
 

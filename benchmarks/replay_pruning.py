@@ -1,7 +1,7 @@
 """Replay a finished no-pruning study's learning curves through pruners: epochs saved, winner kept?
 
-Run from the project root, on a folder kept by ``bench_pruning.py --workdir DIR`` (or on any Optuna
-storage holding a study run with ``pruner=none``):
+Run from the project root, on a folder kept by ``bench_pruning.py --workdir DIR`` (its no-pruning
+study ``bench-<seed>-none`` in DIR/seed-<seed>/optuna.db):
 
     python benchmarks/bench_pruning.py --trials 30 --epochs 20 --seeds 42 1 7 --pruners --workdir /tmp/bp
     python benchmarks/replay_pruning.py --workdir /tmp/bp --seeds 42 1 7 --epochs 20
@@ -89,7 +89,8 @@ def candidates(max_epochs: int) -> dict[str, optuna.pruners.BasePruner]:
     })
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        pruners["median, patience 1"] = optuna.pruners.PatientPruner(median(n_startup_trials=2, n_warmup_steps=2), patience=1)
+        pruners["median, patience 1"] = optuna.pruners.PatientPruner(
+            median(n_startup_trials=2, n_warmup_steps=2), patience=1)
     pruners.update({
         "median incl. pruned": ReferenceMedianPruner(with_pruned=True, running_average=False),
         "keep top 60% incl. pruned": ReferenceMedianPruner(with_pruned=True, running_average=False, keep=60.0),
@@ -128,10 +129,9 @@ def replay(trials: list[optuna.trial.FrozenTrial], pruner: optuna.pruners.BasePr
 def score_fresh(root: Path, seed: int, study: optuna.Study, images: int, image_size: int) -> dict[str, float]:
     """Every COMPLETE trial's model scored on ``images`` fresh synthetic images (``fresh_auc.json``)."""
     import mlflow
-    from sklearn.metrics import roc_auc_score
-
     from bench_pruning import fresh_probabilities, fresh_set
     from cxrexp import tracking
+    from cxrexp.metrics import roc_auc
     from cxrexp.tuning import RUN_ID_ATTR
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
@@ -139,7 +139,7 @@ def score_fresh(root: Path, seed: int, study: optuna.Study, images: int, image_s
     scores = {}
     for trial in study.get_trials(deepcopy=False, states=(COMPLETE,)):
         model_uri = mlflow.get_run(trial.user_attrs[RUN_ID_ATTR]).data.tags[tracking.MODEL_URI_TAG]
-        scores[str(trial.number)] = float(roc_auc_score(fresh[2], fresh_probabilities(model_uri, fresh)))
+        scores[str(trial.number)] = roc_auc(fresh[2], fresh_probabilities(model_uri, fresh))
     (root / "fresh_auc.json").write_text(json.dumps(scores, indent=1))
     return scores
 
@@ -164,10 +164,10 @@ def main() -> int:
     for root, seed in found:
         study = optuna.load_study(study_name=f"bench-{seed}-none", storage=f"sqlite:///{root / 'optuna.db'}")
         trials = sorted(study.get_trials(deepcopy=False, states=(COMPLETE,)), key=lambda t: t.number)
-        fresh_path = root / "fresh_auc.json"
         if args.score_fresh:
             fresh = score_fresh(root, seed, study, args.score_fresh, args.image_size)
         else:
+            fresh_path = root / "fresh_auc.json"
             fresh = json.loads(fresh_path.read_text()) if fresh_path.exists() else {}
         base_epochs = sum(epochs_of(t) for t in trials)
         base = max(trials, key=lambda t: t.value)

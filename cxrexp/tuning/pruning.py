@@ -16,11 +16,11 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
 
     median/percentile: no pruning during the first 2 trials or the first 2 epochs of a trial (the
     first epochs of a CNN are noisy); a trial is pruned when its best value so far is below the
-    median (percentile: below the lowest quarter) of the finished trials' values at that epoch. halving: successive
-    halving with Optuna's default reduction factor 4, rungs after epochs 2, 5, 17, ...: a trial goes on
-    past a rung only while it is in the top quarter of the trials that reached that rung (the first
-    trials at a rung only when they are its best); prunes hardest (benchmarks/bench_pruning.py).
-    hyperband: budgets from 1 epoch up to ``max_epochs``.
+    median (percentile: below the lowest quarter) of the finished trials' values at that epoch.
+    halving: successive halving with Optuna's default reduction factor 4, rungs after epochs 2, 5,
+    17, ...: a trial goes on past a rung only while it is in the top quarter of the trials that
+    reached that rung (the first trials at a rung only when they are its best); prunes hardest
+    (benchmarks/bench_pruning.py). hyperband: budgets from 1 epoch up to ``max_epochs``.
     """
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
