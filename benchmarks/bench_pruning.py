@@ -22,6 +22,8 @@ deleted at the end, or with ``--workdir DIR`` in DIR/seed-<seed>, kept: a later 
 resumes its studies (a finished one is read back with the seconds it took, not redone), so seeds can
 run in separate processes, ``--pruners`` with no name runs only the baselines, and later runs add
 pruners beside them. ``--fresh N`` scores each study's registered model on N new synthetic images.
+``--repeat-baseline`` adds a second no-pruning study with seed + 1 (``none-again``), compared like a
+pruner: how far two equally good searches land apart, the noise the 0.01 tolerance sits in.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+from cxrexp.config import PRUNERS  # noqa: E402
 
 EPOCH_RATIO_TARGET = 0.60
 AUC_TOLERANCE = 0.01
@@ -90,8 +94,15 @@ def paired_auc_difference(labels: np.ndarray, base: np.ndarray, other: np.ndarra
     return roc_auc(labels, base), roc_auc(labels, other), float(low), float(high)
 
 
-def run_one(pruner: str, seed: int, data_dir: Path, storage: str, args: argparse.Namespace, fresh) -> dict[str, Any]:
-    """One study; returns epochs, best AUC, trial counts, seconds and the fresh-set probabilities."""
+REPEAT = "none-again"  # a second no-pruning study, seed + 1: how far two equally good searches differ
+
+
+def run_one(label: str, seed: int, data_dir: Path, storage: str, args: argparse.Namespace, fresh) -> dict[str, Any]:
+    """One study; returns epochs, best AUC, trial counts, seconds and the fresh-set probabilities.
+
+    ``label`` is a pruner name, or ``REPEAT``: no pruning with ``seed + 1`` for the TPE sampler and
+    the weights (same data, same validation split).
+    """
     import mlflow
     import optuna
 
@@ -102,9 +113,9 @@ def run_one(pruner: str, seed: int, data_dir: Path, storage: str, args: argparse
     dataset = open_prepared(data_dir)
     cfg = TrainConfig(
         data=str(data_dir), dense=(32,), batch_size=32, epochs=args.epochs, patience=args.patience,
-        lr_patience=max(args.patience // 2, 0), seed=seed, n_trials=args.trials,
-        study_name=f"bench-{seed}-{pruner}", storage=storage, pruner=pruner,
-        registered_model_name=f"bench-{seed}-{pruner}",
+        lr_patience=max(args.patience // 2, 0), seed=seed + (label == REPEAT), n_trials=args.trials,
+        study_name=f"bench-{seed}-{label}", storage=storage, pruner="none" if label == REPEAT else label,
+        registered_model_name=f"bench-{seed}-{label}",
     )
     started = time.perf_counter()
     parent_id = tuning.run_study(cfg, dataset, verbose=0)
@@ -140,8 +151,11 @@ def main() -> int:
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 7])
     parser.add_argument("--pruners", nargs="*", default=["median", "halving"],
-                        choices=["median", "percentile", "halving", "hyperband"],
+                        choices=[name for name in PRUNERS if name != "none"],
                         help="the pruners measured against no pruning")
+    parser.add_argument("--repeat-baseline", action="store_true",
+                        help=f"also run a second no-pruning study with seed + 1 ({REPEAT!r}), compared like a pruner: "
+                             "the difference two equally good searches show")
     parser.add_argument("--fresh", type=int, default=2000,
                         help="also score each study's registered model on this many new synthetic images "
                              "(another generator seed; 0 skips)")
@@ -158,6 +172,7 @@ def main() -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"{args.images} synthetic images at {args.image_size} px, {args.trials} trials of up to "
           f"{args.epochs} epochs (patience {args.patience}), seeds {args.seeds}", flush=True)
+    compared = [*args.pruners, *([REPEAT] if args.repeat_baseline else [])]
     results: dict[tuple[int, str], dict[str, Any]] = {}
     labels_by_seed: dict[int, np.ndarray] = {}
     with contextlib.ExitStack() as stack:
@@ -186,7 +201,7 @@ def main() -> int:
             fresh = fresh_set(seed_root, seed, args) if args.fresh else None
             if fresh is not None:
                 labels_by_seed[seed] = fresh[2]
-            for pruner in ["none", *args.pruners]:
+            for pruner in ["none", *compared]:
                 r = results[seed, pruner] = run_one(pruner, seed, data_dir, storage, args, fresh)
                 print(f"  seed {seed:>3} pruner={pruner:<9}: {r['epochs']:4d} epochs, best val ROC-AUC "
                       f"{r['best_auc']:.4f}, {r['complete']} complete / {r['pruned']} pruned / {r['failed']} failed, "
@@ -196,7 +211,7 @@ def main() -> int:
     base_epochs = sum(results[seed, "none"]["epochs"] for seed in args.seeds)
     base_seconds = sum(results[seed, "none"]["seconds"] for seed in args.seeds)
     print()
-    for pruner in args.pruners:
+    for pruner in compared:
         epochs = sum(results[seed, pruner]["epochs"] for seed in args.seeds)
         seconds = sum(results[seed, pruner]["seconds"] for seed in args.seeds)
         gaps = [results[seed, "none"]["best_auc"] - results[seed, pruner]["best_auc"] for seed in args.seeds]

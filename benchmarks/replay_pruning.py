@@ -94,7 +94,6 @@ def candidates(max_epochs: int) -> dict[str, optuna.pruners.BasePruner]:
     pruners.update({
         "median incl. pruned": ReferenceMedianPruner(with_pruned=True, running_average=False),
         "keep top 60% incl. pruned": ReferenceMedianPruner(with_pruned=True, running_average=False, keep=60.0),
-        "Vizier running average": ReferenceMedianPruner(with_pruned=False, running_average=True),
         "running average incl. pruned": ReferenceMedianPruner(with_pruned=True, running_average=True),
     })
     return pruners

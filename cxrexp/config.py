@@ -17,7 +17,7 @@ ENHANCE_METHODS = ("clahe", "gamma", "none")
 CLASS_WEIGHT_SCHEMES = ("none", "inverse", "balanced", "effective")
 THRESHOLD_RULES = ("youden", "sensitivity")
 OBJECTIVES = ("roc_auc", "sens_at_spec")
-PRUNERS = ("median", "percentile", "halving", "hyperband", "none")
+PRUNERS = ("median", "median-average", "percentile", "halving", "hyperband", "none")
 
 
 def parse_int_list(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:

@@ -112,7 +112,8 @@ def test_sampled_configs_stay_inside_the_space():
 
 @pytest.mark.parametrize(
     "name, kind",
-    [("median", optuna.pruners.MedianPruner), ("percentile", optuna.pruners.PercentilePruner),
+    [("median", optuna.pruners.MedianPruner), ("median-average", tuning.RunningAverageMedianPruner),
+     ("percentile", optuna.pruners.PercentilePruner),
      ("halving", optuna.pruners.SuccessiveHalvingPruner), ("hyperband", optuna.pruners.HyperbandPruner),
      ("none", optuna.pruners.NopPruner)],
 )
@@ -120,7 +121,8 @@ def test_make_pruner(name, kind):
     assert isinstance(tuning.make_pruner(name, max_epochs=8), kind)
 
 
-# Eight finished trials whose validation AUC at step 2 is 0.1 ... 0.8: median 0.45, lowest quarter 0.275.
+# Eight finished trials whose validation AUC at step 2 is 0.1 ... 0.8 (after 0.5, 0.5): median 0.45,
+# lowest quarter 0.275; their running averages at step 2, (1.0 + v) / 3, have median 0.4833.
 REFERENCE_AT_STEP_2 = [round(0.1 * k, 1) for k in range(1, 9)]
 
 
@@ -135,6 +137,10 @@ REFERENCE_AT_STEP_2 = [round(0.1 * k, 1) for k in range(1, 9)]
         ("percentile", [0.1, 0.1, 0.30], False),
         ("percentile", [0.1, 0.1, 0.40], False),  # below the median, but not in the lowest quarter
         ("percentile", [0.0, 0.0], False),
+        ("median-average", [0.1, 0.1, 0.47], True),  # above the values' median, below the averages'
+        ("median-average", [0.1, 0.1, 0.49], False),
+        ("median-average", [0.6, 0.1, 0.10], False),
+        ("median-average", [0.0, 0.0], False),
     ],
 )
 def test_median_and_percentile_pruners_compare_with_finished_trials_at_the_same_epoch(name, curve, pruned):
@@ -147,6 +153,47 @@ def test_median_and_percentile_pruners_compare_with_finished_trials_at_the_same_
     for step, value in enumerate(curve):
         trial.report(value, step)
     assert bool(trial.should_prune()) is pruned
+
+
+# Four finished trials climbing 0.5 -> 0.7 -> 0.9: value 0.9 at step 2, running average 0.7.
+# A fifth stopped (early stopping) after step 1, so it is no reference at step 2.
+CLIMBING = [[0.5, 0.7, 0.9]] * 4 + [[0.99, 0.99]]
+
+
+@pytest.mark.parametrize(
+    "curve, median_prunes, average_prunes",
+    [
+        ([0.5, 0.6, 0.8], True, False),  # a slow starter: below where the others are, above their average
+        ([0.5, 0.6, 0.65], True, True),
+        ([0.75, 0.6, 0.6], True, False),  # best so far counts
+        ([0.0, 0.0], False, False),  # warm-up
+    ],
+)
+def test_median_average_pruner_judges_slow_starters_against_running_averages(curve, median_prunes, average_prunes):
+    decisions = []
+    for name in ("median", "median-average"):
+        study = optuna.create_study(direction="maximize", pruner=tuning.make_pruner(name, max_epochs=8))
+        for reference in CLIMBING:
+            study.add_trial(optuna.trial.create_trial(
+                state=optuna.trial.TrialState.COMPLETE, value=max(reference), intermediate_values=dict(enumerate(reference)),
+            ))
+        trial = study.ask()
+        for step, value in enumerate(curve):
+            trial.report(value, step)
+        decisions.append(bool(trial.should_prune()))
+    assert decisions == [median_prunes, average_prunes]
+
+
+@pytest.mark.parametrize("finished", [0, 1])
+def test_median_average_pruner_waits_for_two_finished_trials(finished):
+    study = optuna.create_study(direction="maximize", pruner=tuning.make_pruner("median-average", max_epochs=8))
+    for _ in range(finished):
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=0.9, intermediate_values={0: 0.9, 1: 0.9, 2: 0.9}))
+    trial = study.ask()
+    for step in range(3):
+        trial.report(0.1, step)
+    assert not trial.should_prune()
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ registration of the best model) and ``study`` (``run_study``, which ties them to
 the rest of the project uses are re-exported here.
 """
 
-from cxrexp.tuning.pruning import PruningCallback, make_pruner
+from cxrexp.tuning.pruning import PruningCallback, RunningAverageMedianPruner, make_pruner
 from cxrexp.tuning.space import (
     MAX_FILTERS,
     base_widths,
@@ -79,6 +79,7 @@ __all__ = [
     "depth_range",
     "doubling_filters",
     "make_pruner",
+    "RunningAverageMedianPruner",
     "make_storage",
     "open_study",
     "rdb_url",

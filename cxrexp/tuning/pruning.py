@@ -6,6 +6,7 @@ import math
 import time
 
 import keras
+import numpy as np
 import optuna
 
 from cxrexp.config import PRUNERS
@@ -17,6 +18,8 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     median/percentile: no pruning during the first 2 trials or the first 2 epochs of a trial (the
     first epochs of a CNN are noisy); a trial is pruned when its best value so far is below the
     median (percentile: below the lowest quarter) of the finished trials' values at that epoch.
+    median-average: the same, against the median of the finished trials' running averages
+    (``RunningAverageMedianPruner``).
     halving: successive halving with Optuna's default reduction factor 4, rungs after epochs 2, 5,
     17, ...: a trial goes on past a rung only while it is in the top quarter of the trials that
     reached that rung (the first trials at a rung only when they are its best); prunes hardest
@@ -24,6 +27,8 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     """
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+    if name == "median-average":
+        return RunningAverageMedianPruner(n_startup_trials=2, n_warmup_steps=2)
     if name == "percentile":
         # Optuna's percentile is the share of trials *kept* (25.0 would prune all but the top quarter).
         return optuna.pruners.PercentilePruner(75.0, n_startup_trials=2, n_warmup_steps=2)
@@ -36,6 +41,40 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"pruner={name!r} is not one of {', '.join(PRUNERS)}")
+
+
+class RunningAverageMedianPruner(optuna.pruners.BasePruner):
+    """The median stopping rule of Google Vizier (Golovin et al., KDD 2017), for a maximised value.
+
+    A trial is pruned at epoch s when its best value so far is below the median, over the finished
+    (COMPLETE) trials that reached epoch s, of each one's *running average* up to s. Optuna's
+    ``MedianPruner`` uses their values at s instead. Why the average: validation AUC on ~100 images
+    jumps by a few hundredths from epoch to epoch, and the winners here often start slowly. A running
+    average sits below a rising curve's current value, so a slow starter is judged against where
+    the good trials were on average, not against their luckiest recent epoch. Never prunes before
+    ``n_startup_trials`` finished trials or during the first ``n_warmup_steps`` epochs.
+    """
+
+    def __init__(self, n_startup_trials: int = 2, n_warmup_steps: int = 2):
+        self.n_startup_trials = n_startup_trials
+        self.n_warmup_steps = n_warmup_steps
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.n_warmup_steps:
+            return False
+        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+            raise ValueError("RunningAverageMedianPruner compares maximised values only")
+        finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(finished) < self.n_startup_trials:
+            return False
+        averages = [
+            float(np.mean([v for s, v in t.intermediate_values.items() if s <= step]))
+            for t in finished if step in t.intermediate_values
+        ]
+        if not averages:
+            return False
+        return max(trial.intermediate_values.values()) < float(np.median(averages))
 
 
 class PruningCallback(keras.callbacks.Callback):
