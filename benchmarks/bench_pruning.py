@@ -203,7 +203,7 @@ def main() -> int:
                 labels_by_seed[seed] = fresh[2]
             for pruner in ["none", *compared]:
                 r = results[seed, pruner] = run_one(pruner, seed, data_dir, storage, args, fresh)
-                print(f"  seed {seed:>3} pruner={pruner:<9}: {r['epochs']:4d} epochs, best val ROC-AUC "
+                print(f"  seed {seed:>3} pruner={pruner:<14}: {r['epochs']:4d} epochs, best val ROC-AUC "
                       f"{r['best_auc']:.4f}, {r['complete']} complete / {r['pruned']} pruned / {r['failed']} failed, "
                       f"{r['seconds']:.0f} s", flush=True)
         os.chdir(PROJECT_ROOT)
