@@ -38,41 +38,32 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import optuna  # noqa: E402
 
 from bench_pruning import AUC_TOLERANCE, EPOCH_RATIO_TARGET  # noqa: E402
+from cxrexp.tuning import RunningAverageMedianPruner  # noqa: E402
 
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
 
 
-class ReferenceMedianPruner(optuna.pruners.BasePruner):
+class ReferenceMedianPruner(RunningAverageMedianPruner):
     """Median stopping with a choice of reference, to test why Optuna's ``MedianPruner`` loses winners.
 
     ``MedianPruner`` compares a trial's best value so far with the median of the COMPLETE trials'
     values at the same epoch. Once pruning starts, only trials that survived it complete, so the
     reference drifts up (a survivorship ratchet). ``with_pruned`` adds pruned trials' values at the
     epochs they reached; ``running_average`` compares with the median of the reference trials'
-    running averages up to that epoch (the rule of Google Vizier, Golovin et al., KDD 2017).
+    running averages up to that epoch (as the shipped ``median-average`` does); ``keep`` is the
+    share of the reference a trial must not fall below (50: the median).
     """
 
-    def __init__(self, *, with_pruned: bool, running_average: bool, n_startup_trials: int = 2,
-                 n_warmup_steps: int = 2, keep: float = 50.0):
-        self.states = (COMPLETE, PRUNED) if with_pruned else (COMPLETE,)
-        self.running_average = running_average
-        self.n_startup_trials, self.n_warmup_steps, self.keep = n_startup_trials, n_warmup_steps, keep
+    def __init__(self, *, with_pruned: bool, running_average: bool, keep: float = 50.0):
+        super().__init__(n_startup_trials=2, n_warmup_steps=2)
+        self.reference_states = (COMPLETE, PRUNED) if with_pruned else (COMPLETE,)
+        self.running_average, self.keep = running_average, keep
 
-    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        step = trial.last_step
-        if step is None or step < self.n_warmup_steps:
-            return False
-        finished = study.get_trials(deepcopy=False, states=self.states)
-        if len(finished) < self.n_startup_trials:
-            return False
-        reference = [
-            float(np.mean([v for s, v in t.intermediate_values.items() if s <= step])) if self.running_average
-            else t.intermediate_values[step]
-            for t in finished if step in t.intermediate_values
-        ]
-        if not reference:
-            return False
-        return max(trial.intermediate_values.values()) < float(np.percentile(reference, 100.0 - self.keep))
+    def reference_value(self, trial: optuna.trial.FrozenTrial, step: int) -> float:
+        return super().reference_value(trial, step) if self.running_average else trial.intermediate_values[step]
+
+    def threshold(self, reference: list[float]) -> float:
+        return float(np.percentile(reference, 100.0 - self.keep))
 
 
 def candidates(max_epochs: int) -> dict[str, optuna.pruners.BasePruner]:

@@ -55,9 +55,20 @@ class RunningAverageMedianPruner(optuna.pruners.BasePruner):
     ``n_startup_trials`` finished trials or during the first ``n_warmup_steps`` epochs.
     """
 
+    # Which trials form the reference, how each is summed up at an epoch and where the cut lies: the
+    # choices a median rule makes (benchmarks/replay_pruning.py varies them in a subclass).
+    reference_states: tuple[optuna.trial.TrialState, ...] = (optuna.trial.TrialState.COMPLETE,)
+
     def __init__(self, n_startup_trials: int = 2, n_warmup_steps: int = 2):
         self.n_startup_trials = n_startup_trials
         self.n_warmup_steps = n_warmup_steps
+
+    def reference_value(self, trial: optuna.trial.FrozenTrial, step: int) -> float:
+        """A reference trial's running average up to ``step``."""
+        return float(np.mean([v for s, v in trial.intermediate_values.items() if s <= step]))
+
+    def threshold(self, reference: list[float]) -> float:
+        return float(np.median(reference))
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
@@ -65,16 +76,13 @@ class RunningAverageMedianPruner(optuna.pruners.BasePruner):
             return False
         if study.direction != optuna.study.StudyDirection.MAXIMIZE:
             raise ValueError("RunningAverageMedianPruner compares maximised values only")
-        finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        finished = study.get_trials(deepcopy=False, states=self.reference_states)
         if len(finished) < self.n_startup_trials:
             return False
-        averages = [
-            float(np.mean([v for s, v in t.intermediate_values.items() if s <= step]))
-            for t in finished if step in t.intermediate_values
-        ]
-        if not averages:
+        reference = [self.reference_value(t, step) for t in finished if step in t.intermediate_values]
+        if not reference:
             return False
-        return max(trial.intermediate_values.values()) < float(np.median(averages))
+        return max(trial.intermediate_values.values()) < self.threshold(reference)
 
 
 class PruningCallback(keras.callbacks.Callback):
