@@ -27,7 +27,7 @@ pass costs next to the PNG decode).
     ``model.predict(x, batch_size=--serve-batch)`` on the same images already prepared as float32.
     Also shown: Keras ``predict_on_batch`` over the same batches (the compiled step the pyfunc calls,
     without ``model.predict``'s per-call tf.data pipeline; ``model.predict``'s pass time is bimodal on
-    the 2-core machines, one of two times for the same pass), ``serving.prepare_batch`` alone
+    the 2-core machines, one of two times for the same pass), ``request_images.prepare_batch`` alone
     (decode + CLAHE + resize), to see where the time goes, and the untuned path (rows decoded one by one, then an eager ``model(chunk)`` call per 32 rows: what
     ``RawImageClassifier.predict`` did before it decoded in threads and used ``predict_on_batch``).
     Median of ``--repeats`` passes over ``--serve-images`` images, in rotating order. Target: pyfunc / Keras >= 0.7.
@@ -238,7 +238,7 @@ def serve_comparison(dataset, model, n_images: int, batch: int, repeats: int, tm
     import numpy as np
     import pandas as pd
 
-    from cxrexp import serving
+    from cxrexp import request_images, serving
     from cxrexp.dataset import read_rows
 
     manifest = dataset.manifest.sort_values("row").head(n_images)
@@ -246,7 +246,7 @@ def serve_comparison(dataset, model, n_images: int, batch: int, repeats: int, tm
     if not all(p.is_file() for p in sources):
         raise FileNotFoundError(f"the prepared dataset's sources are not all present (e.g. {sources[0]})")
     png_bytes = [p.read_bytes() for p in sources]
-    frames = [pd.DataFrame({serving.INPUT_COLUMN: png_bytes[i : i + batch]}) for i in range(0, len(png_bytes), batch)]
+    frames = [pd.DataFrame({request_images.INPUT_COLUMN: png_bytes[i : i + batch]}) for i in range(0, len(png_bytes), batch)]
     x_float = read_rows(dataset.images(), manifest["row"].to_numpy(np.int64)).astype(np.float32)[..., None] / 255.0
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
@@ -265,7 +265,7 @@ def serve_comparison(dataset, model, n_images: int, batch: int, repeats: int, tm
 
     def run_prepare() -> None:
         for frame in frames:
-            serving.prepare_batch(frame[serving.INPUT_COLUMN], spec)
+            request_images.prepare_batch(frame[request_images.INPUT_COLUMN], spec)
 
     def run_keras() -> None:
         model.predict(x_float, batch_size=batch, verbose=0)
@@ -280,9 +280,9 @@ def serve_comparison(dataset, model, n_images: int, batch: int, repeats: int, tm
         # What RawImageClassifier.predict did before it was tuned (commit d3ed74d): rows decoded one
         # after another, then an eager model call per chunk of PREDICT_CHUNK rows.
         for frame in frames:
-            pixels = serving.prepare_batch(frame[serving.INPUT_COLUMN], spec, workers=1)
-            for start in range(0, len(pixels), serving.PREDICT_CHUNK):
-                np.asarray(model(pixels[start : start + serving.PREDICT_CHUNK], training=False))
+            pixels = request_images.prepare_batch(frame[request_images.INPUT_COLUMN], spec, workers=1)
+            for start in range(0, len(pixels), request_images.PREDICT_CHUNK):
+                np.asarray(model(pixels[start : start + request_images.PREDICT_CHUNK], training=False))
 
     # Same answers (up to float noise) before timing anything: the comparison is of equal work.
     served = np.concatenate([pyfunc.predict(f)["probability"].to_numpy() for f in frames])
@@ -291,7 +291,7 @@ def serve_comparison(dataset, model, n_images: int, batch: int, repeats: int, tm
     if largest_gap > 1e-4:
         raise RuntimeError(f"pyfunc and Keras disagree by up to {largest_gap:.2g}: not the same preprocessing")
 
-    runs = {PYFUNC: run_pyfunc, "serving.prepare_batch only": run_prepare, KERAS: run_keras,
+    runs = {PYFUNC: run_pyfunc, "request_images.prepare_batch only": run_prepare, KERAS: run_keras,
             KERAS_BATCH: run_keras_batches, NAIVE: run_naive}
     timings = {name: Timings(len(png_bytes)) for name in runs}
     for run in runs.values():  # warm-up

@@ -26,17 +26,8 @@ from mlflow.pyfunc import scoring_server
 
 from cxrexp.config import ImageSpec
 from cxrexp.preprocess import decode_grey, prepare
-from cxrexp.serving import (
-    MIN_SIDE,
-    ModelNotFound,
-    RowRejected,
-    ServingSpec,
-    decode_base64_image,
-    label_probabilities,
-    load_keras_model,
-    log_raw_image_model,
-    row_bytes,
-)
+from cxrexp.request_images import MIN_SIDE
+from cxrexp.serving import ModelNotFound, load_keras_model, log_raw_image_model
 
 SIZE = 32
 SPEC = ImageSpec(image_size=SIZE, enhance="clahe", clip_limit=2.0, tile_grid=4)
@@ -153,88 +144,6 @@ def logged(tmp_path_factory):
     mlflow.set_tracking_uri(previous_uri)
 
 
-# ------------------------------------------------------------------------------------------------
-# Pure pieces
-# ------------------------------------------------------------------------------------------------
-
-
-PNG_HEAD = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "iVBORw0KGgo=",  # standard
-        "iVBORw0KGgo",  # padding dropped
-        "data:image/png;base64,iVBORw0KGgo=",  # data URL
-        "  iVBORw0K\nGgo=\n",  # MIME line breaks and surrounding blanks
-        base64.urlsafe_b64encode(PNG_HEAD).decode(),  # URL-safe alphabet (here identical)
-    ],
-)
-def test_decode_base64_image_accepts_common_forms(text):
-    assert decode_base64_image(text, max_bytes=100) == PNG_HEAD
-
-
-def test_decode_base64_image_urlsafe_alphabet():
-    data = bytes([0xFB, 0xFF, 0xBF])  # standard "+/+/", URL-safe "-_-_"
-    assert decode_base64_image(base64.urlsafe_b64encode(data).decode(), max_bytes=10) == data
-
-
-@pytest.mark.parametrize(
-    "value, reason",
-    [
-        ("!!!not base64", "not base64"),
-        ("iVBORw0KGgo*=", "not base64"),  # a stray character: decodebytes would drop it silently
-        ("abcde", "not base64: truncated"),
-        ("   ", "empty base64 string"),
-        ("data:image/png;base64,", "empty base64 string"),
-        ("A" * 400, "too large"),  # 300 bytes > max_bytes=100, refused before decoding
-        (b"", "empty file"),
-        (b"x" * 101, "too large: 101 bytes (maximum 100)"),
-        (None, "missing image"),
-        (float("nan"), "missing image"),
-        (12, "unsupported value of type int"),
-    ],
-)
-def test_row_bytes_rejects_with_reason(value, reason):
-    with pytest.raises(RowRejected) as err:
-        row_bytes(value, max_bytes=100)
-    assert reason in err.value.reason
-
-
-@pytest.mark.parametrize(
-    "probabilities, threshold, labels",
-    [
-        ([0.2, 0.43, 0.9], 0.43, ["Normal", "COVID", "COVID"]),  # the cut is inclusive
-        ([0.0, 1.0], 0.5, ["Normal", "COVID"]),
-        ([0.5], 1.0, ["Normal"]),
-    ],
-)
-def test_label_probabilities(probabilities, threshold, labels):
-    out = label_probabilities(np.array(probabilities), ServingSpec(SPEC, threshold))
-    assert out["label"].tolist() == labels
-    assert out["probability"].dtype == np.float64
-    np.testing.assert_allclose(out["probability"], probabilities)
-
-
-@pytest.mark.parametrize("threshold", [1.5, -0.1, float("nan"), float("inf")])
-def test_serving_spec_rejects_bad_threshold(threshold):
-    with pytest.raises(ValueError, match="threshold"):
-        ServingSpec(SPEC, threshold)
-
-
-def test_serving_spec_refuses_extra_keys_that_clash():
-    with pytest.raises(ValueError, match=r"\['threshold'\]"):
-        ServingSpec(SPEC, 0.5, extra={"threshold": 0.9})
-
-
-def test_serving_spec_json_round_trip():
-    spec = ServingSpec(SPEC, 0.43, max_pixels=5000, max_bytes=77, extra={"run": "abc"})
-    raw = json.loads(json.dumps(spec.to_json_dict()))
-    assert raw["image_spec"]["tile_grid"] == 4 and raw["threshold"] == 0.43 and raw["run"] == "abc"
-    assert ServingSpec.from_json_dict(raw) == spec
-
-
 def test_log_refuses_spec_that_does_not_match_model_input(logged):
     with mlflow.start_run(), pytest.raises(ValueError, match="image_size=64"):
         log_raw_image_model(logged["keras_model"], ImageSpec(image_size=64), 0.5)
@@ -269,6 +178,7 @@ def test_batch_of_mixed_rows_keeps_order_and_labels_at_threshold(logged):
 
 
 GOOD = IMAGES["png8_grey_40x50"]
+PNG_HEAD = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
