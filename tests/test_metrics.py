@@ -357,3 +357,53 @@ def test_threshold_sweep_hand_case():
     sweep = metrics.threshold_sweep(labels, probabilities, [0.5, 0.95])
     assert sweep["sensitivity"].tolist() == pytest.approx([2 / 3, 0.0])
     assert math.isnan(sweep["ppv"].iloc[1])  # nothing called positive at 0.95
+
+
+# --------------------------------------------------------------------------------------------------
+# Hanley & McNeil's standard error of an AUC
+
+
+@pytest.mark.parametrize(
+    "auc, n_positive, n_negative, expected",
+    [
+        # (A(1-A) + (m-1)(A/(2-A) - A^2) + (n-1)(2A^2/(1+A) - A^2)) / (m n), worked by hand
+        (0.5, 10, 10, math.sqrt((0.25 + 9 / 12 + 9 / 12) / 100)),
+        (0.9, 50, 50, math.sqrt((0.09 + 49 * (0.9 / 1.1 - 0.81) + 49 * (1.62 / 1.9 - 0.81)) / 2500)),
+        # unequal classes: the positives' term and the negatives' term are not interchangeable
+        (0.9, 31, 89, math.sqrt((0.09 + 30 * (0.9 / 1.1 - 0.81) + 88 * (1.62 / 1.9 - 0.81)) / (31 * 89))),
+        (0.9, 89, 31, math.sqrt((0.09 + 88 * (0.9 / 1.1 - 0.81) + 30 * (1.62 / 1.9 - 0.81)) / (31 * 89))),
+        (1.0, 30, 90, 0.0),
+        (0.0, 30, 90, 0.0),
+    ],
+)
+def test_auc_standard_error_by_hand(auc, n_positive, n_negative, expected):
+    assert metrics.auc_standard_error(auc, n_positive, n_negative) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("auc, n_positive, n_negative", [(0.9, 0, 10), (0.9, 10, 0), (1.2, 10, 10), (-0.1, 10, 10)])
+def test_auc_standard_error_refuses_what_has_no_auc(auc, n_positive, n_negative):
+    with pytest.raises(ValueError):
+        metrics.auc_standard_error(auc, n_positive, n_negative)
+
+
+@pytest.mark.parametrize(
+    "target_auc, n_positive, n_negative, low, high",
+    [
+        (0.7, 31, 89, 0.95, 1.25),  # the default synthetic validation split (120 images)
+        (0.9, 31, 89, 1.05, 1.45),
+        (0.9, 314, 886, 1.05, 1.45),  # the pruning benchmark's 1,200-image validation split
+    ],
+)
+def test_auc_standard_error_is_the_sampling_error_or_a_little_above(target_auc, n_positive, n_negative, low, high):
+    """Binormal scores: the spread of the AUC over fresh samples against the formula (conservative)."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(3)
+    shift = math.sqrt(2) * norm.ppf(target_auc)  # AUC of N(shift, 1) vs N(0, 1)
+    labels = np.r_[np.ones(n_positive), np.zeros(n_negative)]
+    aucs = [
+        roc_auc_score(labels, np.r_[rng.normal(shift, 1, n_positive), rng.normal(0, 1, n_negative)])
+        for _ in range(600)
+    ]
+    ratio = metrics.auc_standard_error(float(np.mean(aucs)), n_positive, n_negative) / float(np.std(aucs))
+    assert low <= ratio <= high

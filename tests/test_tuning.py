@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from cxrexp import registry, tracking, tuning
+from cxrexp import metrics, registry, tracking, tuning
 from cxrexp.config import CLASS_WEIGHT_SCHEMES, TrainConfig
 from cxrexp.steps import train_step
 from cxrexp.training import TrainingDiverged
@@ -360,6 +360,36 @@ def test_parent_logs_best_trial_table_and_figures(shared_study, in_shared_store)
     assert len(table) == 1 + 3 and "user_attrs_mlflow_run_id" in table[0]
     assert (Path(artifacts) / "figures" / "optimization_history.png").stat().st_size > 1000
     assert (Path(artifacts) / "figures" / "param_importances.png").stat().st_size > 1000
+
+
+def test_parent_says_how_sharp_the_validation_split_is(shared_study, in_shared_store, synthetic_prepared):
+    cfg, parent_id = shared_study
+    _, labels = synthetic_prepared.split_rows("val")
+    n_positive, n_negative = int(labels.sum()), int(labels.size - labels.sum())
+    parent = MlflowClient().get_run(parent_id)
+    assert (parent.data.params["val_positives"], parent.data.params["val_negatives"]) == (
+        str(n_positive), str(n_negative))
+    assert parent.data.metrics["val_auc_se_at_0_9"] == pytest.approx(
+        metrics.auc_standard_error(0.9, n_positive, n_negative))
+    assert parent.data.metrics["best_value_se"] == pytest.approx(
+        metrics.auc_standard_error(load(cfg).best_value, n_positive, n_negative))
+
+
+@pytest.mark.parametrize(
+    "n_positive, n_negative, says",
+    [
+        (31, 89, "+-0.038"),  # 10% of the default 1,200 synthetic images: told
+        (63, 177, "+-0.027"),  # 10% of 2,400
+        (314, 886, None),  # the pruning benchmark's 1,200-image validation split: SE 0.012
+        (0, 120, None),  # no AUC at all: training reports that itself
+    ],
+)
+def test_validation_noise_note(n_positive, n_negative, says):
+    note = tuning.validation_noise_note(n_positive, n_negative)
+    if says is None:
+        assert note is None
+    else:
+        assert says in note and f"{n_positive} positive / {n_negative} negative" in note and "val_frac" in note
 
 
 def test_best_trial_model_is_registered_as_challenger(shared_study, in_shared_store):

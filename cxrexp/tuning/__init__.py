@@ -45,7 +45,7 @@ from cxrexp.tuning.storage import (
     sampler_seed,
     storage_url,
 )
-from cxrexp.tuning.study import run_study
+from cxrexp.tuning.study import run_study, validation_noise_note
 from cxrexp.tuning.summary import StudyFailed, register_best, study_figures
 from cxrexp.tuning.trial import (
     EPOCHS_ATTR,
@@ -86,6 +86,7 @@ __all__ = [
     "redact",
     "register_best",
     "run_study",
+    "validation_noise_note",
     "sampler_seed",
     "storage_url",
     "study_figures",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 
 import mlflow
 
 from cxrexp import tracking
 from cxrexp.config import TrainConfig
+from cxrexp.metrics import auc_standard_error
 from cxrexp.store import PreparedDataset
 from cxrexp.tuning.storage import count_done, open_study, redact, storage_url
 from cxrexp.tuning.summary import log_study_summary, register_best
@@ -16,6 +18,11 @@ from cxrexp.tuning.trial import RUN_ID_ATTR, STUDY_NAME_TAG, TrialObjective
 from cxrexp.tuning.workers import TrialBudget, close_orphans, optimize, run_workers, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
+
+# How sharp the validation split is, said before any trial: the standard error of an AUC near this
+# value, and the error above which the user is told that pruning and the winner are decided in noise.
+REFERENCE_AUC = 0.9
+NOISY_VALIDATION_SE = 0.02
 
 
 def run_study(cfg: TrainConfig, dataset: PreparedDataset, *, verbose: int = 2) -> str:
@@ -48,6 +55,14 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
             {STUDY_NAME_TAG: cfg.study_name, "optuna.storage": redact(url), "optuna.trials_done_before": str(n_done)}
         )
         tracking.log_prepared_dataset(dataset, context="train")
+        n_positive, n_negative = _validation_counts(dataset)
+        both_classes = n_positive > 0 and n_negative > 0  # else the objective is NaN and train says so
+        mlflow.log_params({"val_positives": n_positive, "val_negatives": n_negative})
+        if both_classes:
+            mlflow.log_metric("val_auc_se_at_0_9", auc_standard_error(REFERENCE_AUC, n_positive, n_negative))
+        note = validation_noise_note(n_positive, n_negative)
+        if note:
+            print(note)
         print(
             f"study {cfg.study_name!r} in {redact(url)}: {n_done} of {cfg.n_trials} trials done, "
             f"running {n_missing} (parent run {parent_id})"
@@ -77,9 +92,35 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
                 "optuna.best_run_id": str(best.user_attrs.get(RUN_ID_ATTR)),
             }
         )
+        precision = ""
+        if cfg.objective == "roc_auc" and both_classes and math.isfinite(best.value):
+            best_se = auc_standard_error(min(max(best.value, 0.0), 1.0), n_positive, n_negative)
+            mlflow.log_metric("best_value_se", best_se)
+            precision = f" +-{best_se:.3f} (1 SE)"
         print(
             f"study {cfg.study_name!r}: {counts['complete']} complete, {counts['pruned']} pruned, "
-            f"{counts['fail']} failed; best trial {best.number} {cfg.objective}={best.value:.4f} "
-            f"(validation split); model {model_uri}"
+            f"{counts['fail']} failed; best trial {best.number} {cfg.objective}={best.value:.4f}{precision} "
+            f"(validation split, {n_positive}/{n_negative} images); model {model_uri}"
         )
         return parent_id
+
+
+def validation_noise_note(n_positive: int, n_negative: int) -> str | None:
+    """What to tell the user when the validation split is too small to rank trials; None when it is not."""
+    if n_positive < 1 or n_negative < 1:
+        return None
+    se = auc_standard_error(REFERENCE_AUC, n_positive, n_negative)
+    if se <= NOISY_VALIDATION_SE:
+        return None
+    return (
+        f"note: the validation split has {n_positive} positive / {n_negative} negative images, so a "
+        f"validation AUC near {REFERENCE_AUC} is known to about +-{se:.3f} (1 SE, Hanley & McNeil): the "
+        "pruner and the choice of the best trial cannot separate trials closer than that. A larger "
+        "val_frac in preprocess sharpens both (docs/tuning.md)."
+    )
+
+
+def _validation_counts(dataset: PreparedDataset) -> tuple[int, int]:
+    """(positive, negative) images in the validation split."""
+    _, labels = dataset.split_rows("val")
+    return int(labels.sum()), int(labels.size - labels.sum())
