@@ -24,6 +24,12 @@ run in separate processes, ``--pruners`` with no name runs only the baselines, a
 pruners beside them. ``--fresh N`` scores each study's registered model on N new synthetic images.
 ``--repeat-baseline`` adds a second no-pruning study with seed + 1 (``none-again``), compared like a
 pruner: how far two equally good searches land apart, the noise the 0.01 tolerance sits in.
+
+``--val-frac`` sets the validation share (default 0.1, as ``preprocess``). At 10% of 1,200 images
+the validation AUC's standard error is ~0.038 (``metrics.auc_standard_error``), four times the
+tolerance, and two equal no-pruning searches already land up to 0.013 apart. ``--images 2400
+--val-frac 0.5`` keeps the 960 training images of 1,200 and validates on 1,200 (SE ~0.012): the
+setting the target is judged in. docs/tuning.md has both.
 """
 
 from __future__ import annotations
@@ -146,6 +152,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--val-frac", type=float, default=0.1,
+                        help="share of the images in the validation split (test stays 0.1): with --images 2400 "
+                             "--val-frac 0.5 the training set is the 960 images of --images 1200, the validation "
+                             "split ten times larger, so its AUC can resolve the 0.01 tolerance")
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--patience", type=int, default=4)
@@ -170,7 +180,8 @@ def main() -> int:
     from cxrexp.pipeline import run_preprocess
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    print(f"{args.images} synthetic images at {args.image_size} px, {args.trials} trials of up to "
+    print(f"{args.images} synthetic images at {args.image_size} px (validation share {args.val_frac}), "
+          f"{args.trials} trials of up to "
           f"{args.epochs} epochs (patience {args.patience}), seeds {args.seeds}", flush=True)
     compared = [*args.pruners, *([REPEAT] if args.repeat_baseline else [])]
     results: dict[tuple[int, str], dict[str, Any]] = {}
@@ -195,7 +206,8 @@ def main() -> int:
             kept = sorted((seed_root / "prepared").glob("*/manifest.csv"))  # --workdir: made earlier
             data_dir = kept[0].parent if kept else run_preprocess(
                 PreprocessConfig(out_dir=str(seed_root / "prepared"), image_size=args.image_size,
-                                 synthetic_count=args.images, synthetic_size=128, seed=seed),
+                                 synthetic_count=args.images, synthetic_size=128, seed=seed,
+                                 val_frac=args.val_frac),
                 progress=False,
             ).dataset.root
             fresh = fresh_set(seed_root, seed, args) if args.fresh else None
@@ -217,10 +229,14 @@ def main() -> int:
         gaps = [results[seed, "none"]["best_auc"] - results[seed, pruner]["best_auc"] for seed in args.seeds]
         ratio = epochs / max(base_epochs, 1)
         ok = ratio <= EPOCH_RATIO_TARGET and max(gaps) <= AUC_TOLERANCE
+        # The repeated baseline is the noise the target is judged in, not a candidate: no verdict.
+        verdict = ("the spread between two equal searches" if pruner == REPEAT
+                   else f"target <= {AUC_TOLERANCE} each): {'PASS' if ok else 'MISSED TARGET'}")
+        if pruner == REPEAT:
+            verdict = f"{verdict}; {sum(g <= AUC_TOLERANCE for g in gaps)} of {len(gaps)} seeds within {AUC_TOLERANCE})"
         print(f"{pruner}: epochs {pruner}/none = {epochs}/{base_epochs} = {ratio:.2f} (target <= "
               f"{EPOCH_RATIO_TARGET:.2f}); wall time ratio {seconds / max(base_seconds, 1e-9):.2f}; best val "
-              f"ROC-AUC none - {pruner} per seed " + ", ".join(f"{g:+.4f}" for g in gaps)
-              + f" (target <= {AUC_TOLERANCE} each): {'PASS' if ok else 'MISSED TARGET'}")
+              f"ROC-AUC none - {pruner} per seed " + ", ".join(f"{g:+.4f}" for g in gaps) + f" ({verdict}")
         for seed in labels_by_seed:
             labels = labels_by_seed[seed]
             base, other = results[seed, "none"]["fresh_probabilities"], results[seed, pruner]["fresh_probabilities"]
