@@ -56,10 +56,10 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
         )
         tracking.log_prepared_dataset(dataset, context="train")
         n_positive, n_negative = _validation_counts(dataset)
-        both_classes = n_positive > 0 and n_negative > 0  # else the objective is NaN and train says so
         mlflow.log_params({"val_positives": n_positive, "val_negatives": n_negative})
-        if both_classes:
-            mlflow.log_metric("val_auc_se_at_0_9", auc_standard_error(REFERENCE_AUC, n_positive, n_negative))
+        reference_se = reference_auc_se(n_positive, n_negative)
+        if reference_se is not None:
+            mlflow.log_metric("val_auc_se_at_0_9", reference_se)
         note = validation_noise_note(n_positive, n_negative)
         if note:
             print(note)
@@ -93,7 +93,7 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
             }
         )
         precision = ""
-        if cfg.objective == "roc_auc" and both_classes and math.isfinite(best.value):
+        if cfg.objective == "roc_auc" and reference_se is not None and math.isfinite(best.value):
             best_se = auc_standard_error(min(max(best.value, 0.0), 1.0), n_positive, n_negative)
             mlflow.log_metric("best_value_se", best_se)
             precision = f" +-{best_se:.3f} (1 SE)"
@@ -105,12 +105,20 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
         return parent_id
 
 
-def validation_noise_note(n_positive: int, n_negative: int) -> str | None:
-    """What to tell the user when the validation split is too small to rank trials; None when it is not."""
+def reference_auc_se(n_positive: int, n_negative: int) -> float | None:
+    """The standard error of an AUC near ``REFERENCE_AUC`` on a split with these class counts.
+
+    None when a class is missing: there is no AUC then (the objective is NaN and train says so).
+    """
     if n_positive < 1 or n_negative < 1:
         return None
-    se = auc_standard_error(REFERENCE_AUC, n_positive, n_negative)
-    if se <= NOISY_VALIDATION_SE:
+    return auc_standard_error(REFERENCE_AUC, n_positive, n_negative)
+
+
+def validation_noise_note(n_positive: int, n_negative: int) -> str | None:
+    """What to tell the user when the validation split is too small to rank trials; None when it is not."""
+    se = reference_auc_se(n_positive, n_negative)
+    if se is None or se <= NOISY_VALIDATION_SE:
         return None
     return (
         f"note: the validation split has {n_positive} positive / {n_negative} negative images, so a "
