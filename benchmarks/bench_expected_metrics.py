@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from common import CXR_MINI, PROJECT_ROOT, has_cxr_mini, load_average  # noqa: E402  (benchmarks/common.py)
+
 REPORTED = ("accuracy", "sensitivity", "specificity", "roc_auc")
 # The published figures (full database, 299 px) for comparison.
 PUBLISHED = {"accuracy": 0.96, "sensitivity": 0.947, "specificity": 0.967, "roc_auc": 0.957}
@@ -56,9 +57,9 @@ def cxrexp_command() -> list[str]:
 
 def prepare(data_dir: Path, out_dir: Path, image_size: int, clip_limit: float, tile_grid: int):
     from cxrexp.config import PreprocessConfig
-    from cxrexp.pipeline import run_preprocess
+    from cxrexp.data.pipeline import run_preprocess
 
-    cfg = PreprocessConfig(data_dir=str(data_dir), out_dir=str(out_dir), image_size=image_size,
+    cfg = PreprocessConfig.flat(data_dir=str(data_dir), out_dir=str(out_dir), image_size=image_size,
                            clip_limit=clip_limit, tile_grid=tile_grid)
     result = run_preprocess(cfg, progress=False)
     dataset = result.dataset
@@ -82,9 +83,9 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> float:
 
 def in_process_metrics(model_uri: str, dataset, n_bootstrap: int, seed: int) -> dict[str, float]:
     """The registered model's test-split metrics computed here (threshold stored with the model)."""
-    from cxrexp.dataset import predict_probabilities
-    from cxrexp.metrics import evaluate_predictions
-    from cxrexp.serving import load_keras_model
+    from cxrexp.data.tfdata import predict_probabilities
+    from cxrexp.evaluation.metrics import evaluate_predictions
+    from cxrexp.mlflow_edge.serving import load_keras_model
 
     model, spec, threshold = load_keras_model(model_uri)
     if spec != dataset.spec:
@@ -171,15 +172,15 @@ def main() -> int:
 
     if not has_cxr_mini(args.data_dir):
         return 2
-    from cxrexp.config import PreprocessConfig, SEED_IMAGE_SPEC
+    from cxrexp.config import SEED_IMAGE_SPEC, PreprocessConfig
 
     defaults = PreprocessConfig()
     configs = {
-        "default": lambda: (prepare(args.data_dir, args.out_dir, defaults.image_size, defaults.clip_limit,
-                                    defaults.tile_grid), []),
+        "default": lambda: (prepare(args.data_dir, args.out_dir, defaults.image.image_size, defaults.image.clip_limit,
+                                    defaults.image.tile_grid), []),
         # The default with its one non-published layer switched off: shows what batch norm costs or buys here.
-        "default-no-bn": lambda: (prepare(args.data_dir, args.out_dir, defaults.image_size, defaults.clip_limit,
-                                          defaults.tile_grid), ["--batch-norm", "false"]),
+        "default-no-bn": lambda: (prepare(args.data_dir, args.out_dir, defaults.image.image_size, defaults.image.clip_limit,
+                                          defaults.image.tile_grid), ["--batch-norm", "false"]),
         "seed": lambda: (prepare(args.data_dir, args.out_dir, args.seed_image_size, SEED_IMAGE_SPEC.clip_limit,
                                  SEED_IMAGE_SPEC.tile_grid), ["--preset", "seed"]),
     }

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from common import CXR_MINI, PROJECT_ROOT, has_cxr_mini, load_average  # noqa: E402  (benchmarks/common.py)
+
 CLASSES = ("COVID", "Normal")
 SPEED_TARGET = 1.7
 MEMORY_TARGET = 1.25
@@ -82,9 +83,9 @@ def pipeline_run(data_dir: Path, image_size: int, out_dir: Path, workers: int) -
     """(wall seconds, CPU seconds of parent and workers, images kept, images skipped) of run_preprocess
     into a fresh out_dir."""
     from cxrexp.config import PreprocessConfig
-    from cxrexp.pipeline import run_preprocess
+    from cxrexp.data.pipeline import run_preprocess
 
-    cfg = PreprocessConfig(data_dir=str(data_dir), image_size=image_size, out_dir=str(out_dir), workers=workers)
+    cfg = PreprocessConfig.flat(data_dir=str(data_dir), image_size=image_size, out_dir=str(out_dir), workers=workers)
     cpu_started = cpu_seconds()
     started = time.perf_counter()
     result = run_preprocess(cfg, progress=False)
@@ -146,8 +147,8 @@ _CHILD_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
 from cxrexp.config import PreprocessConfig
-from cxrexp.pipeline import run_preprocess
-result = run_preprocess(PreprocessConfig(data_dir={data!r}, out_dir={out!r}, image_size={size}, workers={workers}),
+from cxrexp.data.pipeline import run_preprocess
+result = run_preprocess(PreprocessConfig.flat(data_dir={data!r}, out_dir={out!r}, image_size={size}, workers={workers}),
                         progress=False)
 assert not result.reused
 print(len(result.dataset.manifest))
@@ -215,7 +216,7 @@ def main() -> int:
             kept = skipped = 0
             for attempt in range(args.repeats):  # alternating, so a busy spell hits both sides alike
                 naive_dir, pipe_dir = tmp / f"naive-{size}-{attempt}", tmp / f"pipe-{size}-{attempt}"
-                wall, cpu = naive_loop(all_files, size, defaults.clip_limit, defaults.tile_grid, naive_dir)
+                wall, cpu = naive_loop(all_files, size, defaults.image.clip_limit, defaults.image.tile_grid, naive_dir)
                 naive_walls.append(wall)
                 naive_cpus.append(cpu)
                 wall, cpu, kept, skipped = pipeline_run(args.data_dir, size, pipe_dir, args.workers)
@@ -235,7 +236,7 @@ def main() -> int:
         memory_rows = []
         for n in (args.memory_n, 4 * args.memory_n):
             subset = symlink_subset(files, min(n, n_files), tmp / f"subset-{n}")
-            memory_rows.append(peak_memory(subset, tmp / f"mem-out-{n}", defaults.image_size, args.workers))
+            memory_rows.append(peak_memory(subset, tmp / f"mem-out-{n}", defaults.image.image_size, args.workers))
 
     print()
     print("(a) throughput, images/second (wall clock, best of %d) and CPU ms per image (median)" % args.repeats)
@@ -252,7 +253,7 @@ def main() -> int:
     print(f"load average after: {load_average()} "
           "(others' work on the same cores shrinks the measured ratio)")
     print()
-    print(f"(b) peak memory of preprocess (image_size {defaults.image_size}, {args.workers} workers), MB")
+    print(f"(b) peak memory of preprocess (image_size {defaults.image.image_size}, {args.workers} workers), MB")
     print(f"{'images':>7} {'RSS tree':>10} {'PSS tree':>10} {'max 1 proc':>11}")
     for row in memory_rows:
         print(f"{row['n']:>7} {row['rss_mb']:>10.1f} {row['pss_mb']:>10.1f} {row['maxrss_mb']:>11.1f}")

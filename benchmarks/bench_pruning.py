@@ -51,6 +51,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from cxrexp.config import PRUNERS  # noqa: E402
+from cxrexp.tags import EPOCHS_ATTR, MODEL_URI_TAG
 
 EPOCH_RATIO_TARGET = 0.60
 AUC_TOLERANCE = 0.01
@@ -64,12 +65,12 @@ SECONDS_ATTR, TRIALS_TIMED_ATTR = "bench_seconds", "bench_trials_timed"
 def fresh_set(root: Path, seed: int, args: argparse.Namespace):
     """``args.fresh`` new synthetic images (another generator seed), all scored: ``(images, rows, labels)``."""
     from cxrexp.config import PreprocessConfig
-    from cxrexp.pipeline import run_preprocess
-    from cxrexp.store import open_prepared
+    from cxrexp.data.pipeline import run_preprocess
+    from cxrexp.data.store import open_prepared
 
     kept = sorted((root / "fresh").glob("*/manifest.csv"))
     dataset = open_prepared(kept[0].parent) if kept else run_preprocess(
-        PreprocessConfig(out_dir=str(root / "fresh"), image_size=args.image_size,
+        PreprocessConfig.flat(out_dir=str(root / "fresh"), image_size=args.image_size,
                          synthetic_count=args.fresh, synthetic_size=128, seed=seed + FRESH_SEED_OFFSET),
         progress=False,
     ).dataset
@@ -78,8 +79,8 @@ def fresh_set(root: Path, seed: int, args: argparse.Namespace):
 
 def fresh_probabilities(model_uri: str, fresh) -> np.ndarray:
     """The registered model's probabilities on the fresh set (what the study's choice is worth)."""
-    from cxrexp.dataset import predict_probabilities
-    from cxrexp.serving import load_keras_model
+    from cxrexp.data.tfdata import predict_probabilities
+    from cxrexp.mlflow_edge.serving import load_keras_model
 
     model, _, _ = load_keras_model(model_uri)
     images, rows, _ = fresh
@@ -89,7 +90,7 @@ def fresh_probabilities(model_uri: str, fresh) -> np.ndarray:
 def paired_auc_difference(labels: np.ndarray, base: np.ndarray, other: np.ndarray,
                           seed: int) -> tuple[float, float, float, float]:
     """``(AUC(base), AUC(other), low, high)``: [low, high] is a 95% paired bootstrap interval of the difference."""
-    from cxrexp.metrics import roc_auc
+    from cxrexp.evaluation.metrics import roc_auc
 
     rng = np.random.default_rng(seed)
     diffs = []
@@ -112,9 +113,9 @@ def run_one(label: str, seed: int, data_dir: Path, storage: str, args: argparse.
     import mlflow
     import optuna
 
-    from cxrexp import tracking, tuning
+    from cxrexp import tuning
     from cxrexp.config import TrainConfig
-    from cxrexp.store import open_prepared
+    from cxrexp.data.store import open_prepared
 
     dataset = open_prepared(data_dir)
     cfg = TrainConfig(
@@ -136,9 +137,9 @@ def run_one(label: str, seed: int, data_dir: Path, storage: str, args: argparse.
         study.set_user_attr(TRIALS_TIMED_ATTR, len(trials))
     else:
         seconds = float(timed[SECONDS_ATTR])
-    model_uri = mlflow.get_run(parent_id).data.tags[tracking.MODEL_URI_TAG]
+    model_uri = mlflow.get_run(parent_id).data.tags[MODEL_URI_TAG]
     return {
-        "epochs": sum(int(t.user_attrs.get(tuning.EPOCHS_ATTR, 0)) for t in trials),
+        "epochs": sum(int(t.user_attrs.get(EPOCHS_ATTR, 0)) for t in trials),
         "best_auc": float(study.best_value),
         "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials),
         "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
@@ -176,8 +177,9 @@ def main() -> int:
 
     import mlflow
     import optuna
+
     from cxrexp.config import PreprocessConfig
-    from cxrexp.pipeline import run_preprocess
+    from cxrexp.data.pipeline import run_preprocess
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"{args.images} synthetic images at {args.image_size} px (validation share {args.val_frac}), "
@@ -205,7 +207,7 @@ def main() -> int:
             storage = f"sqlite:///{seed_root / 'optuna.db'}"
             kept = sorted((seed_root / "prepared").glob("*/manifest.csv"))  # --workdir: made earlier
             data_dir = kept[0].parent if kept else run_preprocess(
-                PreprocessConfig(out_dir=str(seed_root / "prepared"), image_size=args.image_size,
+                PreprocessConfig.flat(out_dir=str(seed_root / "prepared"), image_size=args.image_size,
                                  synthetic_count=args.images, synthetic_size=128, seed=seed,
                                  val_frac=args.val_frac),
                 progress=False,

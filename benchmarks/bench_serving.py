@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cxrexp.tags import CHAMPION
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +57,10 @@ def make_default_model(store: Path, image_size: int) -> str:
     """An untrained default-architecture model, logged and registered in a temp store."""
     import mlflow
 
-    from cxrexp import registry
     from cxrexp.config import ImageSpec, TrainConfig
-    from cxrexp.model import build_cnn
-    from cxrexp.serving import log_raw_image_model
+    from cxrexp.learn.model import build_cnn
+    from cxrexp.mlflow_edge import registry
+    from cxrexp.mlflow_edge.serving import log_raw_image_model
 
     cfg = TrainConfig()
     with mlflow.start_run(run_name="bench-serving"):
@@ -66,7 +68,7 @@ def make_default_model(store: Path, image_size: int) -> str:
             build_cnn(image_size, cfg.filters, cfg.dense, cfg.dropout, cfg.seed),
             ImageSpec(image_size=image_size), 0.5, keras_flavour_name=None,
         )
-    registry.register(info.model_uri, "bench-serving", alias=registry.CHAMPION)
+    registry.register(info.model_uri, "bench-serving", alias=CHAMPION)
     return "models:/bench-serving@champion"
 
 
@@ -145,8 +147,9 @@ def bench_latency(model_uri: str, png: bytes, n_requests: int, workdir: Path) ->
 def bench_throughput(model_uri: str, data: Path, batch_size: int, workdir: Path) -> dict[str, float]:
     import numpy as np
 
-    from cxrexp.preprocess import decode_grey, prepare
-    from cxrexp.serving import load_keras_model
+    from cxrexp.images.decode import decode_grey
+    from cxrexp.images.transforms import prepare
+    from cxrexp.mlflow_edge.serving import load_keras_model
     from cxrexp.steps.predict_step import predict_folder
 
     # End to end, as a user runs it.

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import CXR_MINI, PROJECT_ROOT, has_cxr_mini, load_average  # noqa: E402  (benchmarks/common.py)
+
 FIT_TARGET = 0.9
 SERVE_TARGET = 0.7
 MEMMAP = "make_dataset(memmap), as train_model"
@@ -64,10 +65,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def prepare_data(data_dir: Path, out_dir: Path, image_size: int):
     """The prepared cxr-mini (reused when already complete): ``PreparedDataset``."""
     from cxrexp.config import PreprocessConfig
-    from cxrexp.pipeline import run_preprocess
+    from cxrexp.data.pipeline import run_preprocess
 
     result = run_preprocess(
-        PreprocessConfig(data_dir=str(data_dir), out_dir=str(out_dir), image_size=image_size), progress=False
+        PreprocessConfig.flat(data_dir=str(data_dir), out_dir=str(out_dir), image_size=image_size), progress=False
     )
     state = "reused" if result.reused else f"prepared in {result.seconds:.1f} s"
     print(f"prepared dataset: {result.dataset.root} ({state})")
@@ -143,9 +144,9 @@ def fit_variants(dataset, cfg, n_epochs: int):
     import numpy as np
     import tensorflow as tf
 
-    from cxrexp.dataset import make_dataset, read_rows
-    from cxrexp.losses import class_weights
-    from cxrexp.model import build_cnn_from_config
+    from cxrexp.data.tfdata import make_dataset, read_rows
+    from cxrexp.learn.losses import class_weights
+    from cxrexp.learn.model import build_cnn_from_config
 
     images = dataset.images()
     rows, labels = dataset.split_rows("train")
@@ -238,8 +239,9 @@ def serve_comparison(dataset, model, n_images: int, batch: int, repeats: int, tm
     import numpy as np
     import pandas as pd
 
-    from cxrexp import request_images, serving
-    from cxrexp.dataset import read_rows
+    from cxrexp.data.tfdata import read_rows
+    from cxrexp.images import request_images
+    from cxrexp.mlflow_edge import serving
 
     manifest = dataset.manifest.sort_values("row").head(n_images)
     sources = [Path(s) for s in manifest["source"]]
@@ -346,9 +348,9 @@ def main() -> int:
     if not has_cxr_mini(args.data_dir):
         return 2
 
-    import tensorflow as tf
-
     from dataclasses import replace
+
+    import tensorflow as tf
 
     from cxrexp.config import TrainConfig, apply_preset
 

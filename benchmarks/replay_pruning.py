@@ -36,8 +36,9 @@ sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import optuna  # noqa: E402
-
 from bench_pruning import AUC_TOLERANCE, EPOCH_RATIO_TARGET  # noqa: E402
+
+from cxrexp.tags import MODEL_URI_TAG
 from cxrexp.tuning import RunningAverageMedianPruner  # noqa: E402
 
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
@@ -120,15 +121,15 @@ def score_fresh(root: Path, seed: int, study: optuna.Study, images: int, image_s
     """Every COMPLETE trial's model scored on ``images`` fresh synthetic images (``fresh_auc.json``)."""
     import mlflow
     from bench_pruning import fresh_probabilities, fresh_set
-    from cxrexp import tracking
-    from cxrexp.metrics import roc_auc
+
+    from cxrexp.evaluation.metrics import roc_auc
     from cxrexp.tuning import RUN_ID_ATTR
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     fresh = fresh_set(root, seed, argparse.Namespace(fresh=images, image_size=image_size))
     scores = {}
     for trial in study.get_trials(deepcopy=False, states=(COMPLETE,)):
-        model_uri = mlflow.get_run(trial.user_attrs[RUN_ID_ATTR]).data.tags[tracking.MODEL_URI_TAG]
+        model_uri = mlflow.get_run(trial.user_attrs[RUN_ID_ATTR]).data.tags[MODEL_URI_TAG]
         scores[str(trial.number)] = roc_auc(fresh[2], fresh_probabilities(model_uri, fresh))
     (root / "fresh_auc.json").write_text(json.dumps(scores, indent=1))
     return scores

@@ -10,24 +10,24 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import MISSING, fields
 from typing import Any, Callable, Sequence
 
 from cxrexp.config import (
     EvaluateConfig,
+    MainConfig,
+    PredictConfig,
     PreprocessConfig,
     PromoteConfig,
     TrainConfig,
+    flat_fields,
+    from_flat,
     parse_int_list,
     parse_str_list,
 )
+from cxrexp.errors import ConfigError, UserError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, unknown class, wrong model URI): message, no traceback."""
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -50,13 +50,13 @@ def _converter(default: Any) -> Callable[[str], Any]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag-name`` per dataclass field; unset flags stay None so presets can tell them apart."""
-    for f in fields(cls):
-        default = f.default if f.default is not MISSING else None
+    """One ``--flag-name`` per config field (nested configs flattened); unset flags stay None so
+    presets can tell them apart."""
+    for name, default in flat_fields(cls):
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
+            "--" + name.replace("_", "-"),
+            dest=name,
             type=_converter(default),
             default=None,
             help=f"(default: {shown!r})",
@@ -69,12 +69,12 @@ def config_from_args(cls: type, args: argparse.Namespace) -> tuple[Any, set[str]
     "Differs from the default" rather than "was given": ``mlflow run`` passes every MLproject
     parameter, so a preset could otherwise never fill in anything.
     """
-    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    defaults = dict(flat_fields(cls))
+    given = {name: getattr(args, name) for name in defaults if getattr(args, name, None) is not None}
     try:
-        cfg = cls(**given)
+        cfg = from_flat(cls, given)
     except ValueError as err:
-        raise UserError(str(err)) from err
-    defaults = {f.name: f.default for f in fields(cls)}
+        raise ConfigError(str(err)) from err
     return cfg, {name for name, value in given.items() if value != defaults[name]}
 
 
@@ -89,17 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("promote", PromoteConfig, "move the challenger to champion when it passes the gates"),
     ):
         add_config_flags(sub.add_parser(name, help=text, description=text), cls)
-    main_parser = sub.add_parser("run", help="the whole pipeline: preprocess -> train -> evaluate (reusing finished steps)")
-    main_parser.add_argument("--data-dir", default="")
-    main_parser.add_argument("--image-size", type=int, default=PreprocessConfig.image_size)
-    main_parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    main_parser.add_argument("--n-trials", type=int, default=TrainConfig.n_trials)
-    main_parser.add_argument("--registered-model-name", default=TrainConfig.registered_model_name)
+    main_text = "the whole pipeline: preprocess -> train -> evaluate (reusing finished steps)"
+    add_config_flags(sub.add_parser("run", help=main_text, description=main_text), MainConfig)
     predict = sub.add_parser("predict", help="score a folder of X-ray images to CSV")
+    # Not add_config_flags: the folder is positional and the model must be named (no silent default).
     predict.add_argument("--model", required=True, help="models:/name@alias, models:/name/version or runs:/id/model")
     predict.add_argument("folder", help="folder of PNG/JPEG images (searched recursively)")
-    predict.add_argument("--output", default="predictions.csv")
-    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--output", default=PredictConfig.output)
+    predict.add_argument("--batch-size", type=int, default=PredictConfig.batch_size)
     rollback = sub.add_parser("rollback", help="restore the previous champion")
     rollback.add_argument("--registered-model-name", default=PromoteConfig.registered_model_name)
     return parser
@@ -136,34 +133,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from cxrexp.steps import predict_step
 
-        return predict_step.run(args.model, args.folder, args.output, args.batch_size)
+        try:
+            cfg = PredictConfig(model=args.model, folder=args.folder, output=args.output, batch_size=args.batch_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return predict_step.run(cfg)
     if args.command == "run":
         from cxrexp.steps import main_step
 
-        return main_step.run(
-            data_dir=args.data_dir,
-            image_size=args.image_size,
-            epochs=args.epochs,
-            n_trials=args.n_trials,
-            registered_model_name=args.registered_model_name,
-        )
+        cfg, _ = config_from_args(MainConfig, args)
+        return main_step.run(cfg)
     raise AssertionError(args.command)
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that carry a message for the user, not a bug: printed without a traceback."""
-    from cxrexp.data import DatasetError
-    from cxrexp.store import PreparedDataError
-
-    types: list[type[BaseException]] = [UserError, DatasetError, PreparedDataError, FileNotFoundError]
-    # Only look at modules the command already imported: the preprocess path must not load TensorFlow.
-    serving = sys.modules.get("cxrexp.serving")
-    if serving is not None:
-        types.append(serving.ModelNotFound)
-    tuning = sys.modules.get("cxrexp.tuning")
-    if tuning is not None:
-        types.append(tuning.StudyFailed)
-    return tuple(types)
+# Everything with a message for the user subclasses errors.UserError; a missing file named on the
+# command line (FileNotFoundError) is the user's to fix too.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return _dispatch(args)
-    except user_error_types() as err:
+    except USER_ERRORS as err:
         print(f"cxrexp {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

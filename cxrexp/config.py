@@ -7,8 +7,10 @@ names and the CLI flag names (``image_size`` <-> ``--image-size``), one to one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from typing import Any, Mapping
+
+from cxrexp.tags import CHALLENGER, CHAMPION
 
 # The real database's class balance (3,616 COVID vs 10,192 Normal): the synthetic default mimics it.
 REAL_PREVALENCE = 3616 / (3616 + 10192)
@@ -18,6 +20,12 @@ CLASS_WEIGHT_SCHEMES = ("none", "inverse", "balanced", "effective")
 THRESHOLD_RULES = ("youden", "sensitivity")
 OBJECTIVES = ("roc_auc", "sens_at_spec")
 PRUNERS = ("median", "median-average", "percentile", "halving", "hyperband", "none")
+
+# Decoded images larger than this are refused (decompression bombs): the default of every step that
+# decodes (preprocess, the served model, predict).
+MAX_PIXELS = 64_000_000
+# The classifier's name in the Model Registry, the default of train, evaluate, promote and main.
+REGISTERED_MODEL_NAME = "cxr-covid-cnn"
 
 
 def parse_int_list(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -34,11 +42,47 @@ def parse_str_list(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(part.strip() for part in str(text).split(",") if part.strip())
 
 
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+
+
+def flat_fields(cls: type) -> list[tuple[str, Any]]:
+    """``(name, default)`` of every flag of a config class: a nested config (``PreprocessConfig.image``)
+    contributes its own fields, so flags, MLproject parameters and MLflow params stay one flat set."""
+    out: list[tuple[str, Any]] = []
+    for f in fields(cls):
+        default = _default(f)
+        out.extend(flat_fields(type(default)) if is_dataclass(default) else [(f.name, default)])
+    return out
+
+
+def from_flat(cls: type, values: Mapping[str, Any]) -> Any:
+    """Build ``cls`` from flat flag values (nested configs are filled from their own field names);
+    names not given keep their defaults. Unknown names raise TypeError, bad values ValueError."""
+    known = {name for name, _ in flat_fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        default = _default(f)
+        if is_dataclass(default):
+            kwargs[f.name] = from_flat(type(default), {k: v for k, v in values.items()
+                                                       if k in {n for n, _ in flat_fields(type(default))}})
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
 def flat_params(cfg: Any) -> dict[str, Any]:
-    """The config as MLflow params: tuples become comma-separated strings (how they are passed in)."""
+    """The config as MLflow params, one per flag: tuples become comma-separated strings (how they are
+    passed in), booleans ``true``/``false``, nested configs their own fields."""
     out: dict[str, Any] = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out.update(flat_params(value))
+            continue
         if isinstance(value, tuple):
             value = ",".join(str(v) for v in value)
         elif isinstance(value, bool):
@@ -80,18 +124,14 @@ class PreprocessConfig:
     data_dir: str = ""
     classes: tuple[str, ...] = ("COVID", "Normal")
     positive_class: str = "COVID"
-    image_size: int = 128
-    enhance: str = "clahe"
-    clip_limit: float = 2.0
-    tile_grid: int = 8
-    gamma: float = 0.8
+    image: ImageSpec = field(default_factory=ImageSpec)  # flags --image-size, --enhance, --clip-limit, ...
     val_frac: float = 0.1
     test_frac: float = 0.1
     seed: int = 42
     near_dup_distance: int = 48  # bits of the 256-bit perceptual hash
     out_dir: str = ".cxrexp/prepared"
     workers: int = 0
-    max_pixels: int = 64_000_000
+    max_pixels: int = MAX_PIXELS
     synthetic_count: int = 1200
     synthetic_prevalence: float = REAL_PREVALENCE
     synthetic_size: int = 256
@@ -110,10 +150,11 @@ class PreprocessConfig:
             )
         if not 0 <= self.synthetic_shortcut <= 1:
             raise ValueError(f"synthetic_shortcut={self.synthetic_shortcut} must be in [0, 1]")
-        self.image_spec()  # validates the image fields
 
-    def image_spec(self) -> ImageSpec:
-        return ImageSpec(self.image_size, self.enhance, self.clip_limit, self.tile_grid, self.gamma)
+    @classmethod
+    def flat(cls, **values: Any) -> "PreprocessConfig":
+        """From flag names, the image fields among them: ``PreprocessConfig.flat(image_size=64, seed=1)``."""
+        return from_flat(cls, values)
 
 
 @dataclass(frozen=True)
@@ -148,7 +189,7 @@ class TrainConfig:
     target_specificity: float = 0.9
     n_jobs: int = 1
     trial_timeout: int = 0
-    registered_model_name: str = "cxr-covid-cnn"
+    registered_model_name: str = REGISTERED_MODEL_NAME
 
     def __post_init__(self) -> None:
         if self.class_weight not in CLASS_WEIGHT_SCHEMES:
@@ -195,7 +236,7 @@ def apply_preset(cfg: TrainConfig, explicitly_set: set[str]) -> TrainConfig:
 class EvaluateConfig:
     """Flags of ``evaluate``."""
 
-    model_uri: str = "models:/cxr-covid-cnn@challenger"
+    model_uri: str = f"models:/{REGISTERED_MODEL_NAME}@{CHALLENGER}"
     data: str = ""
     threshold: float = -1.0  # < 0: the threshold stored with the model
     prevalence: float = -1.0  # < 0: only the dataset's own prevalence
@@ -210,9 +251,9 @@ class EvaluateConfig:
 class PromoteConfig:
     """Flags of ``promote``."""
 
-    registered_model_name: str = "cxr-covid-cnn"
-    challenger_alias: str = "challenger"
-    champion_alias: str = "champion"
+    registered_model_name: str = REGISTERED_MODEL_NAME
+    challenger_alias: str = CHALLENGER
+    champion_alias: str = CHAMPION
     data: str = ""
     min_sensitivity: float = 0.8
     min_specificity: float = 0.8
@@ -225,8 +266,35 @@ class PromoteConfig:
     rollback: bool = False
 
 
+@dataclass(frozen=True)
+class MainConfig:
+    """Flags of ``main``: preprocess -> train -> evaluate with these settings, each step's own defaults
+    for the rest."""
+
+    data_dir: str = ""
+    image_size: int = ImageSpec.image_size
+    epochs: int = TrainConfig.epochs
+    n_trials: int = TrainConfig.n_trials
+    registered_model_name: str = REGISTERED_MODEL_NAME
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Flags of ``predict``: score a folder of X-ray images to a CSV."""
+
+    model: str = f"models:/{REGISTERED_MODEL_NAME}@{CHAMPION}"
+    folder: str = ""
+    output: str = "predictions.csv"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+
+
 def field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
+    """The flag names of a config class, nested configs flattened (see ``flat_fields``)."""
+    return [name for name, _ in flat_fields(cls)]
 
 
 __all__ = [
@@ -236,10 +304,16 @@ __all__ = [
     "TrainConfig",
     "EvaluateConfig",
     "PromoteConfig",
+    "MainConfig",
+    "PredictConfig",
+    "MAX_PIXELS",
+    "REGISTERED_MODEL_NAME",
     "PRESETS",
     "SEED_IMAGE_SPEC",
     "apply_preset",
+    "flat_fields",
     "flat_params",
+    "from_flat",
     "parse_int_list",
     "parse_str_list",
     "field_names",

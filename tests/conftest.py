@@ -76,13 +76,13 @@ def tiny_preprocess_config(out_dir: Path, **overrides):
         synthetic_prevalence=0.4, workers=1,
     )
     settings.update(overrides)
-    return PreprocessConfig(**settings)
+    return PreprocessConfig.flat(**settings)
 
 
 @pytest.fixture(scope="session")
 def synthetic_prepared(tmp_path_factory):
     """A small prepared synthetic dataset (48 px, 240 images), prepared once."""
-    from cxrexp.pipeline import run_preprocess
+    from cxrexp.data.pipeline import run_preprocess
 
     out = tmp_path_factory.mktemp("prepared")
     return run_preprocess(tiny_preprocess_config(out), progress=False).dataset

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrexp import audit, gradcam
 from cxrexp.config import ImageSpec
+from cxrexp.evaluation import audit, gradcam
 
 # --------------------------------------------------------------------------------------------------
 # Does the data fit the model?

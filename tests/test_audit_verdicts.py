@@ -26,7 +26,7 @@ MIN_LUNG_FOCUS = EvaluateConfig().min_lung_focus
 
 
 def _prepared(out_dir, shortcut: float):
-    from cxrexp.pipeline import run_preprocess
+    from cxrexp.data.pipeline import run_preprocess
 
     cfg = tiny_preprocess_config(out_dir, image_size=IMAGE_SIZE, synthetic_count=600, synthetic_size=128,
                                  synthetic_prevalence=0.5, synthetic_shortcut=shortcut)
@@ -34,16 +34,16 @@ def _prepared(out_dir, shortcut: float):
 
 
 def _trained_and_audited(dataset):
-    from cxrexp import audit
-    from cxrexp.dataset import predict_probabilities
-    from cxrexp.steps import evaluate_step as es
-    from cxrexp.training import train_model
+    from cxrexp.data.tfdata import predict_probabilities
+    from cxrexp.evaluation import audit
+    from cxrexp.evaluation.test_evaluation import evaluation_frame
+    from cxrexp.learn.training import train_model
 
     train_rows, train_labels = dataset.split_rows("train")
     val_rows, val_labels = dataset.split_rows("val")
     result = train_model(TRAIN, dataset.images(), IMAGE_SIZE, train_rows, train_labels, val_rows, val_labels,
                          verbose=0)
-    test = es.evaluation_frame(dataset)
+    test = evaluation_frame(dataset)
     probabilities = predict_probabilities(result.model, dataset.images(), test["row"].to_numpy(np.int64), 64)
     cells = audit.confusion_cells(test["label"].to_numpy(), probabilities >= result.threshold)
     outcome, _ = audit.shortcut_audit(result.model, dataset, test, cells, min_lung_focus=MIN_LUNG_FOCUS, seed=42)
@@ -68,8 +68,8 @@ def clean_model(datasets):
 
 def test_the_marker_model_reads_the_marker(marker_model, datasets):
     """The premise: on the same test images without the letter, the marker model does worse."""
-    from cxrexp.dataset import predict_probabilities
-    from cxrexp.metrics import roc_auc
+    from cxrexp.data.tfdata import predict_probabilities
+    from cxrexp.evaluation.metrics import roc_auc
 
     model, test, probabilities, _ = marker_model
     clean = datasets["clean"]

@@ -72,4 +72,4 @@ def test_every_config_field_is_a_flag():
     args = parser.parse_args(["preprocess", "--data-dir", "x", "--classes", "COVID,Viral Pneumonia",
                               "--positive-class", "COVID", "--image-size", "64"])
     cfg, _ = config_from_args(PreprocessConfig, args)
-    assert cfg.classes == ("COVID", "Viral Pneumonia") and cfg.image_size == 64 and cfg.data_dir == "x"
+    assert cfg.classes == ("COVID", "Viral Pneumonia") and cfg.image.image_size == 64 and cfg.data_dir == "x"

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxrexp.dataset import augment_batch, make_dataset, predict_probabilities, read_rows
+from cxrexp.data.tfdata import (
+    augment_batch,
+    make_dataset,
+    predict_probabilities,
+    read_rows,
+)
 
 SIZE = 16
 N_IMAGES = 60
@@ -208,7 +213,7 @@ class CountingArray(np.ndarray):
 
 @pytest.mark.parametrize(("limit", "reads_at_build"), [(10**9, True), (0, False)])
 def test_cache_none_caches_only_splits_below_the_limit(images, monkeypatch, limit, reads_at_build):
-    import cxrexp.dataset as dataset_module
+    import cxrexp.data.tfdata as dataset_module
 
     monkeypatch.setattr(dataset_module, "CACHE_LIMIT_BYTES", limit)
     counting = np.asarray(images).view(CountingArray)

@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrexp import audit
 from cxrexp.config import EvaluateConfig
+from cxrexp.evaluation import audit, gradcam
+from cxrexp.evaluation.test_evaluation import training_overlap
+from cxrexp.mlflow_edge.model_uri import ModelSource
 from cxrexp.steps import evaluate_step as es
 
 MODEL_NAME = "cxr-covid-cnn"
@@ -31,21 +33,21 @@ MODEL_NAME = "cxr-covid-cnn"
 def test_gradcam_unavailable():
     import keras
 
-    from cxrexp.model import build_cnn
+    from cxrexp.learn.model import build_cnn
 
-    assert es.gradcam_unavailable(build_cnn(32, (4,), (), 0.0, seed=1)) == ""
+    assert gradcam.unavailable_reason(build_cnn(32, (4,), (), 0.0, seed=1)) == ""
     inputs = keras.Input((8, 8, 1))
     dense_only = keras.Model(inputs, keras.layers.Dense(1, name="logit")(keras.layers.Flatten()(inputs)))
-    assert "no Conv2D layer" in es.gradcam_unavailable(dense_only)
+    assert "no Conv2D layer" in gradcam.unavailable_reason(dense_only)
 
 
 @pytest.mark.parametrize(
     "source, expected",
     [
-        (es.ModelSource("models:/m@champion", registered_name="cxr", version="3", train_run_id="a" * 32), "evaluate-cxr-v3"),
-        (es.ModelSource("models:/m-1", model_id="m-1", train_run_id="0123456789" + "a" * 22), "evaluate-run-01234567"),
-        (es.ModelSource("runs:/x/model", source_run_id="b" * 32), "evaluate-run-bbbbbbbb"),
-        (es.ModelSource("file:///tmp/model"), "evaluate-model"),
+        (ModelSource("models:/m@champion", registered_name="cxr", version="3", train_run_id="a" * 32), "evaluate-cxr-v3"),
+        (ModelSource("models:/m-1", model_id="m-1", train_run_id="0123456789" + "a" * 22), "evaluate-run-01234567"),
+        (ModelSource("runs:/x/model", source_run_id="b" * 32), "evaluate-run-bbbbbbbb"),
+        (ModelSource("file:///tmp/model"), "evaluate-model"),
     ],
 )
 def test_run_name(source, expected):
@@ -59,9 +61,9 @@ def test_training_overlap():
         digest = "train-digest"
         manifest = pd.DataFrame({"sha256": ["a", "c", "x"], "split": ["train", "test", "val"]})
 
-    assert es.training_overlap(test, None, "d") is None
-    assert es.training_overlap(test, Prepared(), "train-digest") == 0
-    assert es.training_overlap(test, Prepared(), "other") == 1  # only "a": "c" is in its test split
+    assert training_overlap(test, None, "d") is None
+    assert training_overlap(test, Prepared(), "train-digest") == 0
+    assert training_overlap(test, Prepared(), "other") == 1  # only "a": "c" is in its test split
 
 
 @pytest.mark.parametrize(
@@ -77,7 +79,7 @@ def test_training_overlap():
     ],
 )
 def test_check_config(overrides, fragment):
-    from cxrexp.cli import UserError
+    from cxrexp.errors import ConfigError as UserError
 
     with pytest.raises(UserError, match=fragment.replace("-", r"\-").replace(".", r"\.")):
         es.check_config(EvaluateConfig(**overrides))
@@ -154,7 +156,7 @@ def alias_run(trained):
 def test_evaluate_logs_every_metric_and_artifact(alias_run, trained, synthetic_prepared):
     import mlflow
 
-    from cxrexp import metrics
+    from cxrexp.evaluation import metrics
 
     run = mlflow.get_run(alias_run)
     logged = run.data.metrics
@@ -284,7 +286,7 @@ def _rewritten(dataset, out_dir: Path, *, image_size: int | None = None, drop_te
     """A prepared dataset derived from ``dataset`` through the store's writer (so it has a real digest)."""
     import cv2
 
-    from cxrexp.store import DatasetWriter
+    from cxrexp.data.store import DatasetWriter
 
     size = image_size or dataset.image_size
     manifest = dataset.manifest.copy()
@@ -314,7 +316,7 @@ def test_dataset_with_another_image_size_exits_2_before_any_run(trained, synthet
 
 
 def test_empty_test_split_exits_2(trained, synthetic_prepared, tmp_path, capsys):
-    from cxrexp.store import DatasetWriter
+    from cxrexp.data.store import DatasetWriter
 
     manifest = synthetic_prepared.manifest.copy()
     manifest.loc[manifest["split"] == "test", "split"] = "val"

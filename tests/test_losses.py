@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import pytest
 
-from cxrexp.dataset import make_dataset, predict_probabilities
-from cxrexp.losses import class_weights, weighted_bce
-from cxrexp.model import build_cnn
+from cxrexp.data.tfdata import make_dataset, predict_probabilities
+from cxrexp.learn.losses import class_weights, weighted_bce
+from cxrexp.learn.model import build_cnn
 
 THREE_NEG_ONE_POS = [0, 0, 0, 1]  # n0 = 3, n1 = 1, n = 4
 ONE_NEG_FOUR_POS = [0, 1, 1, 1, 1]  # n0 = 1, n1 = 4, n = 5

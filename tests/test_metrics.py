@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxrexp import metrics
-from cxrexp.metrics import Confusion
+from cxrexp.evaluation import metrics
+from cxrexp.evaluation.metrics import Confusion
 
 NAN = float("nan")
 

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxrexp.config import EvaluateConfig, PreprocessConfig, PromoteConfig, TrainConfig, field_names
+from cxrexp.config import (
+    EvaluateConfig,
+    PreprocessConfig,
+    PromoteConfig,
+    TrainConfig,
+    field_names,
+    flat_fields,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "promote": PromoteConfig}
@@ -60,8 +67,7 @@ def _same_default(mlproject_value, config_value) -> bool:
 @pytest.mark.parametrize("step", sorted(STEPS))
 def test_defaults_agree(entry_points, step):
     parameters = entry_points[step]["parameters"]
-    config = STEPS[step]()
-    defaults = {name: getattr(config, name) for name in field_names(STEPS[step])}
+    defaults = dict(flat_fields(STEPS[step]))
     differ = {
         name: (spec.get("default"), defaults[name])
         for name, spec in parameters.items()

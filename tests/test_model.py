@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from cxrexp.config import TrainConfig
-from cxrexp.model import build_cnn, build_cnn_from_config, last_conv_layer_name, max_conv_blocks
+from cxrexp.evaluation.gradcam import last_conv_layer_name
+from cxrexp.learn.model import build_cnn, build_cnn_from_config, max_conv_blocks
 
 
 @pytest.mark.parametrize(

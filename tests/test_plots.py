@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from cxrexp import metrics, plots
+from cxrexp.evaluation import metrics, plots
 
 RNG = np.random.default_rng(0)
 LABELS = (RNG.random(200) < 0.3).astype(int)

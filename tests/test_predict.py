@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 
 from cxrexp.cli import main as cli_main
-from cxrexp.config import ImageSpec
-from cxrexp.model import build_cnn
-from cxrexp.serving import ModelNotFound, log_raw_image_model
+from cxrexp.config import ImageSpec, PredictConfig
+from cxrexp.images.synthetic import SyntheticSpec, make_image
+from cxrexp.learn.model import build_cnn
+from cxrexp.mlflow_edge.serving import ModelNotFound, log_raw_image_model
 from cxrexp.steps import predict_step
-from cxrexp.synthetic import SyntheticSpec, make_image
 
 from .conftest import temp_mlflow_store
 
@@ -83,7 +83,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def test_scores_good_files_and_reports_bad_ones(model, images, tmp_path, batch_size, capsys):
     before = _snapshot(images)
     output = tmp_path / "out" / "scores.csv"
-    assert predict_step.run(model["uri"], str(images), str(output), batch_size) == 0
+    assert predict_step.run(PredictConfig(model=model["uri"], folder=str(images), output=str(output), batch_size=batch_size)) == 0
     assert _snapshot(images) == before  # nothing written into the input folder
 
     scored = pd.read_csv(output)
@@ -130,14 +130,14 @@ def test_nothing_scorable_exits_1_without_predictions(model, tmp_path, capsys):
     folder = tmp_path / "junk"
     _write(folder, {name: data for name, (data, _) in BAD_FILES.items()})
     output = tmp_path / "p.csv"
-    assert predict_step.run(model["uri"], str(folder), str(output), 8) == 1
+    assert predict_step.run(PredictConfig(model=model["uri"], folder=str(folder), output=str(output), batch_size=8)) == 1
     assert not output.exists()
     assert len(pd.read_csv(tmp_path / "p.skipped.csv")) == len(BAD_FILES)
     assert "all 4 file(s) were skipped" in capsys.readouterr().err
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert predict_step.run(model["uri"], str(empty), str(tmp_path / "q.csv"), 8) == 1
+    assert predict_step.run(PredictConfig(model=model["uri"], folder=str(empty), output=str(tmp_path / "q.csv"), batch_size=8)) == 1
     assert "no files found" in capsys.readouterr().err
 
 
@@ -158,8 +158,8 @@ def test_default_output_goes_to_the_working_directory(model, images, tmp_path, m
 
 def test_an_output_inside_the_folder_is_not_scored_on_the_next_run(model, images):
     output = images / "predictions.csv"
-    assert predict_step.run(model["uri"], str(images), str(output), 16) == 0
-    assert predict_step.run(model["uri"], str(images), str(output), 16) == 0
+    assert predict_step.run(PredictConfig(model=model["uri"], folder=str(images), output=str(output), batch_size=16)) == 0
+    assert predict_step.run(PredictConfig(model=model["uri"], folder=str(images), output=str(output), batch_size=16)) == 0
     assert len(pd.read_csv(output)) == len(GOOD_FILES)
     assert "predictions.skipped.csv" not in pd.read_csv(images / "predictions.skipped.csv")["file"].tolist()
 
@@ -183,7 +183,7 @@ def test_real_cxr_mini_images(model, tmp_path):
     for path in picked:  # links, never copies, and never a write into the shared set
         os.symlink(path, folder / path.name)
     output = tmp_path / "real.csv"
-    assert predict_step.run(model["uri"], str(folder), str(output), 4) == 0
+    assert predict_step.run(PredictConfig(model=model["uri"], folder=str(folder), output=str(output), batch_size=4)) == 0
     scored = pd.read_csv(output)
     assert sorted(scored["file"]) == sorted(p.name for p in picked)
     expected = model["pyfunc"].predict(pd.DataFrame({"image": [p.read_bytes() for p in sorted(picked, key=lambda p: p.name)]}))

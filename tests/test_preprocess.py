@@ -16,25 +16,26 @@ import pytest
 from PIL import Image, ImageOps
 
 from cxrexp.config import ImageSpec
-from cxrexp.preprocess import (
-    Enhancer,
+from cxrexp.data.files import ProcessedImage, process_file
+from cxrexp.images.decode import (
     ImageRejected,
-    ProcessedImage,
     _apply_orientation,
     _jpeg_intact,
     _jpeg_scan,
     _png_intact,
     decode_grey,
+    header_size,
+    read_grey,
+    to_uint8,
+)
+from cxrexp.images.hashing import perceptual_hash
+from cxrexp.images.transforms import (
+    Enhancer,
     enhance,
     gamma_lut,
-    header_size,
-    perceptual_hash,
     prepare,
     prepare_mask,
-    process_file,
-    read_grey,
     resize,
-    to_uint8,
 )
 
 CXR_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr-mini"

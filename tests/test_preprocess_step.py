@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cxrexp import cli
-from cxrexp.store import open_prepared
-from cxrexp.tracking import DIGEST_TAG, PREPARED_DIR_TAG, STEP_TAG
+from cxrexp.data.store import open_prepared
+from cxrexp.tags import DIGEST_TAG, PREPARED_DIR_TAG, STEP_TAG
 
 from .test_pipeline import BAD, EXACT_COPY, GOOD, build_tree
 
@@ -131,7 +131,7 @@ def test_missing_data_dir_exits_2_and_marks_the_run_failed(store, tmp_path, caps
 
 def test_ensure_reuses_a_finished_run_until_the_files_change(store, tmp_path, capsys):
     from cxrexp.config import PreprocessConfig
-    from cxrexp.steps import preprocess_step
+    from cxrexp.mlflow_edge import preprocess_run
 
     from .test_pipeline import encode, smooth_image
 
@@ -140,16 +140,16 @@ def test_ensure_reuses_a_finished_run_until_the_files_change(store, tmp_path, ca
         path = data / class_name / "images" / f"{class_name}-{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode(smooth_image(i, 48, 48), "png8"))
-    cfg = PreprocessConfig(data_dir=str(data), out_dir=str(tmp_path / "prepared"), image_size=32, workers=1)
+    cfg = PreprocessConfig.flat(data_dir=str(data), out_dir=str(tmp_path / "prepared"), image_size=32, workers=1)
     experiment = [mlflow.tracking.fluent._get_experiment_id()]
 
-    first = preprocess_step.ensure(cfg)
-    again = preprocess_step.ensure(cfg)
+    first = preprocess_run.ensure(cfg)
+    again = preprocess_run.ensure(cfg)
     assert again.root == first.root and len(MlflowClient().search_runs(experiment)) == 1
     assert "reusing preprocess run" in capsys.readouterr().out
 
     (data / "Normal" / "images" / "Normal-9.png").write_bytes(encode(smooth_image(9, 48, 48), "png8"))
-    changed = preprocess_step.ensure(cfg)
+    changed = preprocess_run.ensure(cfg)
     assert "made from other files" in capsys.readouterr().out
     assert len(changed.manifest) == len(first.manifest) + 1
     assert len(MlflowClient().search_runs(experiment)) == 2

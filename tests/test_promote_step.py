@@ -8,7 +8,6 @@ runs), so the step's logic is tested without training many models.
 from __future__ import annotations
 
 import json
-import sys
 import types
 import uuid
 
@@ -17,12 +16,18 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-import cxrexp.steps
-from cxrexp import registry, tracking
 from cxrexp.cli import main as cli_main
 from cxrexp.config import ImageSpec, PromoteConfig
-from cxrexp.serving import log_raw_image_model
+from cxrexp.mlflow_edge import registry
+from cxrexp.mlflow_edge.serving import log_raw_image_model
 from cxrexp.steps import promote_step
+from cxrexp.tags import (
+    CHALLENGER,
+    DIGEST_TAG,
+    MODEL_URI_TAG,
+    PREPARED_DIR_TAG,
+    STEP_TAG,
+)
 
 from .conftest import temp_mlflow_store
 
@@ -58,8 +63,8 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("promote")
     with temp_mlflow_store(root):
         with mlflow.start_run(run_name="fake-train") as run:
-            mlflow.set_tags({tracking.STEP_TAG: "train", tracking.PREPARED_DIR_TAG: PREPARED_DIR,
-                             tracking.DIGEST_TAG: DIGEST})
+            mlflow.set_tags({STEP_TAG: "train", PREPARED_DIR_TAG: PREPARED_DIR,
+                             DIGEST_TAG: DIGEST})
             info = log_raw_image_model(_tiny_keras_model(), ImageSpec(image_size=32, tile_grid=4), 0.5,
                                        keras_flavour_name=None)
         yield {"model_uri": info.model_uri, "train_run_id": run.info.run_id, "root": root}
@@ -71,7 +76,7 @@ def new_name() -> str:
 
 def add_version(store, name: str, digest: str = DIGEST) -> str:
     """A new registered version as @challenger, tagged as train_step tags it."""
-    return registry.register(store["model_uri"], name, alias=registry.CHALLENGER,
+    return registry.register(store["model_uri"], name, alias=CHALLENGER,
                              tags={"dataset_digest": digest, "train_run_id": store["train_run_id"]})
 
 
@@ -79,8 +84,8 @@ def fake_evaluation(name: str, version: str, metrics: dict, *, digest: str = DIG
                     model_uri: str | None = None, threshold: float = -1.0) -> str:
     """An evaluate run as evaluate_step records it: step/model_uri/digest/audit tags and test_* metrics."""
     with mlflow.start_run(run_name="fake-evaluate") as run:
-        mlflow.set_tags({tracking.STEP_TAG: "evaluate", tracking.MODEL_URI_TAG: model_uri or f"models:/{name}/{version}",
-                         tracking.DIGEST_TAG: digest, "cxrexp.audit": audit})
+        mlflow.set_tags({STEP_TAG: "evaluate", MODEL_URI_TAG: model_uri or f"models:/{name}/{version}",
+                         DIGEST_TAG: digest, "cxrexp.audit": audit})
         mlflow.log_param("threshold", threshold)
         mlflow.log_metrics({**metrics, "audit_passed": float(audit == "passed")})
     return run.info.run_id
@@ -97,14 +102,14 @@ def version_tags(name: str, version: str) -> dict[str, str]:
 def promote_runs(name: str) -> list:
     return [r for r in MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()],
-        filter_string=f"tags.`{tracking.STEP_TAG}` = 'promote' and tags.`cxrexp.registered_model_name` = '{name}'",
+        filter_string=f"tags.`{STEP_TAG}` = 'promote' and tags.`cxrexp.registered_model_name` = '{name}'",
         order_by=["attributes.start_time DESC"],
     )]
 
 
 @pytest.fixture()
 def fake_evaluate_step(monkeypatch):
-    """Replace the evaluate step by one that logs chosen metrics and records how it was called."""
+    """Replace the evaluate run by one that logs chosen metrics and records how it was called."""
     calls: list[dict] = []
     metrics_by_uri: dict[str, dict] = {}
     digest_by_data: dict[str, str] = {PREPARED_DIR: DIGEST}
@@ -115,10 +120,9 @@ def fake_evaluate_step(monkeypatch):
         name, version = cfg.model_uri[len("models:/"):].split("/")
         return fake_evaluation(name, version, metrics_by_uri[cfg.model_uri], digest=digest_by_data[cfg.data])
 
-    module = types.ModuleType("cxrexp.steps.evaluate_step")
-    module.run = run
-    monkeypatch.setitem(sys.modules, "cxrexp.steps.evaluate_step", module)
-    monkeypatch.setattr(cxrexp.steps, "evaluate_step", module, raising=False)
+    from cxrexp.mlflow_edge import evaluation_run
+
+    monkeypatch.setattr(evaluation_run, "run", run)
     return types.SimpleNamespace(calls=calls, metrics=metrics_by_uri, digests=digest_by_data)
 
 
@@ -266,7 +270,7 @@ def test_missing_evaluations_are_run_first_outside_the_promote_run(store, fake_e
     evaluate_runs = [run.data.tags["cxrexp.challenger_evaluate_run"], run.data.tags["cxrexp.champion_evaluate_run"]]
     for run_id in evaluate_runs:
         evaluated = MlflowClient().get_run(run_id)
-        assert evaluated.data.tags[tracking.DIGEST_TAG] == DIGEST
+        assert evaluated.data.tags[DIGEST_TAG] == DIGEST
         assert "mlflow.parentRunId" not in evaluated.data.tags
     assert "(evaluated now)" in capsys.readouterr().out
 
@@ -304,7 +308,7 @@ def test_promote_with_rollback_flag_rolls_back(store):
     assert registry.aliases(name) == {"champion": "1", "rolled-back": "2"}
     rollback_run = MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()],
-        filter_string=f"tags.`{tracking.STEP_TAG}` = 'rollback' and tags.`cxrexp.registered_model_name` = '{name}'",
+        filter_string=f"tags.`{STEP_TAG}` = 'rollback' and tags.`cxrexp.registered_model_name` = '{name}'",
     )
     assert len(rollback_run) == 1
     moves = json.loads(mlflow.artifacts.load_text(f"runs:/{rollback_run[0].info.run_id}/rollback.json"))["moves"]
@@ -334,10 +338,10 @@ def test_real_pipeline_train_evaluate_promote(synthetic_prepared, tmp_path, monk
         assert "(evaluated now)" in out and "PROMOTED: version 1" in out
         evaluations = MlflowClient().search_runs(
             [e.experiment_id for e in MlflowClient().search_experiments()],
-            filter_string=f"tags.`{tracking.STEP_TAG}` = 'evaluate'",
+            filter_string=f"tags.`{STEP_TAG}` = 'evaluate'",
         )
-        assert [r.data.tags[tracking.MODEL_URI_TAG] for r in evaluations] == [f"models:/{name}/1"]
-        assert evaluations[0].data.tags[tracking.DIGEST_TAG] == synthetic_prepared.digest
+        assert [r.data.tags[MODEL_URI_TAG] for r in evaluations] == [f"models:/{name}/1"]
+        assert evaluations[0].data.tags[DIGEST_TAG] == synthetic_prepared.digest
         assert "test_roc_auc" in evaluations[0].data.metrics
 
         train_step.run(train_cfg)  # version 2, same data and seed

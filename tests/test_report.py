@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from cxrexp import report
+from cxrexp.evaluation import model_card
 
 NAN = float("nan")
 # The smallest valid PNG: 1x1 grey pixel.
@@ -57,7 +57,7 @@ def _parse(document: str) -> _Collector:
     return parser
 
 
-def _card(**overrides) -> report.ModelCard:
+def _card(**overrides) -> model_card.ModelCard:
     settings = dict(
         model_uri="models:/cxr-covid-cnn@challenger",
         evaluate_run_id="e" * 32,
@@ -74,12 +74,12 @@ def _card(**overrides) -> report.ModelCard:
             "roc_auc": 0.9123, "roc_auc_ci_low": 0.81, "roc_auc_ci_high": 0.97,
         },
         model_version="cxr-covid-cnn v3",
-        figures=[report.Figure("ROC curve", PNG_1PX, "operating point")],
-        gradcam=report.Figure("Grad-CAM", PNG_1PX),
-        audit=report.AuditSummary(True, "mean lung focus 0.71 >= 0.50 over 40 heatmaps", 0.71, 0.7, 0.1, 40, 0.5),
+        figures=[model_card.Figure("ROC curve", PNG_1PX, "operating point")],
+        gradcam=model_card.Figure("Grad-CAM", PNG_1PX),
+        audit=model_card.AuditSummary(True, "mean lung focus 0.71 >= 0.50 over 40 heatmaps", 0.71, 0.7, 0.1, 40, 0.5),
     )
     settings.update(overrides)
-    return report.ModelCard(**settings)
+    return model_card.ModelCard(**settings)
 
 
 @pytest.mark.parametrize(
@@ -88,12 +88,12 @@ def _card(**overrides) -> report.ModelCard:
      (float("inf"), "inf")],
 )
 def test_format_number(value, expected):
-    assert report.format_number(value) == expected
+    assert model_card.format_number(value) == expected
 
 
 @pytest.mark.parametrize("value, expected", [(8.0, "8"), (0.0, "0"), (NAN, "undefined"), (12.0000001, "12")])
 def test_format_count(value, expected):
-    assert report.format_count(value) == expected
+    assert model_card.format_count(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -115,17 +115,17 @@ def test_format_count(value, expected):
     ],
 )
 def test_metric_rows(metrics, reasons, key, value, interval, note):
-    rows = {row.key: row for row in report.metric_rows(metrics, reasons)}
+    rows = {row.key: row for row in model_card.metric_rows(metrics, reasons)}
     assert (rows[key].value, rows[key].interval, rows[key].note) == (value, interval, note)
 
 
 def test_metric_rows_leave_out_absent_metrics():
-    keys = [row.key for row in report.metric_rows({"tp": 1.0, "roc_auc": 0.5}, {})]
+    keys = [row.key for row in model_card.metric_rows({"tp": 1.0, "roc_auc": 0.5}, {})]
     assert keys == ["tp", "roc_auc"]  # no ppv_at_prevalence row when no prevalence was given
 
 
 def test_report_parses_and_holds_the_metrics():
-    document = report.render_html(_card())
+    document = model_card.render_html(_card())
     parsed = _parse(document)
     assert parsed.rows["roc_auc"][1:3] == ["0.912", "0.810 – 0.970"]
     assert parsed.rows["sensitivity"][1] == "0.800"
@@ -137,7 +137,7 @@ def test_report_parses_and_holds_the_metrics():
 
 
 def test_report_is_self_contained():
-    parsed = _parse(report.render_html(_card()))
+    parsed = _parse(model_card.render_html(_card()))
     images = [attrs for tag, attrs in parsed.tags if tag == "img"]
     assert len(images) == 2  # the ROC figure and the Grad-CAM gallery
     assert all(attrs["src"].startswith("data:image/png;base64,") for attrs in images)
@@ -153,15 +153,15 @@ def test_report_shows_nan_with_its_reason_and_a_failed_audit():
     card = _card(
         metrics={"tp": 0.0, "roc_auc": NAN, "roc_auc_ci_low": NAN, "roc_auc_ci_high": NAN},
         reasons={"roc_auc": reason},
-        audit=report.AuditSummary(False, "mean lung focus 0.12 < 0.50", 0.12, 0.1, 0.8, 30, 0.5),
+        audit=model_card.AuditSummary(False, "mean lung focus 0.12 < 0.50", 0.12, 0.1, 0.8, 30, 0.5),
     )
-    parsed = _parse(report.render_html(card))
+    parsed = _parse(model_card.render_html(card))
     assert parsed.rows["roc_auc"][1:] == ["undefined", "n/a", reason]
     assert "Shortcut audit FAILED: mean lung focus 0.12 < 0.50" in " ".join(parsed.text)
 
 
 def test_report_escapes_untrusted_text():
-    document = report.render_html(_card(model_uri='models:/<script>alert("x")</script>'))
+    document = model_card.render_html(_card(model_uri='models:/<script>alert("x")</script>'))
     parsed = _parse(document)
     assert not [tag for tag, _ in parsed.tags if tag == "script"]
     assert '<script>alert("x")</script>' in " ".join(parsed.text)
@@ -169,11 +169,11 @@ def test_report_escapes_untrusted_text():
 
 def test_report_rejects_non_png_figures():
     with pytest.raises(ValueError, match="not PNG"):
-        report.render_html(_card(figures=[report.Figure("bad", b"GIF89a....")]))
+        model_card.render_html(_card(figures=[model_card.Figure("bad", b"GIF89a....")]))
 
 
 def test_report_without_audit_or_gallery_says_so():
-    text = " ".join(_parse(report.render_html(_card(audit=None, gradcam=None, figures=()))).text)
+    text = " ".join(_parse(model_card.render_html(_card(audit=None, gradcam=None, figures=()))).text)
     assert "No shortcut audit was run" in text
     assert "Grad-CAM examples" not in text
     assert math.isclose(0.4628, float(text.split("At threshold ")[1].split(";")[0]))

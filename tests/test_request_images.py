@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cxrexp.config import ImageSpec
-from cxrexp.preprocess import decode_grey, prepare
-from cxrexp.request_images import (
+from cxrexp.images.decode import decode_grey
+from cxrexp.images.request_images import (
     MAX_LISTED_ERRORS,
     RequestRejected,
     RowRejected,
@@ -22,6 +22,7 @@ from cxrexp.request_images import (
     prepare_chunks,
     row_bytes,
 )
+from cxrexp.images.transforms import prepare
 
 SPEC = ImageSpec(image_size=32, enhance="clahe", clip_limit=2.0, tile_grid=4)
 

@@ -25,11 +25,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrexp import registry
 from cxrexp.config import ImageSpec
-from cxrexp.model import build_cnn
-from cxrexp.serving import log_raw_image_model
-from cxrexp.synthetic import SyntheticSpec, make_image
+from cxrexp.images.synthetic import SyntheticSpec, make_image
+from cxrexp.learn.model import build_cnn
+from cxrexp.mlflow_edge import registry
+from cxrexp.mlflow_edge.serving import log_raw_image_model
+from cxrexp.tags import CHALLENGER
 
 from .conftest import temp_mlflow_store
 
@@ -89,8 +90,8 @@ def server(tmp_path_factory):
         keras_model = build_cnn(SPEC.image_size, (8, 16), (8,), 0.0, seed=3)
         with mlflow.start_run():
             info = log_raw_image_model(keras_model, SPEC, 0.5, keras_flavour_name=None)
-        version = registry.register(info.model_uri, NAME, alias=registry.CHALLENGER)
-        model_uri = f"models:/{NAME}@{registry.CHALLENGER}"
+        version = registry.register(info.model_uri, NAME, alias=CHALLENGER)
+        model_uri = f"models:/{NAME}@{CHALLENGER}"
         local_model = mlflow.pyfunc.load_model(model_uri)  # the in-process answer to compare with
 
         port = _free_port()

@@ -21,13 +21,18 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import ErrorCode, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 from mlflow.pyfunc import scoring_server
 
 from cxrexp.config import ImageSpec
-from cxrexp.preprocess import decode_grey, prepare
-from cxrexp.request_images import MIN_SIDE
-from cxrexp.serving import ModelNotFound, load_keras_model, log_raw_image_model
+from cxrexp.images.decode import decode_grey
+from cxrexp.images.request_images import MIN_SIDE
+from cxrexp.images.transforms import prepare
+from cxrexp.mlflow_edge.serving import (
+    ModelNotFound,
+    load_keras_model,
+    log_raw_image_model,
+)
 
 SIZE = 32
 SPEC = ImageSpec(image_size=SIZE, enhance="clahe", clip_limit=2.0, tile_grid=4)
@@ -235,7 +240,7 @@ def test_signature_metadata_and_requirements(logged):
     local = Path(mlflow.artifacts.download_artifacts(logged["info"].model_uri))
     requirements = (local / "requirements.txt").read_text()
     assert f"mlflow=={mlflow.__version__}" in requirements and f"keras=={keras.__version__}" in requirements
-    assert (local / "code" / "cxrexp" / "preprocess.py").exists()
+    assert (local / "code" / "cxrexp" / "images" / "decode.py").exists()
     assert not (local / "code" / "cxrexp" / "__pycache__").exists()
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from cxrexp.config import ImageSpec
-from cxrexp.store import (
+from cxrexp.data.store import (
     FORMAT_VERSION,
     MANIFEST_COLUMNS,
     DatasetWriter,

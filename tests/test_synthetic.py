@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cxrexp.config import REAL_PREVALENCE
-from cxrexp.synthetic import (
+from cxrexp.images.synthetic import (
     BORDER_FRACTION,
     SyntheticImage,
     SyntheticSpec,

@@ -19,10 +19,22 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from cxrexp import metrics, registry, tracking, tuning
+from cxrexp import tuning
 from cxrexp.config import CLASS_WEIGHT_SCHEMES, TrainConfig
-from cxrexp.steps import train_step
-from cxrexp.training import TrainingDiverged
+from cxrexp.evaluation import metrics
+from cxrexp.learn.training import TrainingDiverged
+from cxrexp.mlflow_edge import training_run
+from cxrexp.tags import (
+    CHALLENGER,
+    EPOCHS_ATTR,
+    FAIL_REASON_TAG,
+    MODEL_URI_TAG,
+    RUN_ID_ATTR,
+    STATE_TAG,
+    STEP_TAG,
+    STUDY_NAME_TAG,
+    TRIAL_NUMBER_TAG,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -330,7 +342,7 @@ def test_study_is_a_parent_run_with_one_child_per_trial(shared_study, in_shared_
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     parent = MlflowClient().get_run(parent_id)
     assert parent.info.run_name == "study-shared" and parent.info.status == "FINISHED"
-    assert parent.data.tags[tracking.STEP_TAG] == "train"
+    assert parent.data.tags[STEP_TAG] == "train"
     assert parent.data.params["n_trials"] == "3" and parent.data.params["epochs"] == "2"
 
     kids = children(parent_id)
@@ -338,9 +350,9 @@ def test_study_is_a_parent_run_with_one_child_per_trial(shared_study, in_shared_
     for run, trial in zip(kids, study.trials):
         tags = run.data.tags
         assert run.info.status == "FINISHED"
-        assert (tags[tracking.STEP_TAG], tags[tuning.STATE_TAG]) == ("trial", "COMPLETE")
-        assert (tags[tuning.TRIAL_NUMBER_TAG], tags[tuning.STUDY_NAME_TAG]) == (str(trial.number), "shared")
-        assert trial.user_attrs[tuning.RUN_ID_ATTR] == run.info.run_id
+        assert (tags[STEP_TAG], tags[STATE_TAG]) == ("trial", "COMPLETE")
+        assert (tags[TRIAL_NUMBER_TAG], tags[STUDY_NAME_TAG]) == (str(trial.number), "shared")
+        assert trial.user_attrs[RUN_ID_ATTR] == run.info.run_id
         expected = tuning.doubling_filters(trial.params["base_width"], trial.params["n_blocks"])
         assert run.data.params["filters"] == ",".join(map(str, expected))
         assert float(run.data.params["learning_rate"]) == pytest.approx(trial.params["learning_rate"])
@@ -395,14 +407,14 @@ def test_validation_noise_note(n_positive, n_negative, says):
 def test_best_trial_model_is_registered_as_challenger(shared_study, in_shared_store):
     cfg, parent_id = shared_study
     study = load(cfg)
-    version = MlflowClient().get_model_version_by_alias(cfg.registered_model_name, registry.CHALLENGER)
-    best_run_id = study.best_trial.user_attrs[tuning.RUN_ID_ATTR]
+    version = MlflowClient().get_model_version_by_alias(cfg.registered_model_name, CHALLENGER)
+    best_run_id = study.best_trial.user_attrs[RUN_ID_ATTR]
     assert version.tags["train_run_id"] == best_run_id
-    assert version.tags[tuning.STUDY_NAME_TAG] == "shared"
-    assert version.tags[tuning.TRIAL_NUMBER_TAG] == str(study.best_trial.number)
+    assert version.tags[STUDY_NAME_TAG] == "shared"
+    assert version.tags[TRIAL_NUMBER_TAG] == str(study.best_trial.number)
     assert float(version.tags["objective_value"]) == pytest.approx(study.best_value, abs=1e-6)
-    model_uri = MlflowClient().get_run(parent_id).data.tags[tracking.MODEL_URI_TAG]
-    assert model_uri == MlflowClient().get_run(best_run_id).data.tags[tracking.MODEL_URI_TAG]
+    model_uri = MlflowClient().get_run(parent_id).data.tags[MODEL_URI_TAG]
+    assert model_uri == MlflowClient().get_run(best_run_id).data.tags[MODEL_URI_TAG]
     assert version.source == model_uri or version.model_id in model_uri
 
 
@@ -448,9 +460,9 @@ def test_pruned_trial_is_pruned_in_optuna_and_killed_in_mlflow(in_shared_store, 
         tuning.run_study(cfg, synthetic_prepared, verbose=0)
     (trial,) = load(cfg).trials
     assert trial.state == TrialState.PRUNED
-    assert trial.user_attrs[tuning.EPOCHS_ATTR] == 1  # stopped after the first of 2 epochs
-    run = MlflowClient().get_run(trial.user_attrs[tuning.RUN_ID_ATTR])
-    assert run.info.status == "KILLED" and run.data.tags[tuning.STATE_TAG] == "PRUNED"
+    assert trial.user_attrs[EPOCHS_ATTR] == 1  # stopped after the first of 2 epochs
+    run = MlflowClient().get_run(trial.user_attrs[RUN_ID_ATTR])
+    assert run.info.status == "KILLED" and run.data.tags[STATE_TAG] == "PRUNED"
     assert len(MlflowClient().get_metric_history(run.info.run_id, "val_auc")) == 1
     parent = MlflowClient().get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FAILED"  # no model to register
@@ -458,7 +470,7 @@ def test_pruned_trial_is_pruned_in_optuna_and_killed_in_mlflow(in_shared_store, 
 
 
 def test_failing_trial_is_fail_while_the_others_complete(in_shared_store, synthetic_prepared, monkeypatch):
-    real = train_step.train_and_log
+    real = training_run.train_and_log
     calls = []
 
     def diverge_on_second_call(*args, **kwargs):
@@ -467,49 +479,49 @@ def test_failing_trial_is_fail_while_the_others_complete(in_shared_store, synthe
             raise TrainingDiverged("the loss became NaN in epoch 1 (test)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_step, "train_and_log", diverge_on_second_call)
+    monkeypatch.setattr(training_run, "train_and_log", diverge_on_second_call)
     cfg = study_cfg(study_name="failing", n_trials=3, registered_model_name="m-failing")  # storage "": default
     parent_id = tuning.run_study(cfg, synthetic_prepared, verbose=0)
     study = load(cfg, f"sqlite:///{in_shared_store / 'optuna.db'}")  # the default: optuna.db in the cwd
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
-    statuses = [(r.info.status, r.data.tags[tuning.STATE_TAG]) for r in children(parent_id)]
+    statuses = [(r.info.status, r.data.tags[STATE_TAG]) for r in children(parent_id)]
     assert statuses == [("FINISHED", "COMPLETE"), ("FAILED", "FAIL"), ("FINISHED", "COMPLETE")]
-    assert "TrainingDiverged" in children(parent_id)[1].data.tags[tuning.FAIL_REASON_TAG]
-    version = MlflowClient().get_model_version_by_alias(cfg.registered_model_name, registry.CHALLENGER)
-    assert version.tags[tuning.TRIAL_NUMBER_TAG] in ("0", "2")
+    assert "TrainingDiverged" in children(parent_id)[1].data.tags[FAIL_REASON_TAG]
+    version = MlflowClient().get_model_version_by_alias(cfg.registered_model_name, CHALLENGER)
+    assert version.tags[TRIAL_NUMBER_TAG] in ("0", "2")
     assert tuning.count_done(study) == 2  # a re-run would retry the failed one
 
 
 def _fake_train_and_log(val_roc_auc: float):
     def fake(cfg, dataset, run_id, **kwargs):
-        return train_step.TrainedRun(run_id, "models:/m-none", {"val_roc_auc": val_roc_auc,
+        return training_run.TrainedRun(run_id, "models:/m-none", {"val_roc_auc": val_roc_auc,
                                                                 "val_sens_at_spec": val_roc_auc}, 1)
     return fake
 
 
 def test_nan_objective_fails_the_trial_and_the_attempts_are_bounded(in_shared_store, synthetic_prepared, monkeypatch):
-    monkeypatch.setattr(train_step, "train_and_log", _fake_train_and_log(math.nan))
+    monkeypatch.setattr(training_run, "train_and_log", _fake_train_and_log(math.nan))
     cfg = study_cfg(study_name="nan", n_trials=2, registered_model_name="m-nan")
     with pytest.raises(tuning.StudyFailed, match="no COMPLETE trial"):
         tuning.run_study(cfg, synthetic_prepared, verbose=0)
     study = load(cfg)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]  # 2 attempts, then stop
     for trial in study.trials:
-        run = MlflowClient().get_run(trial.user_attrs[tuning.RUN_ID_ATTR])
-        assert run.info.status == "FAILED" and "NaN" in run.data.tags[tuning.FAIL_REASON_TAG]
+        run = MlflowClient().get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert run.info.status == "FAILED" and "NaN" in run.data.tags[FAIL_REASON_TAG]
 
 
 def test_ctrl_c_leaves_no_run_running_and_the_study_resumable(in_shared_store, synthetic_prepared, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_step, "train_and_log", interrupt)
+    monkeypatch.setattr(training_run, "train_and_log", interrupt)
     cfg = study_cfg(study_name="interrupted", n_trials=2, registered_model_name="m-interrupted")
     with pytest.raises(KeyboardInterrupt):
         tuning.run_study(cfg, synthetic_prepared, verbose=0)
     (trial,) = load(cfg).trials
     assert trial.state == TrialState.FAIL and tuning.count_done(load(cfg)) == 0
-    child = MlflowClient().get_run(trial.user_attrs[tuning.RUN_ID_ATTR])
+    child = MlflowClient().get_run(trial.user_attrs[RUN_ID_ATTR])
     parent = MlflowClient().get_run(child.data.tags["mlflow.parentRunId"])
     assert (child.info.status, parent.info.status) == ("KILLED", "KILLED")
     assert running_runs() == []
@@ -527,9 +539,9 @@ def test_two_worker_processes_run_exactly_the_requested_trials(in_shared_store, 
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     kids = children(parent_id)
     assert [r.info.run_name for r in kids] == ["trial-000", "trial-001", "trial-002"]
-    assert {t.user_attrs[tuning.RUN_ID_ATTR] for t in study.trials} == {r.info.run_id for r in kids}
+    assert {t.user_attrs[RUN_ID_ATTR] for t in study.trials} == {r.info.run_id for r in kids}
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3  # workers draw different params
-    assert MlflowClient().get_run(parent_id).data.tags.get(tracking.MODEL_URI_TAG)
+    assert MlflowClient().get_run(parent_id).data.tags.get(MODEL_URI_TAG)
     assert running_runs() == []
 
 

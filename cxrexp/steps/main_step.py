@@ -6,29 +6,37 @@ As in MLflow's multistep workflow example, a step that already finished with the
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Any
 
 import mlflow
 
-from cxrexp import tracking
-from cxrexp.config import EvaluateConfig, PreprocessConfig, TrainConfig, flat_params
+from cxrexp.config import (
+    EvaluateConfig,
+    ImageSpec,
+    MainConfig,
+    PreprocessConfig,
+    TrainConfig,
+    flat_params,
+)
+from cxrexp.mlflow_edge import preprocess_run, tracking
+from cxrexp.tags import (
+    EVALUATE_RUN_TAG,
+    MAIN_STEP,
+    MODEL_URI_TAG,
+    PREPROCESS_RUN_TAG,
+    STEP_TAG,
+    TRAIN_RUN_OF_MAIN_TAG,
+)
 
 log = logging.getLogger(__name__)
 
 PROJECT_URI = str(tracking.PROJECT_ROOT)
 
 
-def _available(step: str) -> bool:
-    return importlib.util.find_spec(f"cxrexp.steps.{step}_step") is not None
-
-
 def _reusable(entry_point: str, cfg: Any) -> str | None:
     if entry_point == "preprocess":  # also checks that the prepared data and the input files are unchanged
-        from cxrexp.steps import preprocess_step
-
-        return preprocess_step.reusable_run(cfg)
+        return preprocess_run.reusable_run(cfg)
     previous = tracking.find_finished_run(entry_point, cfg)
     return previous.info.run_id if previous is not None else None
 
@@ -50,31 +58,24 @@ def _get_or_run(entry_point: str, cfg: Any) -> str:
     return submitted.run_id
 
 
-def run(*, data_dir: str, image_size: int, epochs: int, n_trials: int, registered_model_name: str) -> int:
-    pre_cfg = PreprocessConfig(data_dir=data_dir, image_size=image_size)
+def run(cfg: MainConfig) -> int:
+    """preprocess -> train -> evaluate, each its own run under one ``main`` run; returns the exit code."""
+    pre_cfg = PreprocessConfig(data_dir=cfg.data_dir, image=ImageSpec(image_size=cfg.image_size))
     with mlflow.start_run(run_name="main") as active:
-        mlflow.set_tag(tracking.STEP_TAG, "main")
-        tracking.log_new_params(
-            active,
-            {"data_dir": data_dir, "image_size": image_size, "epochs": epochs, "n_trials": n_trials,
-             "registered_model_name": registered_model_name},
-        )
+        mlflow.set_tag(STEP_TAG, MAIN_STEP)
+        tracking.log_new_params(active, flat_params(cfg))
         pre_run = _get_or_run("preprocess", pre_cfg)
-        mlflow.set_tag("cxrexp.preprocess_run", pre_run)
-        missing = [s for s in ("train", "evaluate") if not _available(s)]
-        if missing:
-            print(f"[main] not there yet in this version: {', '.join(missing)}; stopping after the steps that exist")
-            return 0
+        mlflow.set_tag(PREPROCESS_RUN_TAG, pre_run)
         train_cfg = TrainConfig(
-            data=pre_run, epochs=epochs, n_trials=n_trials, registered_model_name=registered_model_name
+            data=pre_run, epochs=cfg.epochs, n_trials=cfg.n_trials, registered_model_name=cfg.registered_model_name
         )
         train_run = _get_or_run("train", train_cfg)
-        mlflow.set_tag("cxrexp.train_run", train_run)
+        mlflow.set_tag(TRAIN_RUN_OF_MAIN_TAG, train_run)
         # A study's best model lives in its best trial's run: the train run says where (tag).
-        model_uri = mlflow.get_run(train_run).data.tags.get(tracking.MODEL_URI_TAG, f"runs:/{train_run}/model")
+        model_uri = mlflow.get_run(train_run).data.tags.get(MODEL_URI_TAG, f"runs:/{train_run}/model")
         eval_cfg = EvaluateConfig(model_uri=model_uri, data=pre_run)
         eval_run = _get_or_run("evaluate", eval_cfg)
-        mlflow.set_tag("cxrexp.evaluate_run", eval_run)
+        mlflow.set_tag(EVALUATE_RUN_TAG, eval_run)
         print(
             f"[main] done: preprocess {pre_run}, train {train_run}, evaluate {eval_run} (main run {active.info.run_id}).\n"
             f"[main] next: `mlflow ui`, then `mlflow run . -e promote --env-manager local`"

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxrexp.config import PredictConfig
+from cxrexp.errors import ModelNotFound
+
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
@@ -63,28 +66,15 @@ def list_files(folder: Path, exclude: set[Path] = frozenset()) -> list[Path]:
 
 def load_model(model_uri: str):
     """The pyfunc model at ``model_uri``; ``ModelNotFound`` when it is none, or not a raw-image model."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    from cxrexp.mlflow_edge import serving
 
-    from cxrexp import serving
-
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except (MlflowException, OSError) as exc:
-        try:
-            exists = serving._describe_what_exists(model_uri)
-        except Exception:  # noqa: BLE001 - the description is a courtesy
-            exists = "see the tracking store"
-        first_line = (str(exc).splitlines() or [""])[0][:300]
-        raise serving.ModelNotFound(
-            f"no model at {model_uri!r} ({type(exc).__name__}: {first_line}); {exists}"
-        ) from exc
+    model = serving.load_pyfunc(model_uri)
     signature = model.metadata.signature
     schema = signature.inputs if signature is not None else None
     inputs = schema.input_names() if schema is not None else []
     # The bare Keras model also names its tensor input "image": only a column schema takes files.
     if schema is None or schema.is_tensor_spec() or serving.INPUT_COLUMN not in inputs:
-        raise serving.ModelNotFound(
+        raise ModelNotFound(
             f"{model_uri!r} takes {'tensors' if schema is not None and schema.is_tensor_spec() else 'inputs'} "
             f"{inputs or '(unknown schema)'}, not an {serving.INPUT_COLUMN!r} column of image files: pass a cxrexp raw-image model (the `model` of a train run, or a "
             "registered version), not the bare Keras model"
@@ -180,9 +170,10 @@ def predict_folder(model_uri: str, folder: str | os.PathLike[str], output: str |
                          output_path, skipped_output)
 
 
-def run(model_uri: str, folder: str, output: str = "predictions.csv", batch_size: int = 64) -> int:
+def run(cfg: PredictConfig) -> int:
     """The ``cxrexp predict`` command; returns the exit code."""
-    result = predict_folder(model_uri, folder, output, batch_size)
+    folder = cfg.folder
+    result = predict_folder(cfg.model, cfg.folder, cfg.output, cfg.batch_size)
     n_scored, n_skipped = len(result.scored), len(result.skipped)
     for row in result.skipped.head(MAX_REPORTED).itertuples(index=False):
         print(f"skipped {row.file}: {row.reason}", file=sys.stderr)

@@ -31,19 +31,31 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from cxrexp import registry, tracking
 from cxrexp.config import EvaluateConfig, PromoteConfig
+from cxrexp.data.store import PreparedDataError
+from cxrexp.mlflow_edge import evaluation_run, registry, tracking
+from cxrexp.mlflow_edge.model_uri import version_uri
 from cxrexp.promotion import Decision, Evidence, Gates, decide
-from cxrexp.store import PreparedDataError
+from cxrexp.tags import (
+    AUDIT_PASSED_METRIC,
+    AUDIT_TAG,
+    CHALLENGER_EVALUATE_RUN_TAG,
+    CHALLENGER_VERSION_TAG,
+    CHAMPION_EVALUATE_RUN_TAG,
+    CHAMPION_VERSION_TAG,
+    DECISION_OUTCOME_TAG,
+    DIGEST_TAG,
+    MODEL_URI_TAG,
+    PREPARED_DIR_TAG,
+    PREVIOUS_CHAMPION,
+    REGISTERED_MODEL_NAME_TAG,
+    STEP_TAG,
+)
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_CANNOT_DECIDE = 2
-AUDIT_TAG = "cxrexp.audit"
-AUDIT_METRIC = "audit_passed"
-
-
 class CannotDecide(Exception):
     """Something the user must fix before a decision is possible; the message says what."""
 
@@ -63,10 +75,6 @@ class _RollbackParams:
     """Logged as the params of a rollback run."""
 
     registered_model_name: str
-
-
-def version_uri(name: str, version: str | int) -> str:
-    return f"models:/{name}/{version}"
 
 
 def equivalent_uris(name: str, version: ModelVersion) -> set[str]:
@@ -104,14 +112,14 @@ def find_evaluation(name: str, version: ModelVersion, digest: str) -> Run | None
     runs = client.search_runs(
         _all_experiment_ids(client),
         filter_string=(
-            f"tags.`{tracking.STEP_TAG}` = 'evaluate' and tags.`{tracking.DIGEST_TAG}` = '{digest}' "
+            f"tags.`{STEP_TAG}` = 'evaluate' and tags.`{DIGEST_TAG}` = '{digest}' "
             "and attributes.status = 'FINISHED'"
         ),
         order_by=["attributes.start_time DESC"],
         max_results=500,
     )
     for run in runs:
-        if run.data.tags.get(tracking.MODEL_URI_TAG) in wanted and _used_own_threshold(run):
+        if run.data.tags.get(MODEL_URI_TAG) in wanted and _used_own_threshold(run):
             return run
     return None
 
@@ -123,7 +131,7 @@ def audit_result(run: Run) -> bool | None:
         return True
     if tag in ("failed", "fail", "false", "0"):
         return False
-    metric = run.data.metrics.get(AUDIT_METRIC)
+    metric = run.data.metrics.get(AUDIT_PASSED_METRIC)
     if metric is None or math.isnan(metric):
         return None
     return metric >= 0.5
@@ -134,7 +142,7 @@ def evidence_from_run(version: ModelVersion, run: Run) -> Evidence:
         version=str(version.version),
         metrics=dict(run.data.metrics),
         audit_passed=audit_result(run),
-        dataset_digest=run.data.tags.get(tracking.DIGEST_TAG),
+        dataset_digest=run.data.tags.get(DIGEST_TAG),
     )
 
 
@@ -152,8 +160,8 @@ def target_dataset(cfg: PromoteConfig, challenger: ModelVersion) -> tuple[str, s
             run_tags = client.get_run(run_id).data.tags
         except mlflow.exceptions.MlflowException:
             continue
-        prepared = prepared or run_tags.get(tracking.PREPARED_DIR_TAG)
-        digest = digest or run_tags.get(tracking.DIGEST_TAG)
+        prepared = prepared or run_tags.get(PREPARED_DIR_TAG)
+        digest = digest or run_tags.get(DIGEST_TAG)
     if not digest:
         raise CannotDecide(
             f"version {challenger.version} of {challenger.name} records no dataset (no dataset_digest tag, "
@@ -163,18 +171,11 @@ def target_dataset(cfg: PromoteConfig, challenger: ModelVersion) -> tuple[str, s
 
 
 def _run_evaluate(model_uri: str, data: str) -> str:
-    try:
-        from cxrexp.steps import evaluate_step
-    except ImportError as exc:
-        raise CannotDecide(
-            f"no evaluate run found for {model_uri} and the evaluate step is not available ({exc}); "
-            f"run `cxrexp evaluate --model-uri {model_uri} --data {data}` first"
-        ) from exc
     print(f"evaluating {model_uri} on {data} (no evaluate run on this dataset yet)")
     # We are not inside the promote run yet; still, under `mlflow run` MLFLOW_RUN_ID names the promote
     # run and evaluate's start_run would resume it: evaluate must get a run of its own.
     with tracking.outside_project_run():
-        return evaluate_step.run(EvaluateConfig(model_uri=model_uri, data=data))
+        return evaluation_run.run(EvaluateConfig(model_uri=model_uri, data=data))
 
 
 def ensure_evaluation(name: str, version: ModelVersion, digest: str, data: str | None) -> Evaluation:
@@ -190,7 +191,7 @@ def ensure_evaluation(name: str, version: ModelVersion, digest: str, data: str |
         )
     run_id = _run_evaluate(uri, data)
     run = MlflowClient().get_run(run_id)
-    recorded = run.data.tags.get(tracking.DIGEST_TAG)
+    recorded = run.data.tags.get(DIGEST_TAG)
     if recorded != digest:
         raise CannotDecide(
             f"evaluate run {run_id} of {uri} recorded dataset {recorded!r}, not {digest!r} as asked; "
@@ -210,13 +211,13 @@ def _log_decision(cfg: PromoteConfig, decision: Decision, challenger: Evaluation
                   digest: str, moved: list[str]) -> None:
     mlflow.set_tags(
         {
-            "cxrexp.registered_model_name": cfg.registered_model_name,
-            "cxrexp.challenger_version": str(challenger.version.version),
-            "cxrexp.challenger_evaluate_run": challenger.run_id,
-            "cxrexp.champion_version": str(champion.version.version) if champion else "",
-            "cxrexp.champion_evaluate_run": champion.run_id if champion else "",
-            tracking.DIGEST_TAG: digest,
-            "cxrexp.decision": _outcome(decision, cfg.dry_run),
+            REGISTERED_MODEL_NAME_TAG: cfg.registered_model_name,
+            CHALLENGER_VERSION_TAG: str(challenger.version.version),
+            CHALLENGER_EVALUATE_RUN_TAG: challenger.run_id,
+            CHAMPION_VERSION_TAG: str(champion.version.version) if champion else "",
+            CHAMPION_EVALUATE_RUN_TAG: champion.run_id if champion else "",
+            DIGEST_TAG: digest,
+            DECISION_OUTCOME_TAG: _outcome(decision, cfg.dry_run),
         }
     )
     metrics: dict[str, float] = {"promoted": float(decision.promote and not cfg.dry_run),
@@ -317,7 +318,7 @@ def run(cfg: PromoteConfig) -> int:
             move = registry.promote(
                 name, str(challenger_version.version),
                 champion_alias=cfg.champion_alias,
-                previous_alias=registry.PREVIOUS_CHAMPION,
+                previous_alias=PREVIOUS_CHAMPION,
                 challenger_alias=cfg.challenger_alias,
             )
             moved = move.describe()
@@ -339,9 +340,9 @@ def rollback(name: str) -> int:
     """Restore ``<name>@previous-champion`` as champion; 0 when something moved, 2 when nothing could."""
     try:
         before = registry.aliases(name)
-        if registry.PREVIOUS_CHAMPION not in before:
+        if PREVIOUS_CHAMPION not in before:
             raise registry.NothingToRollBack(
-                f"{name} has no @{registry.PREVIOUS_CHAMPION} alias: nothing to roll back to "
+                f"{name} has no @{PREVIOUS_CHAMPION} alias: nothing to roll back to "
                 f"(aliases: {registry.describe_aliases(name)})"
             )
     except registry.RegistryError as err:
@@ -350,9 +351,9 @@ def rollback(name: str) -> int:
         try:
             move = registry.rollback(name)
         except registry.NothingToRollBack as err:
-            mlflow.set_tag("cxrexp.decision", "nothing-to-roll-back")
+            mlflow.set_tag(DECISION_OUTCOME_TAG, "nothing-to-roll-back")
             return _fail(str(err), "rollback")
-        mlflow.set_tags({"cxrexp.registered_model_name": name, "cxrexp.decision": "rolled-back"})
+        mlflow.set_tags({REGISTERED_MODEL_NAME_TAG: name, DECISION_OUTCOME_TAG: "rolled-back"})
         mlflow.log_dict({"registered_model_name": name, "moves": [list(m) for m in move.moves]}, "rollback.json")
         print(f"rolled back {name}:")
         for line in move.describe():

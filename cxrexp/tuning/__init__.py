@@ -23,9 +23,24 @@ callback), ``storage`` (Optuna storages; opening and resuming a study), ``trial`
 nested run), ``workers`` (trial budget and worker processes), ``summary`` (trial table, figures,
 registration of the best model) and ``study`` (``run_study``, which ties them together). The names
 the rest of the project uses are re-exported here.
+
+May import: ``cxrexp.mlflow_edge`` (a trial's body is ``training_run.train_and_log``), the core and
+the base modules, MLflow and Optuna. Never a step.
 """
 
-from cxrexp.tuning.pruning import PruningCallback, RunningAverageMedianPruner, make_pruner
+from cxrexp.tags import (
+    EPOCHS_ATTR,
+    FAIL_REASON_TAG,
+    RUN_ID_ATTR,
+    STATE_TAG,
+    STUDY_NAME_TAG,
+    TRIAL_NUMBER_TAG,
+)
+from cxrexp.tuning.pruning import (
+    PruningCallback,
+    RunningAverageMedianPruner,
+    make_pruner,
+)
 from cxrexp.tuning.space import (
     MAX_FILTERS,
     base_widths,
@@ -47,15 +62,7 @@ from cxrexp.tuning.storage import (
 )
 from cxrexp.tuning.study import run_study, validation_noise_note
 from cxrexp.tuning.summary import StudyFailed, register_best, study_figures
-from cxrexp.tuning.trial import (
-    EPOCHS_ATTR,
-    FAIL_REASON_TAG,
-    RUN_ID_ATTR,
-    STATE_TAG,
-    STUDY_NAME_TAG,
-    TRIAL_NUMBER_TAG,
-    TrialObjective,
-)
+from cxrexp.tuning.trial import TrialObjective
 from cxrexp.tuning.workers import TrialBudget, close_orphans
 
 __all__ = [

@@ -25,7 +25,7 @@ def base_widths(image_size: int) -> tuple[int, ...]:
 
 def depth_range(image_size: int) -> tuple[int, int]:
     """(fewest, most) conv blocks: 3-5, capped by the pools the image survives, never below 2."""
-    from cxrexp.model import max_conv_blocks
+    from cxrexp.learn.model import max_conv_blocks
 
     cap = max_conv_blocks(image_size)
     low = max(2, min(MIN_BLOCKS, cap))

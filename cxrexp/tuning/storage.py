@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from cxrexp.config import TrainConfig, flat_params
-from cxrexp.store import PreparedDataError, PreparedDataset
+from cxrexp.data.store import PreparedDataError, PreparedDataset
 from cxrexp.tuning.pruning import make_pruner
 from cxrexp.tuning.space import SEARCHED_FIELDS
 

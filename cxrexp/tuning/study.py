@@ -8,14 +8,31 @@ import multiprocessing
 
 import mlflow
 
-from cxrexp import tracking
 from cxrexp.config import TrainConfig
-from cxrexp.metrics import auc_standard_error
-from cxrexp.store import PreparedDataset
+from cxrexp.data.store import PreparedDataset
+from cxrexp.evaluation.metrics import auc_standard_error
+from cxrexp.mlflow_edge import tracking
+from cxrexp.tags import (
+    BEST_RUN_ID_TAG,
+    BEST_TRIAL_NUMBER_TAG,
+    MODEL_URI_TAG,
+    REGISTERED_VERSION_TAG,
+    RUN_ID_ATTR,
+    STORAGE_TAG,
+    STUDY_NAME_TAG,
+    TRIALS_DONE_BEFORE_TAG,
+    WORKER_EXIT_CODES_TAG,
+)
 from cxrexp.tuning.storage import count_done, open_study, redact, storage_url
 from cxrexp.tuning.summary import log_study_summary, register_best
-from cxrexp.tuning.trial import RUN_ID_ATTR, STUDY_NAME_TAG, TrialObjective
-from cxrexp.tuning.workers import TrialBudget, close_orphans, optimize, run_workers, sigterm_as_interrupt
+from cxrexp.tuning.trial import TrialObjective
+from cxrexp.tuning.workers import (
+    TrialBudget,
+    close_orphans,
+    optimize,
+    run_workers,
+    sigterm_as_interrupt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +69,7 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
     ) as parent:
         parent_id = parent.info.run_id
         mlflow.set_tags(
-            {STUDY_NAME_TAG: cfg.study_name, "optuna.storage": redact(url), "optuna.trials_done_before": str(n_done)}
+            {STUDY_NAME_TAG: cfg.study_name, STORAGE_TAG: redact(url), TRIALS_DONE_BEFORE_TAG: str(n_done)}
         )
         tracking.log_prepared_dataset(dataset, context="train")
         n_positive, n_negative = _validation_counts(dataset)
@@ -77,7 +94,7 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
                     exit_codes = run_workers(cfg, dataset, parent, n_missing)
                     if any(exit_codes):
                         log.warning("trial workers exited with codes %s", exit_codes)
-                        mlflow.set_tag("optuna.worker_exit_codes", ",".join(map(str, exit_codes)))
+                        mlflow.set_tag(WORKER_EXIT_CODES_TAG, ",".join(map(str, exit_codes)))
             finally:
                 if close_orphans(study, parent_id):
                     log.warning("ended trial runs a dead worker left RUNNING (marked KILLED / FAIL)")
@@ -86,10 +103,10 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
         best = study.best_trial
         mlflow.set_tags(
             {
-                tracking.MODEL_URI_TAG: model_uri,
-                "cxrexp.registered_version": version,
-                "optuna.best_trial_number": str(best.number),
-                "optuna.best_run_id": str(best.user_attrs.get(RUN_ID_ATTR)),
+                MODEL_URI_TAG: model_uri,
+                REGISTERED_VERSION_TAG: version,
+                BEST_TRIAL_NUMBER_TAG: str(best.number),
+                BEST_RUN_ID_TAG: str(best.user_attrs.get(RUN_ID_ATTR)),
             }
         )
         precision = ""

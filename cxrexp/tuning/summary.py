@@ -12,16 +12,19 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from cxrexp import registry, tracking
 from cxrexp.config import TrainConfig
-from cxrexp.steps import train_step
-from cxrexp.store import PreparedDataset
+from cxrexp.data.store import PreparedDataset
+from cxrexp.errors import StudyFailed
+from cxrexp.mlflow_edge import tracking, training_run
+from cxrexp.tags import (
+    CHALLENGER,
+    EPOCHS_ATTR,
+    MODEL_URI_TAG,
+    RUN_ID_ATTR,
+    STUDY_NAME_TAG,
+    TRIAL_NUMBER_TAG,
+)
 from cxrexp.tuning.space import suggest_config
-from cxrexp.tuning.trial import EPOCHS_ATTR, RUN_ID_ATTR, STUDY_NAME_TAG, TRIAL_NUMBER_TAG
-
-
-class StudyFailed(RuntimeError):
-    """The study has no COMPLETE trial, so there is no model to register."""
 
 
 def study_figures(study: optuna.Study, objective: str, seed: int) -> tuple[dict[str, Any], list[str]]:
@@ -83,7 +86,7 @@ def log_study_summary(study: optuna.Study, cfg: TrainConfig, image_size: int) ->
     return counts
 
 
-def best_trained_run(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, train_step.TrainedRun]:
+def best_trained_run(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, training_run.TrainedRun]:
     """The best COMPLETE trial and what its run left in MLflow; ``StudyFailed`` when there is none."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
@@ -103,11 +106,11 @@ def best_trained_run(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, tra
             f"best trial {best.number}'s run {run_id} is not in {mlflow.get_tracking_uri()} ({err.message}): "
             "was the study run against another MLflow store?"
         ) from err
-    model_uri = run.data.tags.get(tracking.MODEL_URI_TAG)
+    model_uri = run.data.tags.get(MODEL_URI_TAG)
     if not model_uri:
-        raise StudyFailed(f"best trial {best.number}'s run {run_id} has no {tracking.MODEL_URI_TAG} tag")
+        raise StudyFailed(f"best trial {best.number}'s run {run_id} has no {MODEL_URI_TAG} tag")
     val_metrics = {k: v for k, v in run.data.metrics.items() if k in ("val_roc_auc", "val_pr_auc", "val_sens_at_spec")}
-    return best, train_step.TrainedRun(run_id, model_uri, val_metrics, int(best.user_attrs.get(EPOCHS_ATTR, 0)))
+    return best, training_run.TrainedRun(run_id, model_uri, val_metrics, int(best.user_attrs.get(EPOCHS_ATTR, 0)))
 
 
 def register_best(study: optuna.Study, cfg: TrainConfig, dataset: PreparedDataset) -> tuple[str, str]:
@@ -125,10 +128,10 @@ def register_best(study: optuna.Study, cfg: TrainConfig, dataset: PreparedDatase
         existing = []
     if existing:  # a re-run of a finished study: the same model, no duplicate version
         version = str(max(int(v.version) for v in existing))
-        client.set_registered_model_alias(cfg.registered_model_name, registry.CHALLENGER, version)
-        print(f"{cfg.registered_model_name} version {version} (trial {best.number}) is @{registry.CHALLENGER} again")
+        client.set_registered_model_alias(cfg.registered_model_name, CHALLENGER, version)
+        print(f"{cfg.registered_model_name} version {version} (trial {best.number}) is @{CHALLENGER} again")
     else:
-        version = train_step.register_model(
+        version = training_run.register_model(
             trained, cfg, dataset,
             **{
                 STUDY_NAME_TAG: study.study_name,

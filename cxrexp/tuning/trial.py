@@ -1,4 +1,4 @@
-"""One trial = one nested MLflow run around ``train_step.train_and_log``, and the names it leaves."""
+"""One trial = one nested MLflow run around ``mlflow_edge.training_run.train_and_log``, and the names it leaves."""
 
 from __future__ import annotations
 
@@ -9,28 +9,31 @@ import keras
 import mlflow
 import optuna
 
-from cxrexp import tracking
 from cxrexp.config import TrainConfig, flat_params
-from cxrexp.steps import train_step
-from cxrexp.store import PreparedDataset
+from cxrexp.data.store import PreparedDataset
+from cxrexp.learn.training import objective_value
+from cxrexp.mlflow_edge import tracking, training_run
+from cxrexp.tags import (
+    EPOCHS_ATTR,
+    FAIL_REASON_TAG,
+    PRUNED_AT_TAG,
+    RUN_ID_ATTR,
+    STATE_TAG,
+    STEP_TAG,
+    STUDY_NAME_TAG,
+    TIMED_OUT_TAG,
+    TRIAL_NUMBER_TAG,
+    TRIAL_STEP,
+)
 from cxrexp.tuning.pruning import PruningCallback
 from cxrexp.tuning.space import suggest_config
 
 log = logging.getLogger(__name__)
 
-STATE_TAG = "optuna.state"
-TRIAL_NUMBER_TAG = "optuna.trial_number"
-STUDY_NAME_TAG = "optuna.study_name"
-FAIL_REASON_TAG = "optuna.fail_reason"
-RUN_ID_ATTR = "mlflow_run_id"
-EPOCHS_ATTR = "epochs_trained"
-TRIAL_STEP = "trial"
-
-
 class TrialObjective:
-    """The objective: one trial = one nested MLflow run around ``train_step.train_and_log``.
+    """The objective: one trial = one nested MLflow run around ``mlflow_edge.training_run.train_and_log``.
 
-    Returns the validation objective (``train_step.objective_value``), NaN when it is undefined
+    Returns the validation objective (``training_run.objective_value``), NaN when it is undefined
     (Optuna marks the trial FAIL), raises ``optuna.TrialPruned`` from the pruning callback, and
     lets every other exception through for Optuna to record as FAIL.
     """
@@ -54,7 +57,7 @@ class TrialObjective:
             parent_run_id=self.parent_run_id,
             nested=True,
             tags={
-                tracking.STEP_TAG: TRIAL_STEP,
+                STEP_TAG: TRIAL_STEP,
                 TRIAL_NUMBER_TAG: str(trial.number),
                 STUDY_NAME_TAG: trial.study.study_name,
             },
@@ -66,15 +69,15 @@ class TrialObjective:
             mlflow.log_params(
                 {**flat_params(trial_cfg), "image_size": self.dataset.image_size, "dataset_digest": self.dataset.digest}
             )
-            trained = train_step.train_and_log(
+            trained = training_run.train_and_log(
                 trial_cfg, self.dataset, run.info.run_id,
                 extra_callbacks=[pruning], verbose=self.verbose,
                 model_metadata={"optuna_study": trial.study.study_name, "optuna_trial": trial.number},
             )
             trial.set_user_attr(EPOCHS_ATTR, trained.epochs_trained)
-            value = float(train_step.objective_value(trained.val_metrics, trial_cfg.objective))
+            value = float(objective_value(trained.val_metrics, trial_cfg.objective))
             if pruning.timed_out:
-                mlflow.set_tag("optuna.timed_out", f"stopped after {self.base.trial_timeout} s (trial_timeout)")
+                mlflow.set_tag(TIMED_OUT_TAG, f"stopped after {self.base.trial_timeout} s (trial_timeout)")
             if not math.isfinite(value):
                 mlflow.set_tag(FAIL_REASON_TAG, f"objective {trial_cfg.objective} is undefined (NaN) on the validation split")
                 return float("nan")  # Optuna records FAIL
@@ -84,7 +87,7 @@ class TrialObjective:
         except optuna.TrialPruned as pruned:
             state, status = "PRUNED", "KILLED"
             trial.set_user_attr(EPOCHS_ATTR, pruning.epochs_seen)
-            mlflow.set_tag("optuna.pruned_at", str(pruned))
+            mlflow.set_tag(PRUNED_AT_TAG, str(pruned))
             tracking.log_metrics({"epochs_trained": pruning.epochs_seen})
             raise
         except KeyboardInterrupt:

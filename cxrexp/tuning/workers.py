@@ -23,9 +23,10 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from cxrexp.config import TrainConfig
-from cxrexp.store import PreparedDataset, open_prepared
+from cxrexp.data.store import PreparedDataset, open_prepared
+from cxrexp.tags import RUN_ID_ATTR, STATE_TAG
 from cxrexp.tuning.storage import DONE_STATES, open_study
-from cxrexp.tuning.trial import RUN_ID_ATTR, STATE_TAG, TrialObjective
+from cxrexp.tuning.trial import TrialObjective
 
 
 class TrialBudget:

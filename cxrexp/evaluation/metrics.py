@@ -19,13 +19,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    roc_auc_score,
+    roc_curve,
+)
+
+from cxrexp.config import THRESHOLD_RULES
 
 RATE_NAMES = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
 SCORE_NAMES = ("roc_auc", "pr_auc", "brier")
 PREVALENCE_NAMES = ("ppv_at_prevalence", "npv_at_prevalence")
 COUNT_NAMES = ("tp", "fp", "tn", "fn")
-THRESHOLD_RULES = ("youden", "sensitivity")
 
 # Bootstrap resamples are processed in chunks so that the (chunk, N) count matrix stays near 32 MB.
 _BOOTSTRAP_CELLS_PER_CHUNK = 4_000_000

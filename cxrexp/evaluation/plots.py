@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from cxrexp import metrics
+from cxrexp.evaluation import metrics
 
 DEFAULT_CLASS_NAMES = ("Normal", "COVID")  # (negative, positive)
 

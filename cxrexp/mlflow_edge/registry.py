@@ -36,26 +36,23 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from cxrexp.errors import RegistryError
 from cxrexp.promotion import Decision
+from cxrexp.tags import (
+    CHALLENGER,
+    CHAMPION,
+    DECIDED_AT_TAG,
+    DECISION_TAG,
+    PREVIOUS_CHAMPION,
+    PROMOTED_AT_TAG,
+    PROMOTION_TAG_PREFIX,
+    REASONS_TAG,
+    REPLACED_TAG,
+    ROLLED_BACK,
+    ROLLED_BACK_TAG,
+)
 
 log = logging.getLogger(__name__)
-
-CHALLENGER = "challenger"
-CHAMPION = "champion"
-PREVIOUS_CHAMPION = "previous-champion"
-ROLLED_BACK = "rolled-back"
-
-TAG_PREFIX = "promotion."
-DECISION_TAG = "promotion.decision"
-REASONS_TAG = "promotion.reasons"
-REPLACED_TAG = "promotion.replaced"
-PROMOTED_AT_TAG = "promotion.promoted_at"
-ROLLED_BACK_TAG = "promotion.rolled_back"
-
-
-class RegistryError(ValueError):
-    """A registry state the user can fix (unknown model, missing alias); the message names what exists."""
-
 
 class NothingToRollBack(RegistryError):
     """``rollback`` found no ``previous-champion`` to restore."""
@@ -236,15 +233,15 @@ def decision_tags(decision: Decision, *, outcome: str | None = None) -> dict[str
         for key in ("value", "limit"):
             if values.get(key) is not None:
                 parts.append(f"{key}={values[key]:.6g}")
-        tags[f"{TAG_PREFIX}{gate}"] = " ".join(parts)
+        tags[f"{PROMOTION_TAG_PREFIX}{gate}"] = " ".join(parts)
     return tags
 
 
 def record_decision(name: str, version: str, decision: Decision, *, extra_tags: dict[str, Any] | None = None) -> dict[str, str]:
     """Write the decision as tags on model version ``version``; returns the tags written."""
     tags = decision_tags(decision)
-    tags["promotion.decided_at"] = _now()
-    tags.update({f"{TAG_PREFIX}{k}": str(v) for k, v in (extra_tags or {}).items() if v is not None})
+    tags[DECIDED_AT_TAG] = _now()
+    tags.update({f"{PROMOTION_TAG_PREFIX}{k}": str(v) for k, v in (extra_tags or {}).items() if v is not None})
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)

@@ -13,10 +13,7 @@ from typing import Sequence
 import keras
 
 from cxrexp.config import TrainConfig
-
-INPUT_NAME = "image"
-LOGIT_NAME = "logit"
-PROBABILITY_NAME = "probability"
+from cxrexp.layer_names import INPUT_NAME, LOGIT_NAME, PROBABILITY_NAME
 
 # Offsets keep the initialiser seeds of different layer kinds apart, so two layers of the same
 # shape (e.g. two dense layers of 64 units) never start from identical weights.
@@ -121,27 +118,9 @@ def build_cnn_from_config(cfg: TrainConfig, image_size: int) -> keras.Model:
     return build_cnn(image_size, cfg.filters, cfg.dense, cfg.dropout, cfg.seed, cfg.batch_norm)
 
 
-def last_conv_layer_name(model: keras.Model) -> str:
-    """Name of the last ``Conv2D`` layer in layer order (the Grad-CAM target); ValueError if none.
-
-    By type rather than by the ``block{i}_conv`` names, so Grad-CAM also works on models not built here.
-    """
-    for layer in reversed(model.layers):
-        if isinstance(layer, keras.layers.Conv2D):
-            return layer.name
-    raise ValueError(
-        f"model {model.name!r} has no Conv2D layer (layers: {[layer.name for layer in model.layers]}); "
-        "Grad-CAM needs a convolutional feature map"
-    )
-
-
 __all__ = [
-    "INPUT_NAME",
-    "LOGIT_NAME",
-    "PROBABILITY_NAME",
     "conv_block",
     "max_conv_blocks",
     "build_cnn",
     "build_cnn_from_config",
-    "last_conv_layer_name",
 ]

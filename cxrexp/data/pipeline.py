@@ -1,6 +1,6 @@
 """Preprocess orchestration: discover -> decode/enhance in parallel -> group duplicates -> split -> store.
 
-No MLflow here: the preprocess step (``cxrexp/steps/preprocess_step.py``) logs what this returns.
+No MLflow here: the preprocess run (``cxrexp/mlflow_edge/preprocess_run.py``) logs what this returns.
 Work is streamed: worker processes decode one image at a time and write it straight to its row of
 the ``.npy`` files (``store.RowWriter``), sending the parent only hashes and sizes, so peak memory
 does not grow with the number of images (benchmarks/bench_preprocess.py measures it).
@@ -22,10 +22,18 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cxrexp import data as data_mod
-from cxrexp import preprocess, synthetic
 from cxrexp.config import ImageSpec, PreprocessConfig
-from cxrexp.store import DatasetWriter, PreparedDataError, PreparedDataset, RowWriter, open_prepared, stable_hash
+from cxrexp.data import discovery, files
+from cxrexp.data import split as splitting
+from cxrexp.data.store import (
+    DatasetWriter,
+    PreparedDataError,
+    PreparedDataset,
+    RowWriter,
+    open_prepared,
+    stable_hash,
+)
+from cxrexp.images import decode, hashing, synthetic, transforms
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +99,8 @@ def _process(task: _Task) -> tuple[int, _Stored | None, str]:
         if task.synthetic_index >= 0:
             item = _process_synthetic(task.synthetic_index)
         else:
-            item = preprocess.process_file(task.path, task.mask_path, spec, _WORKER["max_pixels"])
-    except preprocess.ImageRejected as err:
+            item = files.process_file(task.path, task.mask_path, spec, _WORKER["max_pixels"])
+    except decode.ImageRejected as err:
         return task.row, None, err.reason
     except Exception as err:  # noqa: BLE001 - one bad file must never end the run
         return task.row, None, f"unexpected error: {type(err).__name__}: {err}"
@@ -108,16 +116,16 @@ def _process(task: _Task) -> tuple[int, _Stored | None, str]:
     ), ""
 
 
-def _process_synthetic(index: int) -> preprocess.ProcessedImage:
+def _process_synthetic(index: int) -> files.ProcessedImage:
     import hashlib
 
     spec: ImageSpec = _WORKER["spec"]
     item = synthetic.make_image(_WORKER["synthetic_spec"], index)
-    return preprocess.ProcessedImage(
-        image=preprocess.prepare(item.image, spec),
-        mask=preprocess.prepare_mask(item.mask, spec.image_size),
+    return files.ProcessedImage(
+        image=transforms.prepare(item.image, spec),
+        mask=transforms.prepare_mask(item.mask, spec.image_size),
         sha256=hashlib.sha256(item.image.tobytes()).hexdigest(),
-        phash=preprocess.perceptual_hash(item.image),
+        phash=hashing.perceptual_hash(item.image),
         width=item.image.shape[1],
         height=item.image.shape[0],
     )
@@ -133,7 +141,7 @@ def _stat(path: str | None) -> tuple[int, int]:
         return (-1, -1)
 
 
-def _file_fingerprint(records: list[data_mod.ImageRecord]) -> list[tuple[Any, ...]]:
+def _file_fingerprint(records: list[discovery.ImageRecord]) -> list[tuple[Any, ...]]:
     """Path, size and mtime of every image and mask, and the patient id: cheap to compute, and it
     changes when a file is replaced, a mask edited or the metadata spreadsheet regroups patients."""
     return [
@@ -144,7 +152,7 @@ def _file_fingerprint(records: list[data_mod.ImageRecord]) -> list[tuple[Any, ..
 
 def _common_params(cfg: PreprocessConfig) -> dict[str, Any]:
     return {
-        "image_spec": asdict(cfg.image_spec()),
+        "image_spec": asdict(cfg.image),
         "val_frac": cfg.val_frac,
         "test_frac": cfg.test_frac,
         "seed": cfg.seed,
@@ -186,7 +194,7 @@ def _plan(cfg: PreprocessConfig) -> tuple[list[_Task], pd.DataFrame, dict[str, A
         key = "synthetic-" + stable_hash(params)
         return tasks, inputs, params, key, syn
 
-    found = data_mod.discover(cfg.data_dir, cfg.classes, cfg.positive_class)
+    found = discovery.discover(cfg.data_dir, cfg.classes, cfg.positive_class)
     inputs = pd.DataFrame(
         {
             "source": [r.path for r in found.records],
@@ -288,7 +296,7 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
         except PreparedDataError as err:
             log.warning("cached prepared dataset unusable, rebuilding: %s", err)
 
-    spec = cfg.image_spec()
+    spec = cfg.image
     workers = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
     workers = min(workers, max(1, len(tasks)))
     n = len(tasks)
@@ -322,7 +330,7 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
         kept = np.flatnonzero(ok)
         labels = inputs["label"].to_numpy()[kept]
         _check_classes(inputs, kept, params["classes"], skipped)
-        dup = data_mod.duplicate_groups(
+        dup = splitting.duplicate_groups(
             [sha[i] for i in kept],
             [phash[i] for i in kept],
             # Synthetic images are distinct by construction, and all share one anatomy template that a
@@ -330,8 +338,8 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
             -1 if syn is not None else cfg.near_dup_distance,
         )
         patients = inputs["patient_id"].to_numpy()[kept]
-        groups = data_mod.merge_groups(dup, list(patients))
-        split = data_mod.stratified_group_split(labels, groups, cfg.val_frac, cfg.test_frac, cfg.seed)
+        groups = splitting.merge_groups(dup, list(patients))
+        split = splitting.stratified_group_split(labels, groups, cfg.val_frac, cfg.test_frac, cfg.seed)
         manifest = pd.DataFrame(
             {
                 "row": kept.astype(np.int64),
@@ -340,7 +348,7 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
                 "label": labels.astype(np.int64),
                 "split": split,
                 "sha256": [sha[i] for i in kept],
-                "phash": [format(phash[i], f"0{preprocess.PHASH_BITS // 4}x") for i in kept],
+                "phash": [format(phash[i], f"0{hashing.PHASH_BITS // 4}x") for i in kept],
                 "dup_group": dup,
                 "group": groups,
                 "patient_id": [p if p is not None else "" for p in patients],
@@ -349,7 +357,7 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
                 "height": height[kept],
             }
         )
-        params["n_duplicate_groups"] = data_mod.count_duplicate_groups(dup)
+        params["n_duplicate_groups"] = splitting.count_duplicate_groups(dup)
         params["cache_key"] = key
         skipped_frame = pd.DataFrame(skipped, columns=["path", "reason"]).sort_values("path", kind="stable")
         dataset = writer.finish(manifest, params, skipped_frame)

@@ -37,6 +37,8 @@ import numpy as np
 import pandas as pd
 
 from cxrexp.config import ImageSpec
+from cxrexp.data.split import SPLITS
+from cxrexp.errors import PreparedDataError
 
 MANIFEST_COLUMNS = [
     "row",
@@ -53,12 +55,7 @@ MANIFEST_COLUMNS = [
     "width",
     "height",
 ]
-SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
-
-
-class PreparedDataError(ValueError):
-    """A prepared dataset is missing, incomplete or does not fit what asked for it."""
 
 
 def _json_default(value: Any) -> Any:

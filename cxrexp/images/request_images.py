@@ -22,12 +22,12 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from cxrexp.config import ImageSpec
+from cxrexp.config import MAX_PIXELS, ImageSpec
 
 INPUT_COLUMN = "image"
 # 64 MiB: a 16-bit 4k x 4k PNG is ~32 MiB; anything bigger is more likely abuse than an X-ray.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 64_000_000  # PreprocessConfig.max_pixels
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 MIN_SIDE = 32
 # Rows per forward pass: bounds memory for big requests (1024 px x 32 x 4 B = 128 MiB).
 PREDICT_CHUNK = 32
@@ -189,7 +189,8 @@ def prepare_row(value: Any, spec: ServingSpec) -> np.ndarray:
 
     Raises ``RowRejected`` with the reason (``ImageRejected.reason`` from the decoder).
     """
-    from cxrexp.preprocess import ImageRejected, decode_grey, prepare
+    from cxrexp.images.decode import ImageRejected, decode_grey
+    from cxrexp.images.transforms import prepare
 
     data = row_bytes(value, spec.max_bytes)
     try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 import html
 import math
-from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
 
 # (metric key without the test_ prefix, label shown in the table). Counts first, then the rates with
 # their confidence intervals, then the threshold-free scores.
@@ -334,7 +334,25 @@ def render_html(card: ModelCard) -> str:
     return "\n".join(parts)
 
 
+def evaluation_details(spec: Any, n_bootstrap: int, seed: int, prevalence: float | None) -> list[tuple[str, str]]:
+    """The card's "how it was evaluated" rows: image preparation (an ``ImageSpec``), bootstrap, prevalence."""
+    return [
+        ("Image preparation", ", ".join(f"{k}={v}" for k, v in asdict(spec).items())),
+        ("Bootstrap", f"{n_bootstrap} resamples, seed {seed}"),
+        ("Stated prevalence", f"{prevalence:g}" if prevalence is not None else "none"),
+    ]
+
+
+def gallery_figure(png: bytes | None) -> Figure | None:
+    """The Grad-CAM gallery as the card shows it (None: no gallery, e.g. a model Grad-CAM cannot explain)."""
+    if not png:
+        return None
+    return Figure("HiResCAM per confusion cell", png, "left: heatmap overlay, right: iso-contours at 0.5 and 0.75 of the peak")
+
+
 __all__ = [
+    "evaluation_details",
+    "gallery_figure",
     "AuditSummary",
     "Figure",
     "INTENDED_USE",

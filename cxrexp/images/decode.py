@@ -1,36 +1,28 @@
-"""Decode, check, resize and enhance chest X-rays: pure numpy / OpenCV / imagecodecs / Pillow.
-
-Everything here works on arrays and bytes; nothing writes files or talks to MLflow. The same
-``prepare`` runs in the ``preprocess`` step and inside the served model, so a model always sees
-exactly the preprocessing it was trained with.
+"""Decode and check chest X-ray files: PNG/JPEG bytes -> uint8 grey, pure numpy / OpenCV / imagecodecs / Pillow.
 
 Bad inputs raise :class:`ImageRejected` with a short ``reason`` that ends up in ``skipped.csv``.
 The header is parsed by hand (PNG IHDR, JPEG SOF) and the file's structure is checked (PNG chunk
 chain up to IEND, JPEG end-of-image marker) before any pixel is decoded, so a decompression bomb
 or a half-downloaded file costs microseconds and the result does not depend on how forgiving the
 installed OpenCV build happens to be (older builds half-decode a truncated JPEG without error).
+Nothing here writes files or talks to MLflow.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import struct
-import threading
 import zlib
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import imagecodecs
-import imagehash
 import numpy as np
 from PIL import Image
 
-from cxrexp.config import ENHANCE_METHODS, ImageSpec
+from cxrexp.config import MAX_PIXELS
 
-DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 DEFAULT_MIN_SIDE = 32
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -332,7 +324,7 @@ def read_grey(
     path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
 ) -> np.ndarray:
     """uint8 HxW grey image from a PNG/JPEG file; ImageRejected (naming the path) if unusable."""
-    return _decode_file(read_bytes(path), path, max_pixels=max_pixels, min_side=min_side)
+    return decode_file(read_bytes(path), path, max_pixels=max_pixels, min_side=min_side)
 
 
 def read_bytes(path: str | Path) -> bytes:
@@ -343,238 +335,10 @@ def read_bytes(path: str | Path) -> bytes:
         raise ImageRejected(f"cannot read: {err.strerror or err}", str(path)) from None
 
 
-def _decode_file(data: bytes, path: str | Path, *, max_pixels: int, min_side: int) -> np.ndarray:
+def decode_file(data: bytes, path: str | Path, *, max_pixels: int, min_side: int) -> np.ndarray:
     try:
         return decode_grey(data, max_pixels=max_pixels, min_side=min_side)
     except ImageRejected as err:
         raise ImageRejected(err.reason, str(path)) from None
 
 
-# --------------------------------------------------------------------------------------------
-# Resize and enhance
-# --------------------------------------------------------------------------------------------
-
-
-def _require_grey_uint8(img: np.ndarray, what: str) -> None:
-    if img.ndim != 2 or img.dtype != np.uint8:
-        raise ValueError(
-            f"{what} needs a uint8 HxW grey image, got dtype={img.dtype} shape={img.shape}; "
-            "decode with decode_grey() first"
-        )
-
-
-def resize(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (size, size) from uint8 HxW; non-square inputs are stretched, not padded.
-
-    Area averaging when shrinking (no aliasing of rib edges and noise), bilinear when enlarging
-    (area interpolation degenerates to nearest-neighbour blocks there).
-    """
-    _require_grey_uint8(img, "resize")
-    if size < 1:
-        raise ValueError(f"resize: size={size} must be a positive number of pixels")
-    height, width = img.shape
-    shrinking = size < height or size < width
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interpolation)
-
-
-def gamma_lut(gamma: float) -> np.ndarray:
-    """uint8[256] lookup table ``round(255 * (i / 255) ** gamma)``; gamma < 1 brightens."""
-    if not gamma > 0:
-        raise ValueError(f"gamma={gamma} must be positive")
-    levels = np.arange(256, dtype=np.float64) / 255.0
-    return np.clip(np.rint(255.0 * levels**gamma), 0, 255).astype(np.uint8)
-
-
-def apply_lut(img: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """uint8 HxW: each pixel replaced by ``lut[pixel]``."""
-    return cv2.LUT(img, lut)
-
-
-def apply_clahe(img: np.ndarray, clahe: cv2.CLAHE) -> np.ndarray:
-    """uint8 HxW: contrast-limited adaptive histogram equalisation with a ready CLAHE object."""
-    return clahe.apply(img)
-
-
-class Enhancer:
-    """The enhancement an ImageSpec asks for, with its settings fixed at construction.
-
-    Calling it is a pure function of the image. Build through ``enhancer_for(spec)`` so the LUT
-    and CLAHE settings are made once per spec, not once per image.
-    """
-
-    def __init__(self, method: str, *, clip_limit: float = 2.0, tile_grid: int = 8, gamma: float = 1.0) -> None:
-        if method not in ENHANCE_METHODS:
-            raise ValueError(f"enhance={method!r} is not one of {ENHANCE_METHODS}")
-        self.method = method
-        self.clip_limit = float(clip_limit)
-        self.tile_grid = int(tile_grid)
-        self.gamma = float(gamma)
-        self._lut = gamma_lut(self.gamma) if method == "gamma" else None
-        # A CLAHE object keeps scratch buffers between calls, so each thread gets its own.
-        self._local = threading.local()
-
-    @classmethod
-    def from_spec(cls, spec: ImageSpec) -> Enhancer:
-        return cls(spec.enhance, clip_limit=spec.clip_limit, tile_grid=spec.tile_grid, gamma=spec.gamma)
-
-    def _clahe(self) -> cv2.CLAHE:
-        clahe = getattr(self._local, "clahe", None)
-        if clahe is None:
-            clahe = cv2.createCLAHE(clipLimit=self.clip_limit, tileGridSize=(self.tile_grid, self.tile_grid))
-            self._local.clahe = clahe
-        return clahe
-
-    def __call__(self, img: np.ndarray) -> np.ndarray:
-        _require_grey_uint8(img, "enhance")
-        if self.method == "clahe":
-            return apply_clahe(img, self._clahe())
-        if self.method == "gamma":
-            return apply_lut(img, self._lut)
-        return img.copy()
-
-    def __repr__(self) -> str:
-        return (
-            f"Enhancer({self.method!r}, clip_limit={self.clip_limit}, tile_grid={self.tile_grid}, "
-            f"gamma={self.gamma})"
-        )
-
-
-@lru_cache(maxsize=32)
-def enhancer_for(spec: ImageSpec) -> Enhancer:
-    """The (cached) Enhancer for a spec; ImageSpec is frozen, hence hashable."""
-    return Enhancer.from_spec(spec)
-
-
-def enhance(img: np.ndarray, spec: ImageSpec) -> np.ndarray:
-    """uint8 HxW -> uint8 HxW: CLAHE, gamma or a copy, as ``spec.enhance`` says."""
-    return enhancer_for(spec)(img)
-
-
-def prepare(grey: np.ndarray, spec: ImageSpec) -> np.ndarray:
-    """uint8 HxW decoded grey -> uint8 (S, S) model input, S = ``spec.image_size``.
-
-    The one function both the ``preprocess`` step and the served model call. Resize comes first:
-    enhancing a 4000x4000 original costs ~100x more than enhancing the 128x128 result, and CLAHE's
-    tile grid is then relative to what the model sees, so one spec means the same contrast on
-    every source resolution.
-    """
-    _require_grey_uint8(grey, "prepare")
-    return enhance(resize(grey, spec.image_size), spec)
-
-
-def prepare_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """uint8 HxW lung mask -> uint8 (size, size) in {0, 1}.
-
-    Accepts 0/255 masks (Kaggle, thresholded at 128 to absorb JPEG noise) or masks already in
-    {0, 1}. Resizing the 0/255 version and thresholding at half keeps a pixel when at least half
-    its area was lung, so thin borders neither grow nor vanish.
-    """
-    _require_grey_uint8(mask, "prepare_mask")
-    binary = mask > 0 if int(mask.max(initial=0)) <= 1 else mask >= 128
-    scaled = resize(binary.astype(np.uint8) * 255, size)
-    return (scaled >= 128).astype(np.uint8)
-
-
-# 16x16 = 256 bits. Chest X-rays all look alike to a 64-bit phash: on real images (cxr-mini) 64-bit
-# hashes put different patients within 4 bits of each other, while at 256 bits the true near-duplicates
-# (the same film re-exported, or with arrows and a date burned in) sit at <= 40 and different films at
-# >= 52 (docs/usage.md).
-PHASH_SIZE = 16
-PHASH_BITS = PHASH_SIZE * PHASH_SIZE
-
-
-def perceptual_hash(grey: np.ndarray) -> int:
-    """256-bit DCT perceptual hash (imagehash.phash, hash_size 16) of a uint8 HxW image.
-
-    A python int in [0, 2**256). Near-duplicates (re-encoded, rescaled, annotated) differ in few bits.
-    """
-    _require_grey_uint8(grey, "perceptual_hash")
-    # imagehash shrinks to 4x the hash size with PIL's Lanczos filter before its DCT; doing that shrink
-    # with OpenCV's area filter first costs a third of the time and moves real X-rays' hashes by a few
-    # bits of 256 (same near-duplicate pairs on cxr-mini).
-    side = PHASH_SIZE * 4
-    small = cv2.resize(grey, (side, side), interpolation=cv2.INTER_AREA) if grey.shape != (side, side) else grey
-    bits = imagehash.phash(Image.fromarray(small), hash_size=PHASH_SIZE).hash.flatten()
-    # First bit most significant, as imagehash prints it; packbits is 70x faster than a Python loop.
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
-
-
-# --------------------------------------------------------------------------------------------
-# One file, as the preprocess pipeline needs it
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcessedImage:
-    """One source image ready for the prepared dataset.
-
-    image: uint8 (S, S) after ``prepare``; mask: uint8 (S, S) in {0, 1} or None (no mask, or the
-    mask could not be read: ``mask_problem`` then says why); sha256: hex digest of the file bytes;
-    phash: 256-bit perceptual hash of the decoded grey before enhancement; width/height: decoded
-    size in pixels.
-    """
-
-    image: np.ndarray
-    mask: np.ndarray | None
-    sha256: str
-    phash: int
-    width: int
-    height: int
-    mask_problem: str | None = None
-
-
-def process_file(path: str, mask_path: str | None, spec: ImageSpec, max_pixels: int) -> ProcessedImage:
-    """Read, check, hash and prepare one image (and its mask) from disk.
-
-    Top-level and argument-picklable so a multiprocessing pool can map it. Raises ImageRejected
-    (with the path) when the image itself is unusable; a mask that fails to read only sets
-    ``mask=None`` and ``mask_problem``, because the image is still good for training.
-    """
-    data = read_bytes(path)
-    sha256 = hashlib.sha256(data).hexdigest()
-    grey = _decode_file(data, path, max_pixels=max_pixels, min_side=DEFAULT_MIN_SIDE)
-    height, width = grey.shape
-    mask = None
-    mask_problem = None
-    if mask_path:
-        try:
-            # Any size is fine for a mask: it is resized to S anyway.
-            mask_grey = read_grey(mask_path, max_pixels=max_pixels, min_side=1)
-            mask = prepare_mask(mask_grey, spec.image_size)
-        except ImageRejected as err:
-            mask_problem = err.reason
-    return ProcessedImage(
-        image=prepare(grey, spec),
-        mask=mask,
-        sha256=sha256,
-        phash=perceptual_hash(grey),
-        width=int(width),
-        height=int(height),
-        mask_problem=mask_problem,
-    )
-
-
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "DEFAULT_MIN_SIDE",
-    "Enhancer",
-    "ImageRejected",
-    "ProcessedImage",
-    "apply_clahe",
-    "apply_lut",
-    "decode_grey",
-    "enhance",
-    "enhancer_for",
-    "gamma_lut",
-    "header_size",
-    "perceptual_hash",
-    "prepare",
-    "prepare_mask",
-    "process_file",
-    "read_bytes",
-    "read_grey",
-    "resize",
-    "sniff_format",
-    "to_uint8",
-]

@@ -1,6 +1,6 @@
 """Grad-CAM heatmaps, overlays, and the shortcut audit (does the model look at the lungs?).
 
-The model contract (``cxrexp/model.py``): a functional Keras model whose input is ``image`` float32
+The model contract (``cxrexp/learn/model.py``, names in ``cxrexp/layer_names.py``): a functional Keras model whose input is ``image`` float32
 (S, S, 1) in [0, 1], with conv layers ``block{i}_conv``, a ``Dense(1, name="logit")`` and then
 ``Activation("sigmoid", name="probability")``. Functional (not Sequential) so the layer graph, and
 with it Grad-CAM, survives ``keras.saving.load_model`` of a ``.keras`` file.
@@ -17,14 +17,27 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxrexp.model import last_conv_layer_name
+from cxrexp.layer_names import LOGIT_NAME as LOGIT_LAYER
 
-LOGIT_LAYER = "logit"
 # Below this total mass a heatmap is "all zero": the model's logit did not depend on any location.
 _MASS_EPS = 1e-8
 # Floor of the max a heatmap is divided by: an all-zero heatmap stays 0 instead of 0/0 = NaN, while
 # real maps (whose raw scale can be ~1e-6: small logit gradients) are still normalised exactly.
 _NORM_EPS = 1e-12
+
+
+def last_conv_layer_name(model: keras.Model) -> str:
+    """Name of the last ``Conv2D`` layer in layer order (the Grad-CAM target); ValueError if none.
+
+    By type rather than by the ``block{i}_conv`` names, so Grad-CAM also works on models not built here.
+    """
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.layers.Conv2D):
+            return layer.name
+    raise ValueError(
+        f"model {model.name!r} has no Conv2D layer (layers: {[layer.name for layer in model.layers]}); "
+        "Grad-CAM needs a convolutional feature map"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,11 +68,20 @@ def _gradcam_model(model: keras.Model, conv_layer: str | None) -> keras.Model:
         if needed not in names:
             raise ValueError(
                 f"model {model.name!r} has no layer {needed!r} (layers: {names}); build it with "
-                "cxrexp.model.build_cnn or pass conv_layer="
+                "cxrexp.learn.model.build_cnn or pass conv_layer="
             )
     return keras.Model(
         model.inputs, [model.get_layer(conv_name).output, model.get_layer(LOGIT_LAYER).output]
     )
+
+
+def unavailable_reason(model: keras.Model) -> str:
+    """Why Grad-CAM cannot explain ``model`` ("" when it can): it needs a conv layer and a logit layer."""
+    try:
+        _gradcam_model(model, None)
+    except ValueError as err:
+        return f"Grad-CAM unavailable for this model: {err}"
+    return ""
 
 
 CAM_METHODS = ("gradcam", "hirescam")

@@ -15,10 +15,15 @@ import keras
 import numpy as np
 
 from cxrexp.config import TrainConfig
-from cxrexp.dataset import make_dataset, predict_probabilities
-from cxrexp.losses import class_weights as compute_class_weights
-from cxrexp.metrics import choose_threshold
-from cxrexp.model import build_cnn_from_config
+from cxrexp.data.tfdata import make_dataset, predict_probabilities
+from cxrexp.evaluation.metrics import (
+    choose_threshold,
+    pr_auc,
+    roc_auc,
+    sensitivity_at_specificity,
+)
+from cxrexp.learn.losses import class_weights as compute_class_weights
+from cxrexp.learn.model import build_cnn_from_config
 
 HISTORY_KEYS = ("loss", "val_loss", "auc", "val_auc", "learning_rate")
 
@@ -194,4 +199,21 @@ def train_model(
     )
 
 
-__all__ = ["HISTORY_KEYS", "TrainingDiverged", "TrainResult", "check_schedule", "train_model"]
+def validation_metrics(labels: np.ndarray, probabilities: np.ndarray, cfg: TrainConfig) -> dict[str, float]:
+    """Validation summaries (the split that drove early stopping: for model choice, never reported as test)."""
+    return {
+        "val_roc_auc": roc_auc(labels, probabilities),
+        "val_pr_auc": pr_auc(labels, probabilities),
+        "val_sens_at_spec": sensitivity_at_specificity(labels, probabilities, cfg.target_specificity),
+    }
+
+
+def objective_value(val_metrics: dict[str, float], objective: str) -> float:
+    """The search objective (``TrainConfig.objective``) from ``validation_metrics``: in [0, 1] or NaN."""
+    return val_metrics["val_roc_auc"] if objective == "roc_auc" else val_metrics["val_sens_at_spec"]
+
+
+__all__ = [
+    "HISTORY_KEYS", "TrainingDiverged", "TrainResult", "check_schedule", "objective_value", "train_model",
+    "validation_metrics",
+]

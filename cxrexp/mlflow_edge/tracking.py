@@ -20,17 +20,14 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+import cxrexp
 from cxrexp.config import flat_params
-from cxrexp.store import PreparedDataError, PreparedDataset, open_prepared
+from cxrexp.data.store import PreparedDataError, PreparedDataset, open_prepared
+from cxrexp.tags import DIGEST_TAG, GIT_TAG, PREPARED_DIR_TAG, STEP_TAG
 
 log = logging.getLogger(__name__)
 
-STEP_TAG = "cxrexp.step"
-PREPARED_DIR_TAG = "cxrexp.prepared_dir"
-DIGEST_TAG = "cxrexp.dataset_digest"
-GIT_TAG = "cxrexp.git_commit"
-MODEL_URI_TAG = "cxrexp.model_uri"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(cxrexp.__file__).resolve().parents[1]  # the folder holding MLproject
 
 
 def git_commit() -> str | None:

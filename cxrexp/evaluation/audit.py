@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cxrexp.config import ImageSpec
-from cxrexp.store import PreparedDataset
+from cxrexp.data.store import PreparedDataset
 
 CELLS = ("TP", "FP", "TN", "FN")
 # Grad-CAM audit sample: enough heatmaps for a stable mean, few enough to stay seconds on a CPU.
@@ -159,7 +159,7 @@ def widen_masks(masks: np.ndarray, pixels: int) -> np.ndarray:
 
 def feature_stride(model: Any, conv_layer: str | None = None) -> int:
     """Input pixels per cell of the explained conv layer's feature map (1 when it cannot be read)."""
-    from cxrexp import gradcam
+    from cxrexp.evaluation import gradcam
 
     try:
         name = conv_layer or gradcam.last_conv_layer_name(model)
@@ -206,7 +206,7 @@ def audit_heatmaps(
     ``tolerance_cells * stride`` pixels before ``gradcam.focus_scores``; ``gradcam.audit`` gates
     the mean lung focus of the gated ones.
     """
-    from cxrexp import gradcam
+    from cxrexp.evaluation import gradcam
 
     heatmaps = np.asarray(heatmaps)
     lung_masks = np.asarray(lung_masks)
@@ -233,7 +233,7 @@ def audit_heatmaps(
 
 def lung_masks(dataset: PreparedDataset, rows: np.ndarray, has_mask: np.ndarray) -> tuple[np.ndarray, str]:
     """uint8 (n, S, S): the dataset's lung mask where it has one, else ``gradcam.estimate_lung_mask``."""
-    from cxrexp import gradcam
+    from cxrexp.evaluation import gradcam
 
     size = dataset.image_size
     stored = dataset.masks()
@@ -266,7 +266,7 @@ def shortcut_audit(
     cells: TP/FP/TN/FN per test row at the operating threshold. Returns the outcome and the audited
     positions into ``test`` (gated first, then context), aligned with ``outcome.scores``.
     """
-    from cxrexp import gradcam
+    from cxrexp.evaluation import gradcam
 
     gated, context = audit_sample(cells, sample_order(len(test), seed))
     positions = np.concatenate([gated, context]).astype(np.int64)

@@ -1,0 +1,211 @@
+"""An evaluate run: one MLflow run that judges a logged model on a prepared test split (MLflow edge).
+
+What it logs (the contract the promote step and readers rely on):
+
+- metrics ``test_<name>`` for every name of ``metrics.evaluate_predictions`` (counts, rates with
+  ``_ci_low``/``_ci_high``, ``roc_auc``, ``pr_auc``, ``brier``, ``ppv/npv_at_prevalence`` when a
+  prevalence is given), plus ``test_n`` and ``threshold`` (the one used);
+- ``metric_notes.json`` (metric -> why it is NaN) and a tag ``cxrexp.note.<metric>`` per undefined
+  point estimate;
+- ``predictions.csv`` (source, class_name, label, probability, predicted, cell) for the test split;
+- ``figures/``: confusion matrix, ROC with the operating point, PR, calibration, threshold sweep,
+  Grad-CAM gallery, lung-focus distribution;
+- ``gradcam/<cell>_<n>_overlay.png`` and ``_contour.png`` for a fixed seeded sample per confusion
+  cell, with ``gradcam/samples.csv``;
+- shortcut audit: metrics ``audit_lung_focus_mean``, ``audit_lung_focus_median``,
+  ``audit_border_share_mean``, ``audit_n``, ``audit_passed`` (1/0), tags ``cxrexp.audit``
+  (``passed``/``failed``) and ``cxrexp.audit_reason``, ``audit/scores.csv``;
+- ``report.html``: the self-contained model card (``cxrexp.evaluation.model_card``);
+- tags ``cxrexp.model_uri``, ``cxrexp.model_id``, ``cxrexp.registered_model``,
+  ``cxrexp.model_version``, ``cxrexp.train_run_id``, ``cxrexp.dataset_digest`` (the test data),
+  ``cxrexp.training_dataset_digest``, and the test split as an ``mlflow.data`` input (context
+  ``test``).
+
+Every check that can fail on user input (model URI, dataset, image settings, empty test split)
+runs before the MLflow run starts, so a mistake costs no run and no compute.
+
+The pure parts (image-setting comparison, confusion cells, the seeded sampling of Grad-CAM cases
+and the shortcut audit) live in ``cxrexp/audit.py``; this module resolves, runs and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cxrexp.config import EvaluateConfig
+from cxrexp.data.store import PreparedDataset, open_prepared
+from cxrexp.errors import PreparedDataError
+from cxrexp.evaluation import model_card
+from cxrexp.evaluation.test_evaluation import (
+    card_notes,
+    check_spec,
+    evaluate_test_split,
+    evaluation_frame,
+    summary_text,
+    training_overlap,
+)
+from cxrexp.mlflow_edge import evaluation_logging, tracking
+from cxrexp.mlflow_edge.model_uri import ModelSource, describe_model
+from cxrexp.tags import (
+    AUDIT_REASON_TAG,
+    AUDIT_TAG,
+    EVALUATE_STEP,
+    MLFLOW_EVALUATE_TAG,
+    MODEL_ID_TAG,
+    MODEL_URI_TAG,
+    MODEL_VERSION_TAG,
+    PREPARED_DIR_TAG,
+    REGISTERED_MODEL_TAG,
+    THRESHOLD_SOURCE_TAG,
+    TRAIN_RUN_TAG,
+    TRAINING_DIGEST_TAG,
+)
+
+log = logging.getLogger(__name__)
+
+
+def training_dataset(source: ModelSource) -> PreparedDataset:
+    """The prepared dataset the model was trained on, found through its training run's tag."""
+    if not source.train_run_id:
+        raise PreparedDataError(
+            f"{source.model_uri} carries no training run id, so its dataset is unknown: pass --data "
+            "(a prepared dataset folder or a preprocess run id)"
+        )
+    try:
+        run = MlflowClient().get_run(source.train_run_id)
+    except MlflowException as err:
+        raise PreparedDataError(
+            f"the training run {source.train_run_id} of {source.model_uri} is not in {mlflow.get_tracking_uri()} "
+            f"({err.message}): pass --data"
+        ) from err
+    prepared = run.data.tags.get(PREPARED_DIR_TAG)
+    if not prepared:
+        raise PreparedDataError(
+            f"the training run {source.train_run_id} of {source.model_uri} has no {PREPARED_DIR_TAG} tag: "
+            "pass --data"
+        )
+    try:
+        dataset = open_prepared(prepared)
+    except PreparedDataError as err:
+        raise PreparedDataError(
+            f"{source.model_uri} was trained on the prepared dataset {prepared} (digest "
+            f"{source.dataset_digest or 'unknown'}), which cannot be opened: {err}. Prepare it again "
+            "with the same settings or pass --data"
+        ) from err
+    if source.dataset_digest and dataset.digest != source.dataset_digest:
+        raise PreparedDataError(
+            f"{source.model_uri} was trained on dataset {source.dataset_digest}, but {prepared} now holds "
+            f"{dataset.digest} (prepared again with other data or settings): pass --data explicitly"
+        )
+    return dataset
+
+
+def resolve_data(data: str, source: ModelSource) -> tuple[PreparedDataset, PreparedDataset | None]:
+    """(dataset to evaluate on, the training dataset when it can be found)."""
+    if not data:
+        dataset = training_dataset(source)
+        return dataset, dataset
+    dataset = tracking.resolve_prepared(data)
+    try:
+        trained_on = training_dataset(source)
+    except PreparedDataError as err:
+        log.info("training dataset of %s not available for the overlap check: %s", source.model_uri, err)
+        trained_on = None
+    return dataset, trained_on
+
+
+def run(cfg: EvaluateConfig) -> str:
+    """Evaluate ``cfg.model_uri`` on the test split as one MLflow run; returns the run id.
+
+    Raises ``ModelNotFound`` (unknown URI) or ``PreparedDataError`` (dataset missing, prepared with
+    other image settings, empty test split) before the run starts. The flags were checked by the step.
+    """
+    from cxrexp.data.tfdata import predict_probabilities
+    from cxrexp.mlflow_edge import serving
+
+    model, model_spec, model_threshold = serving.load_keras_model(cfg.model_uri)
+    source = describe_model(cfg.model_uri)
+    dataset, trained_on = resolve_data(cfg.data, source)
+    check_spec(cfg.model_uri, model_spec, dataset)
+    test = evaluation_frame(dataset)
+    threshold = float(cfg.threshold) if cfg.threshold >= 0 else float(model_threshold)
+    prevalence = float(cfg.prevalence) if cfg.prevalence >= 0 else None
+    training_digest = trained_on.digest if trained_on is not None else source.dataset_digest
+
+    with tracking.step_run(
+        EVALUATE_STEP, cfg, run_name=source.run_name(),
+        extra_params={"image_size": dataset.image_size, "model_threshold": model_threshold},
+    ) as active:
+        run_id = active.info.run_id
+        _tag_model(cfg, source, training_digest)
+        test_data = tracking.log_prepared_dataset(dataset, context="test")  # also tags prepared_dir and digest
+        probabilities = predict_probabilities(
+            model, dataset.images(), test["row"].to_numpy(np.int64), cfg.batch_size
+        ).astype(np.float64)
+        judged = evaluate_test_split(test, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
+                                     prevalence=prevalence)
+        overlap = training_overlap(test, trained_on, dataset.digest)
+        evaluation_logging.log_test_metrics(judged.evaluation, len(test), threshold, overlap, source.model_id, test_data)
+        tracking.log_frame(judged.predictions, "predictions.csv")
+        mlflow_status = evaluation_logging.mlflow_cross_check(judged.predictions, judged.counts)
+        mlflow.set_tag(MLFLOW_EVALUATE_TAG, mlflow_status[:500])
+
+        stage = evaluation_logging.Staging()
+        try:
+            labels = judged.predictions["label"].to_numpy()
+            figures = evaluation_logging.log_figures(stage, labels, probabilities, threshold, judged.counts,
+                                                     judged.evaluation, dataset)
+            audit, gallery = evaluation_logging.audit_and_gallery(stage, model, dataset, test, probabilities,
+                                                                  judged.cells, cfg)
+            mlflow.set_tags({AUDIT_TAG: "passed" if audit.passed else "failed", AUDIT_REASON_TAG: audit.reason[:500]})
+            card = model_card.ModelCard(
+                model_uri=cfg.model_uri,
+                evaluate_run_id=run_id,
+                train_run_id=source.train_run_id,
+                data_source=f"{cfg.data or 'training dataset of the model'} ({dataset.root})",
+                dataset_digest=dataset.digest,
+                training_digest=training_digest,
+                threshold=threshold,
+                threshold_source="--threshold flag" if cfg.threshold >= 0 else "stored with the model, chosen on validation",
+                metrics=judged.evaluation.metrics,
+                reasons=judged.evaluation.reasons,
+                model_version=f"{source.registered_name} v{source.version}" if source.version else "",
+                model_id=source.model_id,
+                positive_label=dataset.positive_class,
+                negative_label=dataset.negative_label,
+                n_test=len(test),
+                details=model_card.evaluation_details(model_spec, cfg.n_bootstrap, cfg.seed, prevalence),
+                figures=figures,
+                gradcam=model_card.gallery_figure(gallery),
+                audit=audit,
+                notes=card_notes(labels, dataset, training_digest, overlap, mlflow_status),
+            )
+            mlflow.log_text(model_card.render_html(card), "report.html")
+        finally:
+            stage.close()
+
+        print(summary_text(run_id, cfg.model_uri, judged.evaluation.metrics, threshold, len(test), audit.passed,
+                           audit.reason, mlflow.get_artifact_uri("report.html")))
+        return run_id
+
+
+def _tag_model(cfg: EvaluateConfig, source: ModelSource, training_digest: str) -> None:
+    """The tags that say which model was judged and what it was trained on."""
+    mlflow.set_tags({
+        "mlflow.runName": source.run_name(),  # also when resumed under `mlflow run`
+        MODEL_URI_TAG: cfg.model_uri,
+        MODEL_ID_TAG: source.model_id,
+        REGISTERED_MODEL_TAG: source.registered_name,
+        MODEL_VERSION_TAG: source.version,
+        TRAIN_RUN_TAG: source.train_run_id,
+        TRAINING_DIGEST_TAG: training_digest,
+        THRESHOLD_SOURCE_TAG: "flag" if cfg.threshold >= 0 else "model",
+    })
+
+
+__all__ = ["resolve_data", "run", "training_dataset"]

@@ -1,0 +1,147 @@
+"""A preprocess run: ``pipeline.run_preprocess`` as one MLflow run, and finding one to reuse (MLflow edge).
+
+Here rather than in ``steps/`` because three steps need it: ``preprocess`` runs it, ``train`` with no
+``data`` reuses or runs it (``ensure``), ``main`` asks whether a finished one can be reused.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import mlflow
+import numpy as np
+
+from cxrexp.config import PreprocessConfig
+from cxrexp.data.pipeline import PreprocessResult, prepared_key, run_preprocess
+from cxrexp.data.store import PreparedDataset
+from cxrexp.errors import PreparedDataError
+from cxrexp.images import decode, synthetic, transforms
+from cxrexp.mlflow_edge import tracking
+from cxrexp.tags import REUSED_PREPARED_TAG
+
+log = logging.getLogger(__name__)
+
+
+def summary_metrics(dataset: PreparedDataset, n_skipped: int) -> dict[str, float]:
+    manifest = dataset.manifest
+    metrics: dict[str, float] = {
+        "n_images": len(manifest),
+        "n_skipped": n_skipped,
+        "n_duplicate_groups": dataset.params.get("n_duplicate_groups", 0),
+        "n_with_mask": int(manifest["has_mask"].sum()),
+        "prevalence": float(manifest["label"].mean()) if len(manifest) else float("nan"),
+    }
+    for split in ("train", "val", "test"):
+        part = manifest[manifest["split"] == split]
+        metrics[f"n_{split}"] = len(part)
+        metrics[f"n_{split}_positive"] = int(part["label"].sum())
+    for name, count in manifest["class_name"].value_counts().sort_index().items():
+        metrics[f"n_class_{tracking.metric_key(str(name))}"] = int(count)
+    return metrics
+
+
+def _before_after(dataset: PreparedDataset, n: int = 4) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """A few images as decoded (resized only) and as stored (resized and enhanced), one per class first."""
+    manifest = dataset.manifest
+    picks = manifest.groupby("class_name", sort=True).head(max(1, n // 2)).head(n)
+    plain = replace(dataset.spec, enhance="none")
+    stored = dataset.images()
+    syn_params = dataset.params.get("synthetic")
+    pairs = []
+    for _, row in picks.iterrows():
+        if syn_params:
+            index = int(str(row["source"]).rsplit("/", 1)[-1])
+            grey = synthetic.make_image(synthetic.SyntheticSpec(**syn_params), index).image
+        else:
+            grey = decode.read_grey(row["source"], max_pixels=int(dataset.params["max_pixels"]))
+        title = f"{row['class_name']}: {str(row['source']).rsplit('/', 1)[-1]}"
+        pairs.append((title, transforms.prepare(grey, plain), np.asarray(stored[int(row["row"])])))
+    return pairs
+
+
+def log_result(cfg: PreprocessConfig, result: PreprocessResult) -> None:
+    dataset = result.dataset
+    skipped = result.skipped
+    mlflow.log_metrics(summary_metrics(dataset, len(skipped)))
+    mlflow.log_metric("seconds", result.seconds)
+    mlflow.set_tag(REUSED_PREPARED_TAG, str(result.reused).lower())
+    tracking.log_prepared_dataset(dataset, context="preprocess")
+    mlflow.log_artifact(str(dataset.root / "manifest.csv"), artifact_path="data")
+    mlflow.log_artifact(str(dataset.root / "skipped.csv"), artifact_path="data")
+    mlflow.log_artifact(str(dataset.root / "params.json"), artifact_path="data")
+    try:
+        from cxrexp.evaluation import (
+            plots,  # matplotlib and scikit-learn: seconds of imports, only for this figure
+        )
+
+        tracking.log_figure(plots.enhancement_panel(_before_after(dataset)), "figures/enhancement.png")
+    except Exception as err:  # noqa: BLE001 - a figure must not cost the user the prepared data
+        log.warning("could not draw the enhancement figure: %s", err)
+
+
+def report(result: PreprocessResult) -> str:
+    dataset = result.dataset
+    skipped = result.skipped
+    m = dataset.manifest
+    lines = [
+        f"prepared dataset: {dataset.root}",
+        f"  digest {dataset.digest}{' (reused: same data and parameters)' if result.reused else ''}",
+        f"  {len(m)} images ({', '.join(f'{k}: {v}' for k, v in m['class_name'].value_counts().sort_index().items())}), "
+        f"train/val/test {', '.join(str(int((m['split'] == s).sum())) for s in ('train', 'val', 'test'))}, "
+        f"{dataset.params.get('n_duplicate_groups', 0)} duplicate groups",
+    ]
+    if len(skipped):
+        lines.append(f"  skipped {len(skipped)} file(s) (see skipped.csv):")
+        lines += [f"    {row.path}: {row.reason}" for row in skipped.head(20).itertuples()]
+        if len(skipped) > 20:
+            lines.append(f"    ... and {len(skipped) - 20} more")
+    for note in dataset.params.get("notes", []):
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def run(cfg: PreprocessConfig) -> str:
+    """Preprocess as one MLflow run (tagged ``cxrexp.step=preprocess``); returns the run id."""
+    with tracking.step_run("preprocess", cfg) as active:
+        result = run_preprocess(cfg)
+        log_result(cfg, result)
+        print(report(result))
+        print(f"preprocess run id: {active.info.run_id}")
+        return active.info.run_id
+
+
+def _reusable(cfg: PreprocessConfig) -> tuple[str, PreparedDataset] | None:
+    """(run id, its prepared dataset) of a finished preprocess run with these parameters whose prepared
+    data is still there and was made from the same files; None when preprocess has to run."""
+    previous = tracking.find_finished_run("preprocess", cfg)
+    if previous is None:
+        return None
+    try:
+        dataset = tracking.resolve_prepared(previous.info.run_id)
+    except PreparedDataError as err:
+        log.warning("preprocess run %s cannot be reused (%s); running preprocess again", previous.info.run_id, err)
+        return None
+    # Same parameters is not enough for a data folder: files may have been added or replaced.
+    if dataset.root.name != prepared_key(cfg):
+        print(f"preprocess run {previous.info.run_id} was made from other files; running preprocess again")
+        return None
+    return previous.info.run_id, dataset
+
+
+def reusable_run(cfg: PreprocessConfig) -> str | None:
+    """The run id ``_reusable`` finds (the main pipeline needs only the id); None when preprocess has to run."""
+    found = _reusable(cfg)
+    return found[0] if found is not None else None
+
+
+def ensure(cfg: PreprocessConfig) -> PreparedDataset:
+    """The prepared dataset for ``cfg``: from a reusable preprocess run, or a new run."""
+    found = _reusable(cfg)
+    if found is not None:
+        run_id, dataset = found
+        print(f"reusing preprocess run {run_id} ({dataset.root})")
+        return dataset
+    with tracking.outside_project_run():
+        run_id = run(cfg)
+    return tracking.resolve_prepared(run_id)

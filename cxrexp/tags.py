@@ -1,0 +1,86 @@
+"""The run-tag contract: every MLflow tag, registry alias and Optuna attribute that one step writes
+and another step (or a reader in ``mlflow ui``) reads. One home, so writer and reader cannot drift
+apart. Imports nothing.
+
+Prefixes: ``cxrexp.`` on runs, ``optuna.`` on trial and study runs, ``promotion.`` on model versions.
+"""
+
+# --- every run --------------------------------------------------------------------------------
+STEP_TAG = "cxrexp.step"  # preprocess | train | trial | evaluate | promote | main
+GIT_TAG = "cxrexp.git_commit"
+PREPARED_DIR_TAG = "cxrexp.prepared_dir"  # the prepared dataset folder a run read or wrote
+DIGEST_TAG = "cxrexp.dataset_digest"  # that dataset's identity (content, labels, splits, settings)
+MODEL_URI_TAG = "cxrexp.model_uri"  # train: the logged model; evaluate: the model judged
+
+# Step names, as STEP_TAG holds them.
+PREPROCESS_STEP = "preprocess"
+TRAIN_STEP = "train"
+TRIAL_STEP = "trial"
+EVALUATE_STEP = "evaluate"
+PROMOTE_STEP = "promote"
+MAIN_STEP = "main"
+
+# --- preprocess / train ---------------------------------------------------------------------------
+REUSED_PREPARED_TAG = "cxrexp.reused_prepared"
+REGISTERED_VERSION_TAG = "cxrexp.registered_version"
+
+# --- evaluate -------------------------------------------------------------------------------------
+AUDIT_TAG = "cxrexp.audit"  # passed | failed
+AUDIT_REASON_TAG = "cxrexp.audit_reason"
+AUDIT_PASSED_METRIC = "audit_passed"  # 1 / 0, beside the tag
+TRAIN_RUN_TAG = "cxrexp.train_run_id"
+MODEL_ID_TAG = "cxrexp.model_id"
+MODEL_VERSION_TAG = "cxrexp.model_version"
+REGISTERED_MODEL_TAG = "cxrexp.registered_model"
+TRAINING_DIGEST_TAG = "cxrexp.training_dataset_digest"
+THRESHOLD_SOURCE_TAG = "cxrexp.threshold_source"  # flag | model
+NOTE_TAG_PREFIX = "cxrexp.note."  # + metric name: why it is undefined
+MLFLOW_EVALUATE_TAG = "cxrexp.mlflow_evaluate"
+
+# --- main -----------------------------------------------------------------------------------------
+PREPROCESS_RUN_TAG = "cxrexp.preprocess_run"
+TRAIN_RUN_OF_MAIN_TAG = "cxrexp.train_run"
+EVALUATE_RUN_TAG = "cxrexp.evaluate_run"
+
+# --- promote --------------------------------------------------------------------------------------
+REGISTERED_MODEL_NAME_TAG = "cxrexp.registered_model_name"
+CHALLENGER_VERSION_TAG = "cxrexp.challenger_version"
+CHALLENGER_EVALUATE_RUN_TAG = "cxrexp.challenger_evaluate_run"
+CHAMPION_VERSION_TAG = "cxrexp.champion_version"
+CHAMPION_EVALUATE_RUN_TAG = "cxrexp.champion_evaluate_run"
+DECISION_OUTCOME_TAG = "cxrexp.decision"
+
+# --- registry: aliases and model-version tags -----------------------------------------------------
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous-champion"
+ROLLED_BACK = "rolled-back"
+VERSION_DIGEST_TAG = "dataset_digest"  # on a model version: the data it was trained on
+VERSION_TRAIN_RUN_TAG = "train_run_id"
+PROMOTION_TAG_PREFIX = "promotion."
+DECISION_TAG = "promotion.decision"
+REASONS_TAG = "promotion.reasons"
+REPLACED_TAG = "promotion.replaced"
+PROMOTED_AT_TAG = "promotion.promoted_at"
+ROLLED_BACK_TAG = "promotion.rolled_back"
+DECIDED_AT_TAG = "promotion.decided_at"
+
+# --- Optuna: trial runs and trial attributes ------------------------------------------------------
+STATE_TAG = "optuna.state"
+TRIAL_NUMBER_TAG = "optuna.trial_number"
+STUDY_NAME_TAG = "optuna.study_name"
+FAIL_REASON_TAG = "optuna.fail_reason"
+TIMED_OUT_TAG = "optuna.timed_out"
+PRUNED_AT_TAG = "optuna.pruned_at"
+STORAGE_TAG = "optuna.storage"
+TRIALS_DONE_BEFORE_TAG = "optuna.trials_done_before"
+WORKER_EXIT_CODES_TAG = "optuna.worker_exit_codes"
+BEST_TRIAL_NUMBER_TAG = "optuna.best_trial_number"
+BEST_RUN_ID_TAG = "optuna.best_run_id"
+RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow run
+EPOCHS_ATTR = "epochs_trained"  # trial user attr: epochs it trained (pruned trials too)
+
+# --- the logged model ----------------------------------------------------------------------------
+SERVING_METADATA_KEY = "cxrexp_serving"  # MLmodel metadata: the serving spec and the two keys below
+META_DIGEST_KEY = "dataset_digest"  # the prepared dataset the model was trained on
+META_TRAIN_RUN_KEY = "train_run_id"  # the run that trained it
