@@ -18,6 +18,7 @@ from cxrexp.config import (
     PredictConfig,
     PreprocessConfig,
     PromoteConfig,
+    SegmentConfig,
     TrainConfig,
     flat_fields,
     from_flat,
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", TrainConfig, "train the CNN (optionally under an Optuna search) and register the best model"),
         ("evaluate", EvaluateConfig, "test-split metrics with CIs, figures, Grad-CAM, shortcut audit, HTML report"),
         ("promote", PromoteConfig, "move the challenger to champion when it passes the gates"),
+        ("segment", SegmentConfig, "train the lung segmenter (U-Net) on image/mask folders and register it"),
     ):
         add_config_flags(sub.add_parser(name, help=text, description=text), cls)
     main_text = "the whole pipeline: preprocess -> train -> evaluate (reusing finished steps)"
@@ -126,6 +128,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg, _ = config_from_args(PromoteConfig, args)
         return promote_step.run(cfg)
+    if args.command == "segment":
+        from cxrexp.steps import segment_step
+
+        cfg, _ = config_from_args(SegmentConfig, args)
+        segment_step.run(cfg)
+        return 0
     if args.command == "rollback":
         from cxrexp.steps import promote_step
 

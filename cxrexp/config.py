@@ -26,6 +26,8 @@ PRUNERS = ("median", "median-average", "percentile", "halving", "hyperband", "no
 MAX_PIXELS = 64_000_000
 # The classifier's name in the Model Registry, the default of train, evaluate, promote and main.
 REGISTERED_MODEL_NAME = "cxr-covid-cnn"
+# The lung segmenter's name in the Model Registry (segment registers it, preprocess's lung_model reads it).
+SEGMENTER_MODEL_NAME = "cxr-lung-seg"
 
 
 def parse_int_list(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -245,6 +247,40 @@ class EvaluateConfig:
     gradcam_per_cell: int = 2
     min_lung_focus: float = 0.5
     batch_size: int = 64
+    # Collections from other hospitals (class folders, Kaggle or plain layout), each prepared with the
+    # model's image settings under external_out_dir and scored at the model's threshold.
+    external: tuple[str, ...] = ()
+    external_out_dir: str = ".cxrexp/prepared"
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Flags of ``segment``. ``mask_dirs=""`` trains on the built-in synthetic set's lung masks."""
+
+    mask_dirs: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()  # file-name globs kept out, e.g. *_0.png (external normals)
+    image_size: int = 128
+    epochs: int = 15
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    patience: int = 4
+    base_filters: int = 16
+    val_frac: float = 0.1
+    test_frac: float = 0.15
+    seed: int = 42
+    max_pixels: int = MAX_PIXELS
+    synthetic_count: int = 240
+    synthetic_size: int = 256
+    registered_model_name: str = SEGMENTER_MODEL_NAME
+
+    def __post_init__(self) -> None:
+        if self.image_size % 16 or not 32 <= self.image_size <= 512:
+            raise ValueError(f"image_size={self.image_size} must be a multiple of 16 in [32, 512] (4 poolings)")
+        if self.epochs < 1 or self.batch_size < 1 or self.base_filters < 1:
+            raise ValueError(f"epochs={self.epochs}, batch_size={self.batch_size} and base_filters="
+                             f"{self.base_filters} must be at least 1")
+        if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
+            raise ValueError(f"val_frac={self.val_frac} and test_frac={self.test_frac} must be in (0, 1) and sum below 1")
 
 
 @dataclass(frozen=True)
@@ -305,6 +341,8 @@ __all__ = [
     "EvaluateConfig",
     "PromoteConfig",
     "MainConfig",
+    "SegmentConfig",
+    "SEGMENTER_MODEL_NAME",
     "PredictConfig",
     "MAX_PIXELS",
     "REGISTERED_MODEL_NAME",

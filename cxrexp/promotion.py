@@ -260,7 +260,25 @@ def decide(challenger: Evidence, champion: Evidence | None, gates: Gates) -> Dec
     )
 
 
+def segmenter_champion(test_dice: float, split_digest: str, champion_dice: float | None,
+                       champion_split: str | None) -> tuple[bool, str]:
+    """Should a new lung segmenter become ``@champion``? (move, the reason in plain words).
+
+    Yes when there is no champion, or the champion was scored on the same held-out split and the new
+    model's test Dice is no worse; a champion scored on another split is not comparable (no move).
+    """
+    if champion_dice is None:
+        return True, f"@champion: there was none; this model has test Dice {test_dice:.4f}"
+    if champion_split != split_digest:
+        return False, (f"@champion stays: it was scored on another held-out split ({champion_split}, this one "
+                       f"{split_digest}); evaluate both on one split to compare")
+    if test_dice >= champion_dice:
+        return True, f"@champion moved: test Dice {test_dice:.4f} >= the champion's {champion_dice:.4f} on the same split"
+    return False, f"@champion stays: test Dice {test_dice:.4f} < the champion's {champion_dice:.4f} on the same split"
+
+
 __all__ = [
+    "segmenter_champion",
     "AUDIT_GATE",
     "CHAMPION_GATE",
     "GATE_NAMES",

@@ -19,6 +19,7 @@ TRIAL_STEP = "trial"
 EVALUATE_STEP = "evaluate"
 PROMOTE_STEP = "promote"
 MAIN_STEP = "main"
+SEGMENT_STEP = "segment"
 
 # --- preprocess / train ---------------------------------------------------------------------------
 REUSED_PREPARED_TAG = "cxrexp.reused_prepared"

@@ -12,15 +12,18 @@ import yaml
 
 from cxrexp.config import (
     EvaluateConfig,
+    MainConfig,
     PreprocessConfig,
     PromoteConfig,
+    SegmentConfig,
     TrainConfig,
     field_names,
     flat_fields,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "promote": PromoteConfig}
+STEPS = {"preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "promote": PromoteConfig,
+         "segment": SegmentConfig, "main": MainConfig}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,8 @@ def test_defaults_agree(entry_points, step):
 
 @pytest.mark.parametrize("step", sorted(STEPS))
 def test_help_lists_every_flag(step):
-    out = subprocess.run(["cxrexp", step, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    command = {"main": "run"}.get(step, step)  # `cxrexp run` is the main entry point
+    out = subprocess.run(["cxrexp", command, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
     listed = set(re.findall(r"--[a-z0-9-]+", out))
     missing = [flag(name) for name in field_names(STEPS[step]) if flag(name) not in listed]
     assert not missing, f"`cxrexp {step} --help` does not list {missing}"

@@ -14,6 +14,7 @@ Conventions used everywhere in this module:
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -556,7 +557,13 @@ def threshold_sweep(labels, probabilities, thresholds) -> pd.DataFrame:
     )
 
 
+def metric_key(text: str) -> str:
+    """A name such as ``Viral Pneumonia`` or ``ext-other`` as a metric-name fragment (``Viral_Pneumonia``)."""
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", text).strip("_")
+
+
 __all__ = [
+    "metric_key",
     "Confusion",
     "Evaluation",
     "RATE_NAMES",

@@ -115,6 +115,9 @@ class ModelCard:
     audit: AuditSummary | None = None
     notes: Sequence[str] = ()
     title: str = "cxrexp model card"
+    # (name, folder, n, n_positive, n_dropped, metrics) per external collection, and warnings in words.
+    external: Sequence[tuple[str, str, int, int, int, Mapping[str, float]]] = ()
+    external_warnings: Sequence[str] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,6 +292,32 @@ def _audit_html(audit: AuditSummary | None) -> str:
     )
 
 
+def _with_ci(values: Mapping[str, float], name: str) -> str:
+    value = values.get(name)
+    low, high = values.get(f"{name}_ci_low"), values.get(f"{name}_ci_high")
+    if _is_missing(value):
+        return "undefined"
+    ci = "" if _is_missing(low) or _is_missing(high) else f" [{format_number(low)}, {format_number(high)}]"
+    return format_number(value) + ci
+
+
+def _external_html(card: ModelCard) -> str:
+    """One table: the internal test split, then each external collection, at the same threshold."""
+    head = ("<table><tr><th>data</th><th>n</th><th>positives</th><th>dropped (duplicates of training)</th>"
+            "<th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th><th>ROC-AUC</th></tr>")
+    rows = [("internal test split", card.n_test, int(card.metrics.get("tp", 0) + card.metrics.get("fn", 0)), 0,
+             card.metrics)]
+    rows += [(f"{name} ({folder})", n, n_pos, dropped, values) for name, folder, n, n_pos, dropped, values in card.external]
+    body = "".join(
+        f"<tr><td>{_e(label)}</td><td>{n}</td><td>{n_pos}</td><td>{dropped}</td>"
+        + "".join(f"<td>{_e(_with_ci(values, m))}</td>" for m in ("sensitivity", "specificity", "ppv", "npv", "roc_auc"))
+        + "</tr>"
+        for label, n, n_pos, dropped, values in rows
+    )
+    warnings = "".join(f"<div class='warning'>{_e(w)}</div>" for w in card.external_warnings)
+    return head + body + "</table>" + warnings
+
+
 def render_html(card: ModelCard) -> str:
     """The complete, self-contained HTML document for ``card`` (UTF-8 text)."""
     parts = [
@@ -319,6 +348,9 @@ def render_html(card: ModelCard) -> str:
     if card.figures:
         parts.append("<h2>Figures</h2>")
         parts += [_figure_html(figure, "48%") for figure in card.figures]
+    if card.external:
+        parts.append("<h2>Internal test split and external collections</h2>")
+        parts.append(_external_html(card))
     parts.append("<h2>Shortcut audit</h2>")
     parts.append(_audit_html(card.audit))
     if card.gradcam is not None:

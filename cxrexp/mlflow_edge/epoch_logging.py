@@ -20,19 +20,22 @@ LOGGED = ("loss", "val_loss", "train_auc", "val_auc", "learning_rate")
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """After every epoch: ``loss``, ``val_loss``, ``train_auc``, ``val_auc``, ``learning_rate`` at step=epoch."""
+    """After every epoch: the ``logged`` values (by default ``loss``, ``val_loss``, ``train_auc``,
+    ``val_auc``, ``learning_rate``) at step=epoch, Keras' names mapped through ``renames``."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, *, logged: tuple[str, ...] = LOGGED, renames: dict[str, str] | None = None):
         super().__init__()
         self.run_id = run_id
         self.client = MlflowClient()
+        self.logged = logged
+        self.renames = RENAMES if renames is None else renames
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         now = int(time.time() * 1000)
         metrics = []
         for key, value in (logs or {}).items():
-            name = RENAMES.get(key, key)
-            if name not in LOGGED:
+            name = self.renames.get(key, key)
+            if name not in self.logged:
                 continue
             value = float(value)
             # MLflow stores NaN, but a NaN point hides the whole curve in the UI's charts.

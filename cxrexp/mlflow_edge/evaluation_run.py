@@ -41,6 +41,14 @@ from cxrexp.config import EvaluateConfig
 from cxrexp.data.store import PreparedDataset, open_prepared
 from cxrexp.errors import PreparedDataError
 from cxrexp.evaluation import model_card
+from cxrexp.evaluation.external import (
+    ExternalResult,
+    collection_names,
+    external_warning,
+    logged_metrics,
+    training_duplicates,
+)
+from cxrexp.evaluation.metrics import evaluate_predictions
 from cxrexp.evaluation.test_evaluation import (
     card_notes,
     check_spec,
@@ -150,6 +158,13 @@ def run(cfg: EvaluateConfig) -> str:
         judged = evaluate_test_split(test, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
                                      prevalence=prevalence)
         overlap = training_overlap(test, trained_on, dataset.digest)
+        external = score_external(cfg, model, model_spec, threshold, dataset, trained_on) if cfg.external else []
+        for result in external:
+            tracking.log_metrics(logged_metrics(result))
+        external_warnings = [w for w in (external_warning(r.name, judged.evaluation.metrics, r.evaluation.metrics)
+                                         for r in external) if w]
+        for text in external_warnings:
+            print(f"WARNING: {text}")
         evaluation_logging.log_test_metrics(judged.evaluation, len(test), threshold, overlap, source.model_id, test_data)
         tracking.log_frame(judged.predictions, "predictions.csv")
         mlflow_status = evaluation_logging.mlflow_cross_check(judged.predictions, judged.counts)
@@ -183,6 +198,8 @@ def run(cfg: EvaluateConfig) -> str:
                 figures=figures,
                 gradcam=model_card.gallery_figure(gallery),
                 audit=audit,
+                external=[(r.name, r.folder, r.n, r.n_positive, r.n_dropped, r.evaluation.metrics) for r in external],
+                external_warnings=external_warnings,
                 notes=card_notes(labels, dataset, training_digest, overlap, mlflow_status),
             )
             mlflow.log_text(model_card.render_html(card), "report.html")
@@ -192,6 +209,41 @@ def run(cfg: EvaluateConfig) -> str:
         print(summary_text(run_id, cfg.model_uri, judged.evaluation.metrics, threshold, len(test), audit.passed,
                            audit.reason, mlflow.get_artifact_uri("report.html")))
         return run_id
+
+
+def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dataset: PreparedDataset,
+                   trained_on: PreparedDataset | None) -> list[ExternalResult]:
+    """Each ``cfg.external`` collection prepared with the model's image settings (under
+    ``cfg.external_out_dir``; its folder is only read), training duplicates dropped, scored at ``threshold``."""
+    from cxrexp.config import PreprocessConfig
+    from cxrexp.data.pipeline import run_preprocess
+    from cxrexp.data.tfdata import predict_probabilities
+
+    reference = trained_on if trained_on is not None else dataset
+    seen = reference.manifest[reference.manifest["split"].isin(["train", "val"])]
+    results = []
+    for name, folder in zip(collection_names(cfg.external), cfg.external):
+        prepared = run_preprocess(PreprocessConfig(
+            data_dir=folder, classes=(dataset.positive_class, dataset.negative_label),
+            positive_class=dataset.positive_class, image=model_spec, out_dir=cfg.external_out_dir,
+            near_dup_distance=int(reference.params.get("near_dup_distance", 48)),
+        ), progress=False)
+        manifest = prepared.dataset.manifest
+        dropped = training_duplicates(manifest["sha256"].tolist(), manifest["phash"].tolist(),
+                                      seen["sha256"].tolist(), seen["phash"].tolist(),
+                                      int(reference.params.get("near_dup_distance", 48)))
+        kept = manifest[~dropped]
+        labels = kept["label"].to_numpy(np.int64)
+        probabilities = predict_probabilities(model, prepared.dataset.images(), kept["row"].to_numpy(np.int64),
+                                              cfg.batch_size).astype(np.float64)
+        evaluation = evaluate_predictions(labels, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+        results.append(ExternalResult(name, folder, len(kept), int(labels.sum()), int(dropped.sum()),
+                                      len(prepared.skipped), evaluation))
+        print(f"external {name} ({folder}): {len(kept)} images ({int(labels.sum())} {dataset.positive_class}), "
+              f"{int(dropped.sum())} dropped as duplicates of training images, {len(prepared.skipped)} skipped; "
+              f"ROC-AUC {evaluation.metrics['roc_auc']:.3f}, sensitivity {evaluation.metrics['sensitivity']:.3f}, "
+              f"specificity {evaluation.metrics['specificity']:.3f}")
+    return results
 
 
 def _tag_model(cfg: EvaluateConfig, source: ModelSource, training_digest: str) -> None:

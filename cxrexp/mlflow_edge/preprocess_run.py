@@ -16,6 +16,7 @@ from cxrexp.config import PreprocessConfig
 from cxrexp.data.pipeline import PreprocessResult, prepared_key, run_preprocess
 from cxrexp.data.store import PreparedDataset
 from cxrexp.errors import PreparedDataError
+from cxrexp.evaluation.metrics import metric_key
 from cxrexp.images import decode, synthetic, transforms
 from cxrexp.mlflow_edge import tracking
 from cxrexp.tags import REUSED_PREPARED_TAG
@@ -37,7 +38,7 @@ def summary_metrics(dataset: PreparedDataset, n_skipped: int) -> dict[str, float
         metrics[f"n_{split}"] = len(part)
         metrics[f"n_{split}_positive"] = int(part["label"].sum())
     for name, count in manifest["class_name"].value_counts().sort_index().items():
-        metrics[f"n_class_{tracking.metric_key(str(name))}"] = int(count)
+        metrics[f"n_class_{metric_key(str(name))}"] = int(count)
     return metrics
 
 

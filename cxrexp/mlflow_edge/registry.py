@@ -84,11 +84,13 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def register(model_uri: str, name: str, *, alias: str = CHALLENGER, tags: dict[str, Any] | None = None) -> str:
-    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it; returns the version."""
+def register(model_uri: str, name: str, *, alias: str | None = CHALLENGER, tags: dict[str, Any] | None = None) -> str:
+    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it (None: no alias);
+    returns the version."""
     clean_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
     version = mlflow.register_model(model_uri, name, tags=clean_tags)
-    MlflowClient().set_registered_model_alias(name, alias, version.version)
+    if alias is not None:
+        MlflowClient().set_registered_model_alias(name, alias, version.version)
     log.info("registered %s as %s version %s (@%s)", model_uri, name, version.version, alias)
     return str(version.version)
 

@@ -41,11 +41,6 @@ def git_commit() -> str | None:
         return None
 
 
-def metric_key(text: str) -> str:
-    """A class name such as ``Viral Pneumonia`` as a metric-name fragment (``Viral_Pneumonia``)."""
-    return re.sub(r"[^0-9A-Za-z_.-]+", "_", text).strip("_")
-
-
 @contextlib.contextmanager
 def step_run(step: str, cfg: Any, *, run_name: str | None = None, nested: bool = False,
              extra_params: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:

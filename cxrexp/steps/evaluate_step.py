@@ -28,6 +28,11 @@ def check_config(cfg: EvaluateConfig) -> None:
         problems.append(f"--batch-size {cfg.batch_size} must be >= 1")
     if not cfg.model_uri.strip():
         problems.append(f"--model-uri is empty: give {URI_FORMS}")
+    from pathlib import Path
+
+    for folder in cfg.external:
+        if not Path(folder).expanduser().is_dir():
+            problems.append(f"--external {folder}: not a folder (give class folders, e.g. COVID/ and Normal/)")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -1,0 +1,113 @@
+"""Find (image, lung mask) pairs for training and checking the lung segmenter (pure: lists folders only).
+
+Layouts, per folder of ``mask_dirs``:
+
+- ``kaggle``: ``<dir>/<Class>/images/<name>`` with ``<dir>/<Class>/masks/<name>`` (the COVID-19
+  Radiography Database, whose masks are 256 px beside 299 px images), also one folder down;
+- ``pair``: ``<dir>/images/<name>`` with ``<dir>/masks/<name>`` (e.g. the NLM Montgomery/Shenzhen sets).
+
+A pair's ``source`` is its hospital where the file name tells (``MCUCXR_*`` Montgomery, ``CHNCXR_*``
+Shenzhen), else its class folder (kaggle) or its folder's base name (pair). An image without a mask,
+or a mask without an image, is listed with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxrexp.data.discovery import IMAGE_EXTENSIONS
+from cxrexp.errors import DatasetError
+
+# File-name prefixes that name a hospital (the NLM sets): more telling than the folder they sit in.
+HOSPITAL_PREFIXES = {"MCUCXR_": "montgomery", "CHNCXR_": "shenzhen"}
+
+
+@dataclass(frozen=True)
+class MaskPair:
+    """One image with its lung mask; paths absolute, ``source`` as described in the module docstring."""
+
+    image: str
+    mask: str
+    source: str
+
+
+@dataclass(frozen=True)
+class MaskPairs:
+    """``pairs`` in folder, then natural file order; ``unpaired``: (path, reason); ``layouts``: per folder."""
+
+    pairs: list[MaskPair]
+    unpaired: list[tuple[str, str]]
+    layouts: dict[str, str]
+
+
+def source_of(name: str, folder_source: str) -> str:
+    for prefix, hospital in HOSPITAL_PREFIXES.items():
+        if name.startswith(prefix):
+            return hospital
+    return folder_source
+
+
+def _images_in(folder: Path) -> dict[str, str]:
+    """{file name: path} of the image files directly in ``folder`` (hidden files and others ignored)."""
+    with os.scandir(folder) as entries:
+        return {e.name: e.path for e in entries
+                if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)}
+
+
+def _pair_folder(images_dir: Path, masks_dir: Path, folder_source: str, exclude: tuple[str, ...],
+                 pairs: list[MaskPair], unpaired: list[tuple[str, str]]) -> None:
+    images = _images_in(images_dir)
+    masks = _images_in(masks_dir) if masks_dir.is_dir() else {}
+    for name in sorted(images, key=lambda n: (len(n), n)):
+        if any(fnmatch.fnmatch(name, pattern) for pattern in exclude):
+            continue
+        if name not in masks:
+            unpaired.append((images[name], f"no mask {masks_dir / name}"))
+            continue
+        pairs.append(MaskPair(str(Path(images[name]).absolute()), str(Path(masks[name]).absolute()),
+                              source_of(name, folder_source)))
+    for name in sorted(set(masks) - set(images)):
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in exclude):
+            unpaired.append((masks[name], f"no image {images_dir / name}"))
+
+
+def find_mask_pairs(mask_dirs: tuple[str, ...] | list[str], exclude: tuple[str, ...] = ()) -> MaskPairs:
+    """Every (image, mask) pair under ``mask_dirs``; ``exclude``: file-name globs left out (e.g. ``*_0.png``,
+    images kept for external validation). ``DatasetError`` for a folder in neither layout."""
+    pairs: list[MaskPair] = []
+    unpaired: list[tuple[str, str]] = []
+    layouts: dict[str, str] = {}
+    for text in mask_dirs:
+        root = Path(text).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"mask_dirs: {root} is not a folder")
+        if (root / "images").is_dir() and (root / "masks").is_dir():
+            layouts[str(root)] = "pair"
+            _pair_folder(root / "images", root / "masks", root.name, exclude, pairs, unpaired)
+            continue
+        candidates = [root] + [p for p in sorted(root.iterdir()) if p.is_dir()]
+        found = False
+        for base in candidates:
+            classes = [p for p in sorted(base.iterdir()) if p.is_dir() and (p / "images").is_dir()]
+            with_masks = [p for p in classes if (p / "masks").is_dir()]
+            for class_dir in classes:
+                if class_dir not in with_masks:
+                    unpaired.append((str(class_dir / "images"), f"no masks/ folder beside it in {class_dir}"))
+            for class_dir in with_masks:
+                _pair_folder(class_dir / "images", class_dir / "masks", class_dir.name, exclude, pairs, unpaired)
+            if classes:
+                layouts[str(root)] = "kaggle"
+                found = True
+                break
+        if not found:
+            raise DatasetError(
+                f"mask_dirs: {root} has neither images/ + masks/ nor <Class>/images + <Class>/masks folders "
+                f"(it holds: {sorted(p.name for p in root.iterdir())[:20]})"
+            )
+    return MaskPairs(pairs, unpaired, layouts)
+
+
+__all__ = ["HOSPITAL_PREFIXES", "MaskPair", "MaskPairs", "find_mask_pairs", "source_of"]
