@@ -127,3 +127,15 @@ def test_a_missing_external_folder_exits_2_before_any_run(session_store, tmp_pat
 
     code = cli.main(["evaluate", "--external", str(tmp_path / "nowhere")])
     assert code == 2 and "not a folder" in capsys.readouterr().err
+
+
+def test_a_collection_without_the_model_classes_exits_2_before_any_run(session_store, tmp_path, capsys):
+    import mlflow
+
+    from cxrexp import cli
+
+    (tmp_path / "odd" / "Pneumonia").mkdir(parents=True)
+    before = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+    code = cli.main(["evaluate", "--model-uri", f"models:/{MODEL_NAME}@challenger", "--external", str(tmp_path / "odd")])
+    assert code == 2 and "COVID" in capsys.readouterr().err
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == before

@@ -38,6 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cxrexp.config import EvaluateConfig
+from cxrexp.data.discovery import discover
 from cxrexp.data.store import PreparedDataset, open_prepared
 from cxrexp.errors import PreparedDataError
 from cxrexp.evaluation import model_card
@@ -144,6 +145,8 @@ def run(cfg: EvaluateConfig) -> str:
     threshold = float(cfg.threshold) if cfg.threshold >= 0 else float(model_threshold)
     prevalence = float(cfg.prevalence) if cfg.prevalence >= 0 else None
     training_digest = trained_on.digest if trained_on is not None else source.dataset_digest
+    for folder in cfg.external:  # a collection without the model's class folders fails before the run
+        discover(folder, (dataset.positive_class, dataset.negative_label), dataset.positive_class)
 
     with tracking.step_run(
         EVALUATE_STEP, cfg, run_name=source.run_name(),
