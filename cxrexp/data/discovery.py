@@ -189,6 +189,11 @@ def _read_patient_ids(path: Path, notes: list[str]) -> dict[str, str]:
 def _class_records(
     root: Path, folder: str, class_name: str, label: int, notes: list[str]
 ) -> tuple[list[ImageRecord], str]:
+    """(the records of one class folder, its layout ``kaggle`` or ``plain``); notes are appended.
+
+    Long: one pass over the folder decides layout, masks and patient ids together, because each depends
+    on what the folder holds.
+    """
     class_dir = root / folder
     inner = _subdirs(class_dir)
     images_dir, _ = _match_folder("images", inner)

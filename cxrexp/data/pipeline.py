@@ -286,6 +286,8 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
 
     Raises ``data.DatasetError`` for a missing folder or unknown class and ``PreparedDataError`` when a
     class is left with no usable image; in both cases nothing is left on disk that looks valid.
+
+    Long: the streaming loop owns the worker pool, the row writer and the skip list at once; split into pieces they would have to pass all three around.
     """
     started = time.perf_counter()
     tasks, inputs, params, key, syn = _plan(cfg)

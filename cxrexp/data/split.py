@@ -182,6 +182,8 @@ def stratified_group_split(
     val_frac = test_frac = 0.1: 1-4 images all go to train, the 5th goes to val). Metrics of such a
     split are undefined for that class; callers should check. Fewer rows than splits likewise fill
     train first. ``labels`` may hold any values; each distinct value is stratified.
+
+    Long mostly in this docstring: the apportionment itself is a dozen lines.
     """
     labels = np.asarray(labels)
     groups = np.asarray(groups)

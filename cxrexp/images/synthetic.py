@@ -136,7 +136,12 @@ def _low_frequency_noise(rng: np.random.Generator, size: int, cells: int) -> np.
 
 
 def _render_chest(rng: np.random.Generator, size: int, *, positive: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(density float32 (S, S) in [0, 1], lung mask uint8 (S, S) in {0, 1})."""
+    """(density float32 (S, S) in [0, 1], lung mask uint8 (S, S) in {0, 1}).
+
+    Long: it draws the chest in order (positioning, soft tissue, lungs, heart and mediastinum, trachea
+    and spine, bones, vessels, normal variants, lesions, exposure), each step a few lines that read best
+    in sequence.
+    """
     s = size
     px = 1.0 / s  # one pixel in normalised units
 

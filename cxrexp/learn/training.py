@@ -118,6 +118,8 @@ def train_model(
 
     Raises ValueError for unusable settings or splits, ``TrainingDiverged`` when the loss became
     NaN/inf. Seeds everything from ``cfg.seed`` (Python, NumPy, TensorFlow).
+
+    Long: Keras' compile, callbacks and fit with their settings, then the restore and the validation pass, in the order they run.
     """
     check_schedule(cfg)
     if images.ndim != 3 or images.shape[1:] != (image_size, image_size):

@@ -133,6 +133,8 @@ def run(cfg: EvaluateConfig) -> str:
 
     Raises ``ModelNotFound`` (unknown URI) or ``PreparedDataError`` (dataset missing, prepared with
     other image settings, empty test split) before the run starts. The flags were checked by the step.
+
+    Long: it is the run's script, one block per logged part in the order the module docstring lists them; the work is in ``evaluation_logging`` and ``evaluation.test_evaluation``.
     """
     from cxrexp.data.tfdata import predict_probabilities
     from cxrexp.mlflow_edge import serving

@@ -120,7 +120,10 @@ def _best_worst_figure(images, predicted, masks, scores, names, n: int = 3):
 
 
 def run(cfg: SegmentConfig) -> str:
-    """Train, score on the held-out split, log, register; returns the run id."""
+    """Train, score on the held-out split, log, register; returns the run id.
+
+    Long: the run's script, one block per logged part in the order the module docstring lists them.
+    """
     from cxrexp.lungs.segmenter import to_input, to_target, train_segmenter
     from cxrexp.mlflow_edge.segmenter_serving import log_segmenter_model
 

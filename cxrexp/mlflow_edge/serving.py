@@ -220,6 +220,8 @@ def log_raw_image_model(
     Unless ``keras_flavour_name`` is None, the bare Keras model is also logged (``mlflow.keras``, about
     0.2 s, one more copy of the weights) as a second model of the run, *before* the pyfunc model so
     that ``mlflow.last_logged_model()`` is the served one. Only the pyfunc model is registered.
+
+    Long mostly in its checks and this docstring: the spec, the example and the two log calls.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_raw_image_model needs an active run: call it inside `with mlflow.start_run():`")

@@ -59,6 +59,11 @@ def run_study(cfg: TrainConfig, dataset: PreparedDataset, *, verbose: int = 2) -
 
 
 def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
+    """The study's parent run: open or resume the study, run the missing trials, summarise, register.
+
+    Long: the parent run's script (worker processes or in-process trials, then the summary and the
+    registration), with the interrupt handling around it.
+    """
     url = storage_url(cfg)
     study = open_study(cfg, dataset)
     n_done = count_done(study)
