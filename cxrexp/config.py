@@ -24,6 +24,9 @@ PRUNERS = ("median", "median-average", "percentile", "halving", "hyperband", "no
 # Decoded images larger than this are refused (decompression bombs): the default of every step that
 # decodes (preprocess, the served model, predict).
 MAX_PIXELS = 64_000_000
+# The outer share of each image side where hospitals burn in text, markers and scanner labels: where the
+# synthetic set draws its shortcut marker and what the shortcut audit scores as "border".
+BORDER_FRACTION = 0.12
 # The classifier's name in the Model Registry, the default of train, evaluate, promote and main.
 REGISTERED_MODEL_NAME = "cxr-covid-cnn"
 # The lung segmenter's name in the Model Registry (segment registers it, preprocess's lung_model reads it).
@@ -345,6 +348,7 @@ __all__ = [
     "SEGMENTER_MODEL_NAME",
     "PredictConfig",
     "MAX_PIXELS",
+    "BORDER_FRACTION",
     "REGISTERED_MODEL_NAME",
     "PRESETS",
     "SEED_IMAGE_SPEC",

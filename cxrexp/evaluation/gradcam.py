@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cxrexp.config import BORDER_FRACTION
 from cxrexp.layer_names import LOGIT_NAME as LOGIT_LAYER
 
 # Below this total mass a heatmap is "all zero": the model's logit did not depend on any location.
@@ -199,7 +200,7 @@ def contour_overlay(image, heatmap, levels: tuple[float, ...] = (0.5, 0.75)) -> 
 # Shortcut audit
 
 
-def border_band(size: int, frac: float = 0.12) -> np.ndarray:
+def border_band(size: int, frac: float = BORDER_FRACTION) -> np.ndarray:
     """bool (size, size): True within ``round(frac * size)`` pixels (at least 1) of any edge.
 
     Where burnt-in labels, markers, collimation edges and scanner text sit: a model that looks there
@@ -215,7 +216,7 @@ def border_band(size: int, frac: float = 0.12) -> np.ndarray:
     return band
 
 
-def estimate_lung_mask(image, border_frac: float = 0.12) -> np.ndarray:
+def estimate_lung_mask(image, border_frac: float = BORDER_FRACTION) -> np.ndarray:
     """A crude, deliberately generous lung-field prior for datasets without lung masks.
 
     image: uint8 (S, S) (only its size is used). Returns uint8 (S, S) in {0, 1}.
@@ -242,7 +243,7 @@ def estimate_lung_mask(image, border_frac: float = 0.12) -> np.ndarray:
     return mask.astype(np.uint8)
 
 
-def focus_scores(heatmap, lung_mask, border_frac: float = 0.12) -> dict:
+def focus_scores(heatmap, lung_mask, border_frac: float = BORDER_FRACTION) -> dict:
     """Where a heatmap's mass lies.
 
     heatmap: float (S, S) >= 0 (negative values are clipped to 0); lung_mask: (S, S) in {0, 1}.

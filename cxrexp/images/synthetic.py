@@ -25,10 +25,9 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from cxrexp.config import REAL_PREVALENCE
+from cxrexp.config import BORDER_FRACTION, REAL_PREVALENCE
 
 # Markers live in the outer band of this width (fraction of the side); lungs never reach it.
-BORDER_FRACTION = 0.12
 
 _MARKER_LETTERS = ("L", "R")
 _MARKER_PLACES = ("top-left", "top-right", "bottom-left", "bottom-right", "top")
@@ -367,7 +366,9 @@ def _pixel(point: np.ndarray, s: int) -> tuple[int, int]:
 
 
 def border_band(size: int) -> np.ndarray:
-    """bool (size, size): True in the outer ``BORDER_FRACTION`` of each side."""
+    """bool (size, size): True in the outer ``BORDER_FRACTION`` of each side, floored: where markers are
+    drawn. (The audit's ``evaluation.gradcam.border_band`` rounds instead; changing either would change
+    every synthetic dataset's digest or every audit figure recorded so far.)"""
     band = max(1, int(BORDER_FRACTION * size))
     inside = np.zeros((size, size), dtype=bool)
     inside[band : size - band, band : size - band] = True
