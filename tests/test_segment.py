@@ -162,3 +162,27 @@ def test_segment_step_logs_scores_and_registers_a_champion(segment_run):
             model.predict(pd.DataFrame({"image": [b"not an image"]}))
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_load_samples_skips_unreadable_masks_with_the_reason_and_writes_nothing(tmp_path):
+    """A bad mask costs its pair only; a mask of another size is resized to its image; the folder is only read."""
+    from cxrexp.config import SegmentConfig
+    from cxrexp.mlflow_edge.segmenter_run import load_samples
+
+    image = np.zeros((60, 80), np.uint8)
+    image[10:50, 10:70] = 150
+    lungs = np.zeros((30, 40), np.uint8)  # half the image's size: resized to it, then thresholded
+    lungs[5:25, 4:18] = lungs[5:25, 22:36] = 255
+    root = tmp_path / "pairs"
+    for name in ("good.png", "bad-mask.png"):
+        _png(root / "images" / name, image)
+    _png(root / "masks" / "good.png", lungs)
+    (root / "masks" / "bad-mask.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    samples = load_samples(SegmentConfig(mask_dirs=(str(root),)))
+    assert [Path(n).name for n in samples.names] == ["good.png"]
+    assert samples.masks[0].shape == (60, 80) and samples.masks[0].dtype == bool
+    assert samples.masks[0][20, 15] and not samples.masks[0][20, 40]  # left lung in, the gap out
+    (path, reason), = [s for s in samples.skipped if Path(s[0]).name == "bad-mask.png"]
+    assert "truncated" in reason or "corrupt" in reason
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
