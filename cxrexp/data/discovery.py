@@ -88,7 +88,7 @@ def _is_ignored_file(name: str) -> bool:
     return name.startswith(".") or lower in _OS_FILES or lower.endswith(_SPREADSHEET_EXTENSIONS)
 
 
-def _list_files(folder: Path) -> tuple[list[str], int, int]:
+def list_files(folder: Path) -> tuple[list[str], int, int]:
     """(data file names in natural order, ignored non-data files, ignored sub-folders)."""
     names: list[str] = []
     ignored = subfolders = 0
@@ -199,12 +199,12 @@ def _class_records(
     images_dir, _ = _match_folder("images", inner)
     if images_dir is not None:
         layout, image_dir = "kaggle", class_dir / images_dir
-        loose, _, _ = _list_files(class_dir)
+        loose, _, _ = list_files(class_dir)
         if loose:
             notes.append(f"{class_name}: {len(loose)} files directly in {class_dir} ignored (images/ is used)")
     else:
         layout, image_dir = "plain", class_dir
-    names, ignored, subfolders = _list_files(image_dir)
+    names, ignored, subfolders = list_files(image_dir)
     if ignored:
         notes.append(f"{class_name}: {ignored} hidden, OS or spreadsheet files in {image_dir} ignored")
     if subfolders:
@@ -226,7 +226,7 @@ def _class_records(
     masks: dict[str, str] = {}
     masks_dir, _ = _match_folder("masks", inner) if layout == "kaggle" else (None, [])
     if masks_dir is not None:
-        mask_names, _, _ = _list_files(class_dir / masks_dir)
+        mask_names, _, _ = list_files(class_dir / masks_dir)
         masks = {m: str(class_dir / masks_dir / m) for m in mask_names}
         # Exact file name first; a case-only difference still pairs (copies made on Windows/macOS).
         masks.update({m.lower(): p for m, p in list(masks.items()) if m.lower() not in masks})
@@ -308,4 +308,4 @@ def discover(data_dir: str | Path, classes: Sequence[str], positive_class: str) 
     return Discovery(records=records, layout=layout, notes=notes)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "DatasetError", "ImageRecord", "Discovery", "clean_id", "discover"]
+__all__ = ["IMAGE_EXTENSIONS", "DatasetError", "ImageRecord", "Discovery", "clean_id", "discover", "list_files"]

@@ -14,11 +14,10 @@ or a mask without an image, is listed with the reason, never silently dropped.
 from __future__ import annotations
 
 import fnmatch
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxrexp.data.discovery import IMAGE_EXTENSIONS
+from cxrexp.data.discovery import IMAGE_EXTENSIONS, list_files
 from cxrexp.errors import DatasetError
 
 # File-name prefixes that name a hospital (the NLM sets): more telling than the folder they sit in.
@@ -51,17 +50,17 @@ def source_of(name: str, folder_source: str) -> str:
 
 
 def _images_in(folder: Path) -> dict[str, str]:
-    """{file name: path} of the image files directly in ``folder`` (hidden files and others ignored)."""
-    with os.scandir(folder) as entries:
-        return {e.name: e.path for e in entries
-                if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)}
+    """{file name: path} of the image files directly in ``folder``, in discovery's natural order (hidden
+    files, OS droppings and spreadsheets ignored, as ``discovery.list_files`` does for the classifier)."""
+    names, _, _ = list_files(folder)
+    return {name: str(folder / name) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)}
 
 
 def _pair_folder(images_dir: Path, masks_dir: Path, folder_source: str, exclude: tuple[str, ...],
                  pairs: list[MaskPair], unpaired: list[tuple[str, str]]) -> None:
     images = _images_in(images_dir)
     masks = _images_in(masks_dir) if masks_dir.is_dir() else {}
-    for name in sorted(images, key=lambda n: (len(n), n)):
+    for name in images:  # natural order
         if any(fnmatch.fnmatch(name, pattern) for pattern in exclude):
             continue
         if name not in masks:

@@ -184,20 +184,35 @@ def row_bytes(value: Any, max_bytes: int) -> bytes:
     return data
 
 
+def decode_row(value: Any, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """One ``image`` cell -> uint8 HxW grey at the file's own size (no resize, no enhancement).
+
+    Raises ``RowRejected`` with the reason (``ImageRejected.reason`` from the decoder).
+    """
+    from cxrexp.images.decode import ImageRejected, decode_grey
+
+    data = row_bytes(value, max_bytes)
+    try:
+        return decode_grey(data, max_pixels=max_pixels, min_side=MIN_SIDE)
+    except ImageRejected as exc:
+        raise RowRejected(str(getattr(exc, "reason", exc))) from None
+
+
+def reject(errors: list[str], n_rows: int) -> RequestRejected:
+    """The one ``RequestRejected`` for a request whose ``errors`` (``"row i: reason"``) are not empty."""
+    listed = "; ".join(errors[:MAX_LISTED_ERRORS])
+    more = f"; ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+    return RequestRejected(f"{len(errors)} of {n_rows} rows rejected, nothing was scored: {listed}{more}", errors)
+
+
 def prepare_row(value: Any, spec: ServingSpec) -> np.ndarray:
     """One ``image`` cell -> uint8 (S, S), exactly as the training set was prepared.
 
     Raises ``RowRejected`` with the reason (``ImageRejected.reason`` from the decoder).
     """
-    from cxrexp.images.decode import ImageRejected, decode_grey
     from cxrexp.images.transforms import prepare
 
-    data = row_bytes(value, spec.max_bytes)
-    try:
-        grey = decode_grey(data, max_pixels=spec.max_pixels, min_side=MIN_SIDE)
-    except ImageRejected as exc:
-        raise RowRejected(str(getattr(exc, "reason", exc))) from None
-    return prepare(grey, spec.image_spec)
+    return prepare(decode_row(value, spec.max_bytes, spec.max_pixels), spec.image_spec)
 
 
 def _prepare_into(batch: np.ndarray, row: int, value: Any, spec: ServingSpec) -> str | None:
@@ -251,9 +266,7 @@ def prepare_chunks(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     if errors:
-        listed = "; ".join(errors[:MAX_LISTED_ERRORS])
-        more = f"; ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
-        raise RequestRejected(f"{len(errors)} of {len(values)} rows rejected, nothing was scored: {listed}{more}", errors)
+        raise reject(errors, len(values))
 
 
 def prepare_batch(images: pd.Series | list[Any], spec: ServingSpec, *, workers: int | None = None) -> np.ndarray:
@@ -304,6 +317,8 @@ __all__ = [
     "label_probabilities",
     "prepare_batch",
     "prepare_chunks",
+    "decode_row",
     "prepare_row",
+    "reject",
     "row_bytes",
 ]

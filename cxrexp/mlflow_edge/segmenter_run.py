@@ -32,7 +32,13 @@ from cxrexp.data.store import stable_hash
 from cxrexp.errors import DatasetError
 from cxrexp.evaluation import plots
 from cxrexp.evaluation.metrics import metric_key
-from cxrexp.images.decode import ImageRejected, read_bytes, read_grey
+from cxrexp.images.decode import (
+    DEFAULT_MIN_SIDE,
+    ImageRejected,
+    decode_file,
+    read_bytes,
+    read_grey,
+)
 from cxrexp.lungs.masks import dice, iou, mask_for_image, overlay
 from cxrexp.mlflow_edge import registry, tracking
 from cxrexp.mlflow_edge.epoch_logging import MlflowEpochLogger
@@ -74,8 +80,8 @@ def load_samples(cfg: SegmentConfig) -> Samples:
     samples = Samples([], [], [], [], [], [], list(found.unpaired))
     for pair in found.pairs:
         try:
-            data = read_bytes(pair.image)
-            grey = read_grey(pair.image, max_pixels=cfg.max_pixels)
+            data = read_bytes(pair.image)  # read once: hashed and decoded from the same bytes
+            grey = decode_file(data, pair.image, max_pixels=cfg.max_pixels, min_side=DEFAULT_MIN_SIDE)
             mask = read_grey(pair.mask, max_pixels=cfg.max_pixels, min_side=1)
         except ImageRejected as err:
             samples.skipped.append((err.path or pair.image, err.reason))

@@ -30,15 +30,14 @@ from mlflow.types.schema import ColSpec, Schema
 import cxrexp
 from cxrexp.config import MAX_PIXELS
 from cxrexp.errors import ModelNotFound
-from cxrexp.images.decode import ImageRejected, decode_grey
+from cxrexp.images.decode import decode_grey
 from cxrexp.images.request_images import (
     DEFAULT_MAX_BYTES,
     INPUT_COLUMN,
-    MAX_LISTED_ERRORS,
-    MIN_SIDE,
     RowRejected,
+    decode_row,
     example_png,
-    row_bytes,
+    reject,
 )
 from cxrexp.mlflow_edge.serving import load_pyfunc, pinned_requirements
 
@@ -67,19 +66,18 @@ def decode_mask(text: str) -> np.ndarray:
 
 
 def decode_rows(cells: pd.Series, max_pixels: int, max_bytes: int) -> list[np.ndarray]:
-    """uint8 grey images, one per row; any bad row raises one MlflowException (HTTP 400) listing all."""
+    """uint8 grey images, one per row, each at its own size; any bad row raises one MlflowException
+    (HTTP 400) listing every bad row, worded as the classifier words it (``request_images.reject``)."""
     greys: list[np.ndarray] = []
-    problems: list[str] = []
-    for i, value in enumerate(cells):
+    errors: list[str] = []
+    values = list(cells)
+    for i, value in enumerate(values):
         try:
-            data = row_bytes(value, max_bytes)
-            greys.append(decode_grey(data, max_pixels=max_pixels, min_side=MIN_SIDE))
-        except (RowRejected, ImageRejected) as exc:
-            problems.append(f"row {i}: {getattr(exc, 'reason', exc)}")
-    if problems:
-        more = f" (and {len(problems) - MAX_LISTED_ERRORS} more)" if len(problems) > MAX_LISTED_ERRORS else ""
-        raise MlflowException(f"{len(problems)} bad row(s): {'; '.join(problems[:MAX_LISTED_ERRORS])}{more}",
-                              error_code=INVALID_PARAMETER_VALUE)
+            greys.append(decode_row(value, max_bytes, max_pixels))
+        except RowRejected as exc:
+            errors.append(f"row {i}: {exc.reason}")
+    if errors:
+        raise MlflowException(str(reject(errors, len(values))), error_code=INVALID_PARAMETER_VALUE)
     return greys
 
 
