@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 from common import PROJECT_ROOT, load_average  # noqa: E402  (benchmarks/common.py)

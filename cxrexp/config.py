@@ -20,6 +20,10 @@ CLASS_WEIGHT_SCHEMES = ("none", "inverse", "balanced", "effective")
 THRESHOLD_RULES = ("youden", "sensitivity")
 OBJECTIVES = ("roc_auc", "sens_at_spec")
 PRUNERS = ("median", "median-average", "percentile", "halving", "hyperband", "none")
+# What the classifier sees of each X-ray (docs/lungs.md): the whole image, the lungs' box, or the box
+# with everything outside the widened lung mask set to ``lung_fill``.
+LUNG_MODES = ("none", "crop", "mask")
+LUNG_ASPECTS = ("pad", "stretch")
 
 # Decoded images larger than this are refused (decompression bombs): the default of every step that
 # decodes (preprocess, the served model, predict).
@@ -31,6 +35,7 @@ BORDER_FRACTION = 0.12
 REGISTERED_MODEL_NAME = "cxr-covid-cnn"
 # The lung segmenter's name in the Model Registry (segment registers it, preprocess's lung_model reads it).
 SEGMENTER_MODEL_NAME = "cxr-lung-seg"
+DEFAULT_LUNG_MODEL = f"models:/{SEGMENTER_MODEL_NAME}@champion"
 
 
 def parse_int_list(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -109,8 +114,27 @@ class ImageSpec:
     clip_limit: float = 2.0
     tile_grid: int = 8
     gamma: float = 0.8
+    # The lung view (cxrexp.lungs.view). ``lung_model`` is the segmenter whose masks make every crop,
+    # in training and serving alike; preprocess resolves an alias to the version it used
+    # (``models:/cxr-lung-seg/3``), so a prepared dataset and the models trained on it name that version.
+    lungs: str = "none"
+    lung_model: str = DEFAULT_LUNG_MODEL
+    lung_margin: float = 0.05  # share of the lung box's own height/width added on each side
+    lung_fill: int = 0  # the grey outside the widened mask (lungs=mask) and of the padding (aspect=pad)
+    lung_aspect: str = "pad"
 
     def __post_init__(self) -> None:
+        if self.lungs not in LUNG_MODES:
+            raise ValueError(f"lungs={self.lungs!r} is not one of {LUNG_MODES}")
+        if self.lung_aspect not in LUNG_ASPECTS:
+            raise ValueError(f"lung_aspect={self.lung_aspect!r} is not one of {LUNG_ASPECTS}")
+        if not 0 <= self.lung_margin <= 0.5:
+            raise ValueError(f"lung_margin={self.lung_margin} must be between 0 and 0.5")
+        if not 0 <= self.lung_fill <= 255:
+            raise ValueError(f"lung_fill={self.lung_fill} must be a grey level in 0..255")
+        if self.lungs != "none" and not self.lung_model:
+            raise ValueError(f"lungs={self.lungs} needs a segmenter: -P lung_model=models:/{SEGMENTER_MODEL_NAME}@champion "
+                             "(train one with `mlflow run . -e segment`)")
         if self.enhance not in ENHANCE_METHODS:
             raise ValueError(f"enhance={self.enhance!r} is not one of {ENHANCE_METHODS}")
         if not 16 <= self.image_size <= 1024:
@@ -120,6 +144,15 @@ class ImageSpec:
                 f"clip_limit ({self.clip_limit}), tile_grid ({self.tile_grid}) and gamma ({self.gamma}) "
                 "must be positive"
             )
+
+    def key_fields(self) -> dict[str, Any]:
+        """The fields that decide the pixels, for cache keys: with ``lungs=none`` the lung settings
+        change nothing, so they are left out (and keys made before lung views existed still match)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.lungs == "none":
+            for name in ("lungs", "lung_model", "lung_margin", "lung_fill", "lung_aspect"):
+                values.pop(name)
+        return values
 
 
 @dataclass(frozen=True)
@@ -315,6 +348,16 @@ class MainConfig:
     epochs: int = TrainConfig.epochs
     n_trials: int = TrainConfig.n_trials
     registered_model_name: str = REGISTERED_MODEL_NAME
+    # lungs other than none: main runs segment first (these seg_* settings; mask_dirs="" = the
+    # built-in set's masks) and preprocesses with the segmenter version it registered.
+    lungs: str = "none"
+    mask_dirs: tuple[str, ...] = ()
+    seg_image_size: int = SegmentConfig.image_size
+    seg_epochs: int = SegmentConfig.epochs
+
+    def __post_init__(self) -> None:
+        if self.lungs not in LUNG_MODES:
+            raise ValueError(f"lungs={self.lungs!r} is not one of {LUNG_MODES}")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,11 @@ SEGMENT_STEP = "segment"
 
 # --- preprocess / train ---------------------------------------------------------------------------
 REUSED_PREPARED_TAG = "cxrexp.reused_prepared"
+# preprocess, train, evaluate: the segmenter version whose masks made the lung crop ("" with lungs=none).
+LUNG_MODEL_TAG = "cxrexp.lung_model"
+SEGMENTER_VERSION_TAG = "cxrexp.segmenter_version"  # segment: the version it registered
+SEGMENTER_CHAMPION_TAG = "cxrexp.segmenter_champion"  # segment: why @champion moved or stayed
+LUNG_FALLBACK_WARNING_TAG = "cxrexp.lung_fallback_warning"  # preprocess: fallback rates differ by class
 REGISTERED_VERSION_TAG = "cxrexp.registered_version"
 
 # --- evaluate -------------------------------------------------------------------------------------
@@ -40,6 +45,7 @@ MLFLOW_EVALUATE_TAG = "cxrexp.mlflow_evaluate"
 
 # --- main -----------------------------------------------------------------------------------------
 PREPROCESS_RUN_TAG = "cxrexp.preprocess_run"
+SEGMENT_RUN_OF_MAIN_TAG = "cxrexp.segment_run"
 TRAIN_RUN_OF_MAIN_TAG = "cxrexp.train_run"
 EVALUATE_RUN_TAG = "cxrexp.evaluate_run"
 

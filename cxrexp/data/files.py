@@ -17,6 +17,8 @@ from cxrexp.images.decode import (
 )
 from cxrexp.images.hashing import perceptual_hash
 from cxrexp.images.transforms import prepare, prepare_mask
+from cxrexp.lungs.masks import mask_for_image
+from cxrexp.lungs.view import working_image
 
 # --------------------------------------------------------------------------------------------
 # One file, as the preprocess pipeline needs it
@@ -28,7 +30,9 @@ class ProcessedImage:
     """One source image ready for the prepared dataset.
 
     image: uint8 (S, S) after ``prepare``; mask: uint8 (S, S) in {0, 1} or None (no mask, or the
-    mask could not be read: ``mask_problem`` then says why); sha256: hex digest of the file bytes;
+    mask could not be read: ``mask_problem`` then says why). With a lung view (``spec.lungs`` other
+    than ``none``) both are instead at the working size (``lungs.view.working_image``): the image
+    not yet cropped or enhanced, the mask resized to it; the caller segments, crops and prepares. sha256: hex digest of the file bytes;
     phash: 256-bit perceptual hash of the decoded grey before enhancement; width/height: decoded
     size in pixels.
     """
@@ -53,17 +57,17 @@ def process_file(path: str, mask_path: str | None, spec: ImageSpec, max_pixels: 
     sha256 = hashlib.sha256(data).hexdigest()
     grey = decode_file(data, path, max_pixels=max_pixels, min_side=DEFAULT_MIN_SIDE)
     height, width = grey.shape
-    mask = None
+    mask_grey = None
     mask_problem = None
     if mask_path:
         try:
-            # Any size is fine for a mask: it is resized to S anyway.
+            # Any size is fine for a mask: it is resized to its image.
             mask_grey = read_grey(mask_path, max_pixels=max_pixels, min_side=1)
-            mask = prepare_mask(mask_grey, spec.image_size)
         except ImageRejected as err:
             mask_problem = err.reason
+    image, mask = prepare_pair(grey, mask_grey, spec)
     return ProcessedImage(
-        image=prepare(grey, spec),
+        image=image,
         mask=mask,
         sha256=sha256,
         phash=perceptual_hash(grey),
@@ -73,4 +77,17 @@ def process_file(path: str, mask_path: str | None, spec: ImageSpec, max_pixels: 
     )
 
 
-__all__ = ["ProcessedImage", "process_file"]
+def prepare_pair(grey: np.ndarray, mask_grey: np.ndarray | None, spec: ImageSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """The decoded image and its mask (uint8 any size, or None) as ``ProcessedImage`` holds them:
+    prepared at S, or, with a lung view, at the working size for the caller to segment and crop."""
+    if spec.lungs == "none":
+        return prepare(grey, spec), None if mask_grey is None else prepare_mask(mask_grey, spec.image_size)
+    working = working_image(grey, spec)
+    if mask_grey is None:
+        return working, None
+    # 0/255 masks (Kaggle, JPEG noise) or masks already in {0, 1}, as prepare_mask reads them.
+    level = 0 if int(mask_grey.max(initial=0)) <= 1 else 127
+    return working, mask_for_image(mask_grey, working.shape, threshold=level).astype(np.uint8)
+
+
+__all__ = ["ProcessedImage", "prepare_pair", "process_file"]

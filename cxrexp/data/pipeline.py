@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,16 @@ from cxrexp.data.store import (
     open_prepared,
     stable_hash,
 )
-from cxrexp.images import decode, hashing, synthetic, transforms
+from cxrexp.images import decode, hashing, synthetic
+from cxrexp.lungs import fallbacks
+from cxrexp.lungs import view as lung_view
+from cxrexp.lungs.masks import dice
+
+# The segmenter's forward pass: uint8 grey images (any sizes) -> bool lung masks, each at its image's
+# size (``lungs.segmenter.predict_masks`` bound to a model; the MLflow edge loads it).
+LungMasks = Callable[[list[np.ndarray]], list[np.ndarray]]
+# Images per segmenter call: a batch amortises the forward pass; 32 working images are ~2 MiB.
+SEGMENT_BATCH = 32
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,15 @@ class _Stored:
     mask_problem: str | None
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """An image waiting for the segmenter (lung views only): the working image and its dataset mask."""
+
+    row: int
+    working: np.ndarray
+    dataset_mask: np.ndarray | None
+
+
 # Set once per worker process by _init_worker (spawned workers do not share the parent's globals).
 _WORKER: dict[str, Any] = {}
 
@@ -92,8 +110,10 @@ def _init_worker(spec: ImageSpec, max_pixels: int, synthetic_spec: synthetic.Syn
     _configure(spec, max_pixels, synthetic_spec, rows)
 
 
-def _process(task: _Task) -> tuple[int, _Stored | None, str]:
-    """Worker body: prepare one image, write it to its row; (row, what was stored or None, reason skipped)."""
+def _process(task: _Task) -> tuple[int, _Stored | None, str, _Pending | None]:
+    """Worker body: prepare one image and write it to its row; (row, what was stored or None, reason
+    skipped, None). With a lung view the worker cannot finish the image (the segmenter lives in the
+    parent), so it writes nothing and returns the working image as a ``_Pending`` instead."""
     spec: ImageSpec = _WORKER["spec"]
     try:
         if task.synthetic_index >= 0:
@@ -101,11 +121,15 @@ def _process(task: _Task) -> tuple[int, _Stored | None, str]:
         else:
             item = files.process_file(task.path, task.mask_path, spec, _WORKER["max_pixels"])
     except decode.ImageRejected as err:
-        return task.row, None, err.reason
+        return task.row, None, err.reason, None
     except Exception as err:  # noqa: BLE001 - one bad file must never end the run
-        return task.row, None, f"unexpected error: {type(err).__name__}: {err}"
-    # Outside the try: a failed write (disk full) must end the run, not skip every remaining image.
-    _WORKER["rows"].write(task.row, item.image, item.mask)
+        return task.row, None, f"unexpected error: {type(err).__name__}: {err}", None
+    pending = None
+    if spec.lungs != "none":
+        pending = _Pending(task.row, item.image, item.mask)
+    else:
+        # Outside the try: a failed write (disk full) must end the run, not skip every remaining image.
+        _WORKER["rows"].write(task.row, item.image, item.mask)
     return task.row, _Stored(
         sha256=item.sha256,
         phash=int(item.phash),
@@ -113,7 +137,7 @@ def _process(task: _Task) -> tuple[int, _Stored | None, str]:
         height=int(item.height),
         has_mask=item.mask is not None,
         mask_problem=getattr(item, "mask_problem", None),  # not part of the ProcessedImage contract
-    ), ""
+    ), "", pending
 
 
 def _process_synthetic(index: int) -> files.ProcessedImage:
@@ -121,9 +145,10 @@ def _process_synthetic(index: int) -> files.ProcessedImage:
 
     spec: ImageSpec = _WORKER["spec"]
     item = synthetic.make_image(_WORKER["synthetic_spec"], index)
+    image, mask = files.prepare_pair(item.image, item.mask, spec)
     return files.ProcessedImage(
-        image=transforms.prepare(item.image, spec),
-        mask=transforms.prepare_mask(item.mask, spec.image_size),
+        image=image,
+        mask=mask,
         sha256=hashlib.sha256(item.image.tobytes()).hexdigest(),
         phash=hashing.perceptual_hash(item.image),
         width=item.image.shape[1],
@@ -152,7 +177,7 @@ def _file_fingerprint(records: list[discovery.ImageRecord]) -> list[tuple[Any, .
 
 def _common_params(cfg: PreprocessConfig) -> dict[str, Any]:
     return {
-        "image_spec": asdict(cfg.image),
+        "image_spec": cfg.image.key_fields(),
         "val_frac": cfg.val_frac,
         "test_frac": cfg.test_frac,
         "seed": cfg.seed,
@@ -281,8 +306,13 @@ def _processed(tasks: list[_Task], workers: int, init_args: tuple) -> Iterator[I
         yield pool.imap_unordered(_process, tasks, chunksize=_chunksize(len(tasks), workers))
 
 
-def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
+def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True, lung_masks: LungMasks | None = None) -> PreprocessResult:
     """Prepare the dataset described by ``cfg`` (or reuse the identical prepared one).
+
+    ``lung_masks`` (required when ``cfg.image.lungs`` is not ``none``) is the segmenter of
+    ``cfg.image.lung_model``: every image is cropped with its mask, never with a dataset mask, so the
+    served model, which only has the segmenter, sees what training saw. Dataset masks, where present,
+    are scored against it (``seg_dice`` in the manifest) and stored for the audit.
 
     Raises ``data.DatasetError`` for a missing folder or unknown class and ``PreparedDataError`` when a
     class is left with no usable image; in both cases nothing is left on disk that looks valid.
@@ -290,6 +320,9 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
     Long: the streaming loop owns the worker pool, the row writer and the skip list at once; split into pieces they would have to pass all three around.
     """
     started = time.perf_counter()
+    spec = cfg.image
+    if spec.lungs != "none" and lung_masks is None:
+        raise ValueError(f"lungs={spec.lungs} needs the segmenter's lung_masks function")
     tasks, inputs, params, key, syn = _plan(cfg)
     final = Path(cfg.out_dir).expanduser().resolve() / key
     if (final / "COMPLETE").is_file():
@@ -298,7 +331,6 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
         except PreparedDataError as err:
             log.warning("cached prepared dataset unusable, rebuilding: %s", err)
 
-    spec = cfg.image
     workers = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
     workers = min(workers, max(1, len(tasks)))
     n = len(tasks)
@@ -308,12 +340,19 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
     has_mask = np.zeros(n, dtype=bool)
     width = np.zeros(n, dtype=np.int64)
     height = np.zeros(n, dtype=np.int64)
+    lungs = _LungColumns(n)
     skipped: list[tuple[str, str]] = []
 
     with DatasetWriter(cfg.out_dir, key, n, spec.image_size) as writer:
+        pending: list[_Pending] = []
+
+        def flush() -> None:
+            _finish_lung_views(pending, lung_masks, spec, writer, lungs, inputs)
+            pending.clear()
+
         with _processed(tasks, workers, (spec, cfg.max_pixels, syn, writer.rows)) as results, \
                 tqdm(total=n, desc="preprocess", unit="img", disable=not progress, file=sys.stderr) as bar:
-            for row, item, reason in results:
+            for row, item, reason, waiting in results:
                 bar.update(1)
                 if item is None:
                     source = inputs.at[row, "source"]
@@ -328,6 +367,11 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
                 phash[row] = item.phash
                 has_mask[row] = item.has_mask
                 width[row], height[row] = item.width, item.height
+                if waiting is not None:
+                    pending.append(waiting)
+                    if len(pending) >= SEGMENT_BATCH:
+                        flush()
+            flush()
 
         kept = np.flatnonzero(ok)
         labels = inputs["label"].to_numpy()[kept]
@@ -354,16 +398,69 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True) -> Preproces
                 "dup_group": dup,
                 "group": groups,
                 "patient_id": [p if p is not None else "" for p in patients],
-                "has_mask": has_mask[kept],
+                "has_mask": has_mask[kept] | lungs.segmented[kept],
                 "width": width[kept],
                 "height": height[kept],
             }
         )
+        if spec.lungs != "none":
+            manifest = manifest.assign(**lungs.columns(kept, has_mask))
+            params["lung_fallbacks"] = fallbacks.count_by_class(manifest["class_name"], ~manifest["lung_crop"])
+            params["lung_fallback_warning"] = fallbacks.differing_rates_warning(
+                manifest["class_name"], ~manifest["lung_crop"])
+            if params["lung_fallback_warning"]:
+                log.warning("%s", params["lung_fallback_warning"])
         params["n_duplicate_groups"] = splitting.count_duplicate_groups(dup)
         params["cache_key"] = key
         skipped_frame = pd.DataFrame(skipped, columns=["path", "reason"]).sort_values("path", kind="stable")
         dataset = writer.finish(manifest, params, skipped_frame)
     return PreprocessResult(dataset, reused=False, seconds=time.perf_counter() - started)
+
+
+class _LungColumns:
+    """Per-row lung-view results while rows arrive in any order (lung views only)."""
+
+    def __init__(self, n: int) -> None:
+        self.segmented = np.zeros(n, dtype=bool)  # a mask (dataset's or segmenter's) was stored
+        self.applied = np.zeros(n, dtype=bool)
+        self.area = np.full(n, np.nan)
+        self.reason = [""] * n
+        self.dice = np.full(n, np.nan)
+
+    def columns(self, kept: np.ndarray, dataset_mask: np.ndarray) -> dict[str, Any]:
+        """The manifest's lung columns for the ``kept`` rows (see docs/lungs.md)."""
+        return {
+            "lung_crop": self.applied[kept],
+            "lung_area": self.area[kept],
+            "lung_fallback_reason": [self.reason[i] for i in kept],
+            "mask_source": np.where(dataset_mask[kept], "dataset", "segmenter"),
+            "seg_dice": self.dice[kept],
+        }
+
+
+def _finish_lung_views(pending: list[_Pending], lung_masks: LungMasks | None, spec: ImageSpec,
+                       writer: DatasetWriter, lungs: _LungColumns, inputs: pd.DataFrame) -> None:
+    """Segment a batch of working images, cut each one's lung view, write its row.
+
+    The stored mask is the dataset's where it has one (cut with the same box), else the segmenter's:
+    either way it lines up with the stored image, for the audit.
+    """
+    if not pending:
+        return
+    predicted = lung_masks([item.working for item in pending])
+    for item, mask in zip(pending, predicted):
+        image, view = lung_view.finish(item.working, mask, spec)
+        truth = item.dataset_mask.astype(bool) if item.dataset_mask is not None else None
+        writer.write(item.row, image, lung_view.view_mask(truth if truth is not None else mask, view, spec))
+        lungs.segmented[item.row] = True
+        lungs.applied[item.row] = view.applied
+        lungs.area[item.row] = view.area
+        lungs.reason[item.row] = view.reason
+        if truth is not None:
+            lungs.dice[item.row] = dice(mask, truth)
+        if not view.applied:
+            log.warning("lung crop not applied to %s (%s): the whole image is used",
+                        inputs.at[item.row, "source"], view.reason)
 
 
 def _check_classes(inputs: pd.DataFrame, kept: np.ndarray, classes: list[str], skipped: list[tuple[str, str]]) -> None:

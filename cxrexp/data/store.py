@@ -29,7 +29,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,10 @@ MANIFEST_COLUMNS = [
     "width",
     "height",
 ]
+# Only in datasets prepared with a lung view (spec.lungs != "none"), after MANIFEST_COLUMNS: whether
+# the crop was applied, the lung share of the working image, why the crop fell back, where the stored
+# mask came from (dataset | segmenter) and the segmenter's Dice against the dataset mask (NaN if none).
+LUNG_COLUMNS = ["lung_crop", "lung_area", "lung_fallback_reason", "mask_source", "seg_dice"]
 FORMAT_VERSION = 1
 
 
@@ -186,12 +190,16 @@ def open_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
         manifest = pd.read_csv(root / "manifest.csv", dtype=_TEXT_COLUMNS, keep_default_na=False)
     except (OSError, ValueError) as err:  # pandas' parser errors are ValueErrors
         raise PreparedDataError(f"{root / 'manifest.csv'} is unreadable ({err}); delete the folder and run preprocess again") from err
-    if list(manifest.columns) != MANIFEST_COLUMNS:
+    if list(manifest.columns) not in (MANIFEST_COLUMNS, MANIFEST_COLUMNS + LUNG_COLUMNS):
         raise PreparedDataError(
-            f"{root / 'manifest.csv'} has columns {list(manifest.columns)}, expected {MANIFEST_COLUMNS}; "
-            "run preprocess again"
+            f"{root / 'manifest.csv'} has columns {list(manifest.columns)}, expected {MANIFEST_COLUMNS} "
+            f"(plus {LUNG_COLUMNS} with a lung view); run preprocess again"
         )
-    manifest["has_mask"] = manifest["has_mask"].astype(str).str.lower().isin(["true", "1"])
+    manifest["has_mask"] = _bools(manifest["has_mask"])
+    if "lung_crop" in manifest:
+        manifest["lung_crop"] = _bools(manifest["lung_crop"])
+        for name in ("lung_area", "seg_dice"):
+            manifest[name] = pd.to_numeric(manifest[name], errors="coerce")
     dataset = PreparedDataset(root=root, params=params, manifest=manifest)
     size = dataset.image_size
     needed_rows = int(manifest["row"].max()) + 1 if len(manifest) else 0
@@ -361,7 +369,7 @@ class DatasetWriter:
                     os.fsync(fd)  # a power cut must not leave a COMPLETE folder whose rows never reached the disk
                 finally:
                     os.close(fd)
-            manifest = manifest[MANIFEST_COLUMNS]
+            manifest = manifest[MANIFEST_COLUMNS + [c for c in LUNG_COLUMNS if c in manifest]]
             params = {**params, "format_version": FORMAT_VERSION}
             params["digest"] = dataset_digest(manifest, params)
             manifest.to_csv(self.tmp / "manifest.csv", index=False)
@@ -383,5 +391,9 @@ class DatasetWriter:
         return open_prepared(self.final)
 
 
+def _bools(column: pd.Series) -> pd.Series:
+    return column.astype(str).str.lower().isin(["true", "1"])
+
+
 def spec_dict(spec: ImageSpec) -> dict[str, Any]:
-    return asdict(spec)
+    return spec.key_fields()

@@ -280,11 +280,15 @@ def prepare_batch(images: pd.Series | list[Any], spec: ServingSpec, *, workers: 
     return chunks[0] if chunks else np.empty((0, size, size, 1), dtype=np.float32)
 
 
-def label_probabilities(probabilities: np.ndarray, spec: ServingSpec) -> pd.DataFrame:
-    """float (N,) in [0, 1] -> DataFrame(probability float64, label str); positive when p >= threshold."""
+def label_probabilities(probabilities: np.ndarray, spec: ServingSpec,
+                        lung_crop: np.ndarray | None = None) -> pd.DataFrame:
+    """float (N,) in [0, 1] -> DataFrame(probability float64, label str, lung_crop bool); positive
+    when p >= threshold; ``lung_crop`` says per row whether a lung crop was applied (all False for a
+    model trained without one)."""
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
     labels = np.where(probabilities >= spec.threshold, spec.positive_label, spec.negative_label)
-    return pd.DataFrame({"probability": probabilities, "label": labels.astype(object)})
+    crop = np.zeros(len(probabilities), dtype=bool) if lung_crop is None else np.asarray(lung_crop, dtype=bool)
+    return pd.DataFrame({"probability": probabilities, "label": labels.astype(object), "lung_crop": crop})
 
 
 def example_png(size: int = 48) -> bytes:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-LUNG_MODES = ("none", "crop", "mask")
-ASPECTS = ("pad", "stretch")
+from cxrexp.config import LUNG_ASPECTS as ASPECTS
+from cxrexp.config import LUNG_MODES
+
 # Share of the image both lungs cover. The dataset masks of the shared sets (cxr-masks 600, lung-seg-nlm
 # 300) span 0.084-0.451 (1st-99th percentile 0.127-0.398; docs/lungs.md): outside 0.08-0.60 the mask is
 # wrong, not the patient.

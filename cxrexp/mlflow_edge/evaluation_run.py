@@ -223,6 +223,10 @@ def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dat
     from cxrexp.config import PreprocessConfig
     from cxrexp.data.pipeline import run_preprocess
     from cxrexp.data.tfdata import predict_probabilities
+    from cxrexp.mlflow_edge.preprocess_run import lung_masks_for
+
+    # The model's own segmenter version (its spec names it): external images get the crop training got.
+    lung_masks = lung_masks_for(model_spec)
 
     reference = trained_on if trained_on is not None else dataset
     seen = reference.manifest[reference.manifest["split"].isin(["train", "val"])]
@@ -232,7 +236,7 @@ def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dat
             data_dir=folder, classes=(dataset.positive_class, dataset.negative_label),
             positive_class=dataset.positive_class, image=model_spec, out_dir=cfg.external_out_dir,
             near_dup_distance=int(reference.params.get("near_dup_distance", 48)),
-        ), progress=False)
+        ), progress=False, lung_masks=lung_masks)
         manifest = prepared.dataset.manifest
         dropped = training_duplicates(manifest["sha256"].tolist(), manifest["phash"].tolist(),
                                       seen["sha256"].tolist(), seen["phash"].tolist(),

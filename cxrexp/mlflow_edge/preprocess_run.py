@@ -12,16 +12,85 @@ from dataclasses import replace
 import mlflow
 import numpy as np
 
-from cxrexp.config import PreprocessConfig
-from cxrexp.data.pipeline import PreprocessResult, prepared_key, run_preprocess
+from cxrexp.config import ImageSpec, PreprocessConfig
+from cxrexp.data.pipeline import (
+    LungMasks,
+    PreprocessResult,
+    prepared_key,
+    run_preprocess,
+)
 from cxrexp.data.store import PreparedDataset
-from cxrexp.errors import PreparedDataError
+from cxrexp.errors import ModelNotFound, PreparedDataError
 from cxrexp.evaluation.metrics import metric_key
 from cxrexp.images import decode, synthetic, transforms
 from cxrexp.mlflow_edge import tracking
-from cxrexp.tags import REUSED_PREPARED_TAG
+from cxrexp.mlflow_edge.model_uri import (
+    parse_model_uri,
+    registered_version,
+    version_uri,
+)
+from cxrexp.tags import LUNG_FALLBACK_WARNING_TAG, LUNG_MODEL_TAG, REUSED_PREPARED_TAG
 
 log = logging.getLogger(__name__)
+
+
+def resolve_lungs(cfg: PreprocessConfig) -> PreprocessConfig:
+    """``cfg`` with the segmenter named by the version it resolves to now (an alias moves; a version
+    does not), or with no segmenter at all for ``lungs=none``; ``ModelNotFound`` when there is none."""
+    spec = cfg.image
+    if spec.lungs == "none":
+        return replace(cfg, image=replace(spec, lung_model=""))
+    parsed = parse_model_uri(spec.lung_model)
+    if not parsed.registered:
+        return cfg  # a run, a logged model or a folder is already one fixed model
+    name, version = registered_version(spec.lung_model)
+    if not version:
+        raise ModelNotFound(
+            f"lungs={spec.lungs} needs the lung segmenter {spec.lung_model!r}, and the registry has no such "
+            "version: train one with `mlflow run . -e segment --env-manager local` (or pass "
+            "-P lung_model=<a segmenter URI>, or -P lungs=none)"
+        )
+    return replace(cfg, image=replace(spec, lung_model=version_uri(name, version)))
+
+
+def lung_masks_for(spec: ImageSpec) -> LungMasks | None:
+    """The segmenter's forward pass for a resolved spec (None with ``lungs=none``)."""
+    if spec.lungs == "none":
+        return None
+    from cxrexp.lungs.segmenter import (
+        predict_masks,  # TensorFlow: only when a lung view needs it
+    )
+    from cxrexp.mlflow_edge.segmenter_serving import load_segmenter
+
+    model, _ = load_segmenter(spec.lung_model)
+    return lambda images: predict_masks(model, images)
+
+
+def prepare(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
+    """``run_preprocess`` with the segmenter resolved and loaded (no MLflow run of its own)."""
+    resolved = resolve_lungs(cfg)
+    return run_preprocess(resolved, progress=progress, lung_masks=lung_masks_for(resolved.image))
+
+
+def lung_metrics(dataset: PreparedDataset) -> dict[str, float]:
+    """Lung-view figures of a prepared dataset: crop and fallback counts (overall and per class), mean
+    lung area, and the segmenter's Dice against the dataset masks where there are any."""
+    manifest = dataset.manifest
+    if "lung_crop" not in manifest:
+        return {}
+    fell_back = ~manifest["lung_crop"].astype(bool)
+    metrics = {
+        "n_lung_crop": int((~fell_back).sum()),
+        "n_lung_fallback": int(fell_back.sum()),
+        "lung_fallback_rate": float(fell_back.mean()) if len(manifest) else float("nan"),
+        "lung_area_mean": float(manifest["lung_area"].mean()),
+    }
+    for name, count in dataset.params.get("lung_fallbacks", {}).items():
+        metrics[f"n_lung_fallback_{metric_key(str(name))}"] = int(count)
+    scored = manifest["seg_dice"].dropna()
+    if len(scored):
+        metrics.update(seg_dice_vs_dataset=float(scored.mean()), n_seg_dice=len(scored))
+    return metrics
 
 
 def summary_metrics(dataset: PreparedDataset, n_skipped: int) -> dict[str, float]:
@@ -39,7 +108,7 @@ def summary_metrics(dataset: PreparedDataset, n_skipped: int) -> dict[str, float
         metrics[f"n_{split}_positive"] = int(part["label"].sum())
     for name, count in manifest["class_name"].value_counts().sort_index().items():
         metrics[f"n_class_{metric_key(str(name))}"] = int(count)
-    return metrics
+    return {**metrics, **lung_metrics(dataset)}
 
 
 def _before_after(dataset: PreparedDataset, n: int = 4) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -67,6 +136,10 @@ def log_result(cfg: PreprocessConfig, result: PreprocessResult) -> None:
     mlflow.log_metrics(summary_metrics(dataset, len(skipped)))
     mlflow.log_metric("seconds", result.seconds)
     mlflow.set_tag(REUSED_PREPARED_TAG, str(result.reused).lower())
+    mlflow.set_tag(LUNG_MODEL_TAG, dataset.spec.lung_model if dataset.spec.lungs != "none" else "")
+    warning = dataset.params.get("lung_fallback_warning")
+    if warning:
+        mlflow.set_tag(LUNG_FALLBACK_WARNING_TAG, warning[:5000])
     tracking.log_prepared_dataset(dataset, context="preprocess")
     mlflow.log_artifact(str(dataset.root / "manifest.csv"), artifact_path="data")
     mlflow.log_artifact(str(dataset.root / "skipped.csv"), artifact_path="data")
@@ -99,13 +172,23 @@ def report(result: PreprocessResult) -> str:
             lines.append(f"    ... and {len(skipped) - 20} more")
     for note in dataset.params.get("notes", []):
         lines.append(f"  note: {note}")
+    lung = lung_metrics(dataset)
+    if lung:
+        spec = dataset.spec
+        lines.append(f"  lungs={spec.lungs} with {spec.lung_model}: cropped {lung['n_lung_crop']}, fell back to the "
+                     f"whole image {lung['n_lung_fallback']} ({dataset.params.get('lung_fallbacks', {})}; reasons "
+                     "in manifest.csv, lung_fallback_reason)"
+                     + (f"; segmenter Dice vs dataset masks {lung['seg_dice_vs_dataset']:.3f} on {lung['n_seg_dice']}"
+                        if "seg_dice_vs_dataset" in lung else ""))
+        if dataset.params.get("lung_fallback_warning"):
+            lines.append(f"  WARNING: {dataset.params['lung_fallback_warning']}")
     return "\n".join(lines)
 
 
 def run(cfg: PreprocessConfig) -> str:
     """Preprocess as one MLflow run (tagged ``cxrexp.step=preprocess``); returns the run id."""
     with tracking.step_run("preprocess", cfg) as active:
-        result = run_preprocess(cfg)
+        result = prepare(cfg)
         log_result(cfg, result)
         print(report(result))
         print(f"preprocess run id: {active.info.run_id}")
@@ -123,8 +206,9 @@ def _reusable(cfg: PreprocessConfig) -> tuple[str, PreparedDataset] | None:
     except PreparedDataError as err:
         log.warning("preprocess run %s cannot be reused (%s); running preprocess again", previous.info.run_id, err)
         return None
-    # Same parameters is not enough for a data folder: files may have been added or replaced.
-    if dataset.root.name != prepared_key(cfg):
+    # Same parameters is not enough for a data folder: files may have been added or replaced, and the
+    # segmenter's alias may have moved.
+    if dataset.root.name != prepared_key(resolve_lungs(cfg)):
         print(f"preprocess run {previous.info.run_id} was made from other files; running preprocess again")
         return None
     return previous.info.run_id, dataset

@@ -43,7 +43,13 @@ from cxrexp.lungs.masks import dice, iou, mask_for_image, overlay
 from cxrexp.mlflow_edge import registry, tracking
 from cxrexp.mlflow_edge.epoch_logging import MlflowEpochLogger
 from cxrexp.promotion import segmenter_champion
-from cxrexp.tags import CHAMPION, MODEL_URI_TAG, SEGMENT_STEP
+from cxrexp.tags import (
+    CHAMPION,
+    MODEL_URI_TAG,
+    SEGMENT_STEP,
+    SEGMENTER_CHAMPION_TAG,
+    SEGMENTER_VERSION_TAG,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +196,7 @@ def run(cfg: SegmentConfig) -> str:
         )
         if move:
             MlflowClient().set_registered_model_alias(cfg.registered_model_name, CHAMPION, version)
-        mlflow.set_tags({"cxrexp.segmenter_version": version, "cxrexp.segmenter_champion": reason[:500]})
+        mlflow.set_tags({SEGMENTER_VERSION_TAG: version, SEGMENTER_CHAMPION_TAG: reason[:500]})
         print(f"segment run {run_id}: test Dice {values['test_dice']:.3f}, IoU {values['test_iou']:.3f} on "
               f"{len(test_rows)} held-out images; " + ", ".join(
                   f"{s} {values['test_dice_' + metric_key(s)]:.3f}" for s in sorted(set(test_sources))))

@@ -13,6 +13,11 @@ Request (``pandas.DataFrame``, one row per image):
 Response (``pandas.DataFrame``, same row order):
     ``probability``  float64 in [0, 1], P(positive class)
     ``label``        the positive label when ``probability >= threshold``, else the negative label
+    ``lung_crop``    bool: the row was cropped to its lungs (False for a model trained on whole
+                     images, and for a row whose lung mask was implausible: then the whole image)
+
+A model trained on lung views (``ImageSpec.lungs`` crop or mask) carries the segmenter that cut its
+training images, and runs it on every row before cropping (``request_images.prepare_lung_rows``).
 
 A request with any bad row fails whole, with ``INVALID_PARAMETER_VALUE`` (HTTP 400 from the MLflow
 scoring server) and a message listing every bad row (``row 2: not an image``): a client never gets
@@ -62,6 +67,7 @@ from cxrexp.images.request_images import (
     prepare_chunks,
     prepare_row,
 )
+from cxrexp.lungs.request_views import prepare_lung_rows
 from cxrexp.mlflow_edge.model_uri import describe_what_exists
 from cxrexp.tags import SERVING_METADATA_KEY
 
@@ -70,6 +76,9 @@ KERAS_ARTIFACT = "keras_model"
 SPEC_ARTIFACT = "serving_spec"
 SPEC_FILE_NAME = "serving_spec.json"
 KERAS_FILE_NAME = "model.keras"
+# Models trained on lung views carry the segmenter whose masks cut their training images.
+SEGMENTER_ARTIFACT = "lung_segmenter"
+SEGMENTER_FILE_NAME = "lung_segmenter.keras"
 MODEL_SCRIPT_NAME = "raw_image_model.py"
 _MODEL_SCRIPT = (
     '"""MLflow models-from-code entry: the cxrexp raw-image classifier."""\n'
@@ -111,6 +120,7 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
     def __init__(self) -> None:
         self.keras_model = None
         self.serving_spec: ServingSpec | None = None
+        self.segmenter = None  # the lung U-Net, for models trained on lung views
 
     def load_context(self, context) -> None:
         import keras
@@ -120,6 +130,29 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
             json.loads(spec_path.read_text(encoding="utf-8")), source=str(spec_path)
         )
         self.keras_model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        if self.serving_spec.image_spec.lungs != "none":
+            if SEGMENTER_ARTIFACT not in context.artifacts:
+                raise MlflowException(
+                    f"the model was trained on lungs={self.serving_spec.image_spec.lungs} views but carries no "
+                    f"{SEGMENTER_ARTIFACT!r} artifact: log it again with log_raw_image_model(segmenter=...)",
+                    error_code=INTERNAL_ERROR,
+                )
+            self.segmenter = keras.saving.load_model(context.artifacts[SEGMENTER_ARTIFACT], compile=False)
+
+    def lung_masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """The carried segmenter's masks, each at its image's size (``lungs.segmenter.predict_masks``)."""
+        from cxrexp.lungs.segmenter import predict_masks
+
+        return predict_masks(self.segmenter, images)
+
+    def _predict_lung_views(self, cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+        rows = prepare_lung_rows(cells, self.serving_spec, self.lung_masks, chunk_rows=PREDICT_CHUNK)
+        probabilities = np.empty(len(rows.pixels), dtype=np.float64)
+        for start in range(0, len(rows.pixels), PREDICT_CHUNK):
+            chunk = rows.pixels[start : start + PREDICT_CHUNK]
+            probabilities[start : start + len(chunk)] = np.asarray(
+                self.keras_model.predict_on_batch(chunk), dtype=np.float64).reshape(-1)
+        return probabilities, rows.applied
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if self.keras_model is None or self.serving_spec is None:
@@ -140,18 +173,22 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
                 error_code=INVALID_PARAMETER_VALUE,
             )
         probabilities = np.empty(len(model_input), dtype=np.float64)
+        lung_crop = None
         # Each chunk's forward pass runs while the decode threads prepare the next chunks; a bad row
         # anywhere raises (listing every bad row) before anything is returned. closing(): if the
         # model raises, the generator's decode pool is shut down at once.
         try:
-            with contextlib.closing(prepare_chunks(model_input[INPUT_COLUMN], spec, PREDICT_CHUNK)) as chunks:
-                for start, chunk in chunks:
-                    # predict_on_batch: Keras' compiled (tf.function) predict step, without model.predict's
-                    # progress bar and per-call tf.data pipeline; about twice as fast as an eager
-                    # self.keras_model(chunk) call, which dispatches every layer's ops one by one.
-                    probabilities[start : start + len(chunk)] = np.asarray(
-                        self.keras_model.predict_on_batch(chunk), dtype=np.float64
-                    ).reshape(-1)
+            if self.segmenter is not None:
+                probabilities, lung_crop = self._predict_lung_views(model_input[INPUT_COLUMN])
+            else:
+                with contextlib.closing(prepare_chunks(model_input[INPUT_COLUMN], spec, PREDICT_CHUNK)) as chunks:
+                    for start, chunk in chunks:
+                        # predict_on_batch: Keras' compiled (tf.function) predict step, without
+                        # model.predict's progress bar and per-call tf.data pipeline; about twice as fast
+                        # as an eager self.keras_model(chunk) call, which dispatches every layer's ops one by one.
+                        probabilities[start : start + len(chunk)] = np.asarray(
+                            self.keras_model.predict_on_batch(chunk), dtype=np.float64
+                        ).reshape(-1)
         except RequestRejected as exc:  # the scoring server answers HTTP 400 with this message
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         bad = np.flatnonzero(~np.isfinite(probabilities))
@@ -161,7 +198,7 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
                 "its weights are probably broken (retrain or roll back the model)",
                 error_code=INTERNAL_ERROR,
             )
-        return label_probabilities(probabilities, spec)
+        return label_probabilities(probabilities, spec, lung_crop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +207,11 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
 
 
 def serving_signature() -> ModelSignature:
-    """``image`` string (bytes pass schema enforcement too) -> ``probability`` double, ``label`` string."""
+    """``image`` string (bytes pass schema enforcement too) -> ``probability`` double, ``label`` string,
+    ``lung_crop`` boolean."""
     return ModelSignature(
         inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-        outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label")]),
+        outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"), ColSpec("boolean", "lung_crop")]),
     )
 
 
@@ -210,11 +248,14 @@ def log_raw_image_model(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     keras_flavour_name: str | None = KERAS_FLAVOUR_NAME,
+    segmenter=None,
 ) -> ModelInfo:
     """Log ``keras_model`` as the raw-image pyfunc model in the active run; returns MLflow's ``ModelInfo``.
 
     ``keras_model``: input float32 (S, S, 1) in [0, 1] with S == ``spec.image_size``, output (1,)
-    sigmoid. ``threshold`` in [0, 1] cuts the probability into labels. ``extra_metadata`` (JSON
+    sigmoid. ``threshold`` in [0, 1] cuts the probability into labels. ``segmenter`` (a Keras U-Net,
+    ``lungs.segmenter``) is required when ``spec.lungs`` is not ``none``: the served model runs it on
+    every row, as preprocess did, and must be the very model named by ``spec.lung_model``. ``extra_metadata`` (JSON
     values) goes into the MLmodel metadata and the serving spec beside the spec and threshold.
 
     Unless ``keras_flavour_name`` is None, the bare Keras model is also logged (``mlflow.keras``, about
@@ -240,6 +281,9 @@ def log_raw_image_model(
         max_bytes=max_bytes,
         extra=dict(extra_metadata or {}),
     )
+    if (spec.lungs != "none") != (segmenter is not None):
+        raise ValueError(f"lungs={spec.lungs}: a segmenter is needed exactly when the model was trained on lung "
+                         "views (pass the one named by spec.lung_model)")
     example_bytes = input_example_png if input_example_png is not None else example_png()
     # Check the example here: MLflow would only log a warning when it fails to predict on it.
     prepare_row(example_bytes, serving_spec)
@@ -259,6 +303,11 @@ def log_raw_image_model(
         spec_path = Path(tmp) / SPEC_FILE_NAME
         keras_model.save(keras_path)
         spec_path.write_text(json.dumps(serving_spec.to_json_dict(), indent=2), encoding="utf-8")
+        artifacts = {KERAS_ARTIFACT: str(keras_path), SPEC_ARTIFACT: str(spec_path)}
+        if segmenter is not None:
+            segmenter_path = Path(tmp) / SEGMENTER_FILE_NAME
+            segmenter.save(segmenter_path)
+            artifacts[SEGMENTER_ARTIFACT] = str(segmenter_path)
         # Models from code, not a cloudpickled instance: nothing is unpickled at load time and the
         # class is whatever cxrexp/serving.py says in the model's own code/ copy.
         model_script = Path(tmp) / MODEL_SCRIPT_NAME
@@ -266,7 +315,7 @@ def log_raw_image_model(
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(model_script),
-            artifacts={KERAS_ARTIFACT: str(keras_path), SPEC_ARTIFACT: str(spec_path)},
+            artifacts=artifacts,
             code_paths=[str(_PACKAGE_DIR)],
             signature=serving_signature(),
             input_example=input_example,

@@ -18,6 +18,7 @@ from cxrexp.learn.training import validation_metrics
 from cxrexp.mlflow_edge import registry, tracking
 from cxrexp.tags import (
     CHALLENGER,
+    LUNG_MODEL_TAG,
     META_DIGEST_KEY,
     META_TRAIN_RUN_KEY,
     MODEL_URI_TAG,
@@ -74,6 +75,7 @@ def train_and_log(
         result.model,
         dataset.spec,
         result.threshold,
+        segmenter=_segmenter_of(dataset),
         name="model",
         positive_label=dataset.positive_class,
         negative_label=dataset.negative_label,
@@ -87,6 +89,18 @@ def train_and_log(
     # MLflow 3 logs models as LoggedModels: models:/m-<id> is the stable URI (runs:/<id>/model also resolves).
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
     return TrainedRun(run_id, info.model_uri, val_metrics, result.epochs_trained)
+
+
+def _segmenter_of(dataset: PreparedDataset):
+    """The U-Net whose masks cut the dataset's lung views (None for whole images): the served model
+    carries it, so a raw file gets the very crop training saw."""
+    spec = dataset.spec
+    mlflow.set_tag(LUNG_MODEL_TAG, spec.lung_model if spec.lungs != "none" else "")
+    if spec.lungs == "none":
+        return None
+    from cxrexp.mlflow_edge.segmenter_serving import load_segmenter
+
+    return load_segmenter(spec.lung_model)[0]
 
 
 def register_model(trained: TrainedRun, cfg: TrainConfig, dataset: PreparedDataset, **tags: Any) -> str:

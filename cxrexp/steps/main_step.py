@@ -16,15 +16,19 @@ from cxrexp.config import (
     ImageSpec,
     MainConfig,
     PreprocessConfig,
+    SegmentConfig,
     TrainConfig,
     flat_params,
 )
 from cxrexp.mlflow_edge import preprocess_run, tracking
+from cxrexp.mlflow_edge.model_uri import version_uri
 from cxrexp.tags import (
     EVALUATE_RUN_TAG,
     MAIN_STEP,
     MODEL_URI_TAG,
     PREPROCESS_RUN_TAG,
+    SEGMENT_RUN_OF_MAIN_TAG,
+    SEGMENTER_VERSION_TAG,
     STEP_TAG,
     TRAIN_RUN_OF_MAIN_TAG,
 )
@@ -59,11 +63,21 @@ def _get_or_run(entry_point: str, cfg: Any) -> str:
 
 
 def run(cfg: MainConfig) -> int:
-    """preprocess -> train -> evaluate, each its own run under one ``main`` run; returns the exit code."""
-    pre_cfg = PreprocessConfig(data_dir=cfg.data_dir, image=ImageSpec(image_size=cfg.image_size))
+    """[segment ->] preprocess -> train -> evaluate, each its own run under one ``main`` run; returns
+    the exit code. segment runs only for a lung view, and preprocess then uses the very version it
+    registered (not ``@champion``, which a better earlier segmenter may hold)."""
     with mlflow.start_run(run_name="main") as active:
         mlflow.set_tag(STEP_TAG, MAIN_STEP)
         tracking.log_new_params(active, flat_params(cfg))
+        image = ImageSpec(image_size=cfg.image_size, lungs=cfg.lungs)
+        if cfg.lungs != "none":
+            seg_cfg = SegmentConfig(mask_dirs=cfg.mask_dirs, image_size=cfg.seg_image_size, epochs=cfg.seg_epochs)
+            seg_run = _get_or_run("segment", seg_cfg)
+            mlflow.set_tag(SEGMENT_RUN_OF_MAIN_TAG, seg_run)
+            version = mlflow.get_run(seg_run).data.tags[SEGMENTER_VERSION_TAG]
+            image = ImageSpec(image_size=cfg.image_size, lungs=cfg.lungs,
+                              lung_model=version_uri(seg_cfg.registered_model_name, version))
+        pre_cfg = PreprocessConfig(data_dir=cfg.data_dir, image=image)
         pre_run = _get_or_run("preprocess", pre_cfg)
         mlflow.set_tag(PREPROCESS_RUN_TAG, pre_run)
         train_cfg = TrainConfig(

@@ -8,7 +8,8 @@ the model's reason (``not an image``, ``truncated or corrupt``, ``too small: 20x
 Outputs (never written into the input folder; a default output lands in the working directory):
 
 ``<output>``                   ``file`` (path relative to the folder, POSIX), ``probability``
-                               (float in [0, 1]), ``label``; sorted by ``file``.
+                               (float in [0, 1]), ``label``, ``lung_crop`` (bool: the image was
+                               cropped to its lungs); sorted by ``file``.
 ``<stem>.skipped.csv``         ``file``, ``reason`` beside it (``predictions.csv`` ->
                                ``predictions.skipped.csv``); always written, header only when
                                nothing was skipped, so a stale list never survives a re-run.
@@ -44,7 +45,7 @@ _ROW_REASON = re.compile(r"row 0: (.+)$", re.DOTALL)
 
 @dataclass(frozen=True)
 class PredictResult:
-    """``scored``: DataFrame(file, probability, label); ``skipped``: DataFrame(file, reason)."""
+    """``scored``: DataFrame(file, probability, label, lung_crop); ``skipped``: DataFrame(file, reason)."""
 
     scored: pd.DataFrame
     skipped: pd.DataFrame
@@ -119,7 +120,8 @@ def score_batch(model, files: list[Path], folder: Path) -> tuple[list[dict], lis
                 pairs.append((item, next(single.itertuples(index=False))))
             except MlflowException as exc:
                 skipped.append({"file": item[0], "reason": _rejection_reason(exc)})
-    scored = [{"file": name, "probability": float(row.probability), "label": str(row.label)}
+    scored = [{"file": name, "probability": float(row.probability), "label": str(row.label),
+               "lung_crop": bool(getattr(row, "lung_crop", False))}
               for (name, _), row in pairs]
     return scored, skipped
 
@@ -161,7 +163,7 @@ def predict_folder(model_uri: str, folder: str | os.PathLike[str], output: str |
             scored += batch_scored
             skipped += batch_skipped
             bar.update(len(batch))
-    scored_frame = pd.DataFrame(scored, columns=["file", "probability", "label"]).sort_values("file", kind="stable")
+    scored_frame = pd.DataFrame(scored, columns=["file", "probability", "label", "lung_crop"]).sort_values("file", kind="stable")
     skipped_frame = pd.DataFrame(skipped, columns=["file", "reason"]).sort_values("file", kind="stable")
     if len(scored_frame):
         _write_csv_atomic(scored_frame, output_path)
