@@ -87,7 +87,7 @@ def test_scores_good_files_and_reports_bad_ones(model, images, tmp_path, batch_s
     assert _snapshot(images) == before  # nothing written into the input folder
 
     scored = pd.read_csv(output)
-    assert list(scored.columns) == ["file", "probability", "label"]
+    assert list(scored.columns) == ["file", "probability", "label", "lung_crop"]
     assert scored["file"].tolist() == sorted(GOOD_FILES)
     expected = model["pyfunc"].predict(pd.DataFrame({"image": [GOOD_FILES[f] for f in sorted(GOOD_FILES)]}))
     np.testing.assert_allclose(scored["probability"], expected["probability"], atol=1e-6)

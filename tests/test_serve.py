@@ -136,7 +136,8 @@ def test_good_image_gets_probability_and_label(server, source):
     body = response.json()
     assert list(body) == ["predictions"]
     (prediction,) = body["predictions"]
-    assert set(prediction) == {"probability", "label"}
+    assert set(prediction) == {"probability", "label", "lung_crop"}
+    assert prediction["lung_crop"] is False  # trained on whole images
     assert 0.0 <= prediction["probability"] <= 1.0
     assert prediction["label"] == ("COVID" if prediction["probability"] >= 0.5 else "Normal")
     expected = server["local_model"].predict(pd.DataFrame({"image": [png]}))
@@ -195,4 +196,4 @@ def test_documented_curl_example_works_as_written(server, tmp_path):
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert re.search(r'\{"predictions": \[\{"probability": [0-9.e-]+, "label": "(COVID|Normal)"\}\]\}', done.stdout), done.stdout
+    assert re.search(r'\{"predictions": \[\{"probability": [0-9.e-]+, "label": "(COVID|Normal)", "lung_crop": false\}\]\}', done.stdout), done.stdout

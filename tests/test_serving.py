@@ -167,7 +167,7 @@ def _as_data_url(data: bytes) -> str:
 @pytest.mark.parametrize("encoding", [bytes, _b64, _as_data_url], ids=["bytes", "base64", "data_url"])
 def test_prediction_equals_manual_training_path(logged, image_name, encoding):
     result = logged["pyfunc"].predict(pd.DataFrame({"image": [encoding(IMAGES[image_name])]}))
-    assert list(result.columns) == ["probability", "label"]
+    assert list(result.columns) == ["probability", "label", "lung_crop"]
     np.testing.assert_allclose(result["probability"].iloc[0], logged["expected"][image_name], atol=1e-5)
 
 
@@ -234,7 +234,7 @@ def test_python_model_missing_column_message(logged):
 def test_signature_metadata_and_requirements(logged):
     meta = logged["pyfunc"].metadata
     assert meta.get_input_schema().to_dict() == [{"type": "string", "name": "image", "required": True}]
-    assert [c["name"] for c in meta.get_output_schema().to_dict()] == ["probability", "label"]
+    assert [c["name"] for c in meta.get_output_schema().to_dict()] == ["probability", "label", "lung_crop"]
     assert meta.metadata["cxrexp_serving"]["threshold"] == pytest.approx(logged["threshold"])
     assert meta.metadata["cxrexp_serving"]["source_run"] == "unit-test"
     local = Path(mlflow.artifacts.download_artifacts(logged["info"].model_uri))
