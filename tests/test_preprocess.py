@@ -33,6 +33,7 @@ from cxrexp.images.transforms import (
     Enhancer,
     enhance,
     gamma_lut,
+    mask_at,
     prepare,
     prepare_mask,
     resize,
@@ -485,6 +486,35 @@ def test_prepare_mask_binary(name, mask, size, expected):
     out = prepare_mask(mask, size)
     assert out.dtype == np.uint8, name
     np.testing.assert_array_equal(out, np.array(expected, np.uint8), err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "name, mask, shape, expected",
+    [
+        ("0/255 to a wide shape", np.array([[255, 0], [0, 0]], np.uint8), (2, 4), [[1, 1, 0, 0], [0, 0, 0, 0]]),
+        ("{0,1} to a tall shape", np.array([[1, 0], [0, 1]], np.uint8), (4, 2), [[1, 0], [1, 0], [0, 1], [0, 1]]),
+        ("JPEG noise below half", np.array([[127, 200]], np.uint8), (1, 2), [[0, 1]]),
+    ],
+)
+def test_mask_at_keeps_the_one_lung_pixel_rule_at_any_shape(name, mask, shape, expected):
+    out = mask_at(mask, shape)
+    np.testing.assert_array_equal(out, np.array(expected, np.uint8), err_msg=name)
+    assert np.array_equal(prepare_mask(mask, 3), mask_at(mask, (3, 3))), name
+
+
+def test_prepare_pair_reads_01_and_0255_masks_alike_with_a_lung_view():
+    from cxrexp.config import ImageSpec
+    from cxrexp.data.files import prepare_pair
+
+    grey = smooth_noise(3, (300, 240), sigma=4.0)
+    mask = np.zeros((300, 240), np.uint8)
+    mask[60:240, 30:110] = 1
+    mask[60:240, 130:210] = 1
+    spec = ImageSpec(image_size=32, lungs="crop")
+    _, from01 = prepare_pair(grey, mask, spec)
+    _, from255 = prepare_pair(grey, mask * 255, spec)
+    assert from01 is not None and from01.max() == 1
+    np.testing.assert_array_equal(from01, from255)
 
 
 def test_perceptual_hash_is_a_256_bit_int_tolerant_of_small_changes():

@@ -16,8 +16,7 @@ from cxrexp.images.decode import (
     read_grey,
 )
 from cxrexp.images.hashing import perceptual_hash
-from cxrexp.images.transforms import prepare, prepare_mask
-from cxrexp.lungs.masks import mask_for_image
+from cxrexp.images.transforms import mask_at, prepare, prepare_mask
 from cxrexp.lungs.view import working_image
 
 # --------------------------------------------------------------------------------------------
@@ -85,9 +84,7 @@ def prepare_pair(grey: np.ndarray, mask_grey: np.ndarray | None, spec: ImageSpec
     working = working_image(grey, spec)
     if mask_grey is None:
         return working, None
-    # 0/255 masks (Kaggle, JPEG noise) or masks already in {0, 1}, as prepare_mask reads them.
-    level = 0 if int(mask_grey.max(initial=0)) <= 1 else 127
-    return working, mask_for_image(mask_grey, working.shape, threshold=level).astype(np.uint8)
+    return working, mask_at(mask_grey, working.shape)
 
 
 __all__ = ["ProcessedImage", "prepare_pair", "process_file"]

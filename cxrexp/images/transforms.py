@@ -28,18 +28,23 @@ def require_grey_uint8(img: np.ndarray, what: str) -> None:
 
 
 def resize(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (size, size) from uint8 HxW; non-square inputs are stretched, not padded.
+    """uint8 (size, size) from uint8 HxW; non-square inputs are stretched, not padded."""
+    return resize_to(img, (size, size))
+
+
+def resize_to(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 ``shape`` = (h, w) from uint8 HxW.
 
     Area averaging when shrinking (no aliasing of rib edges and noise), bilinear when enlarging
     (area interpolation degenerates to nearest-neighbour blocks there).
     """
     require_grey_uint8(img, "resize")
-    if size < 1:
-        raise ValueError(f"resize: size={size} must be a positive number of pixels")
-    height, width = img.shape
-    shrinking = size < height or size < width
+    height, width = int(shape[0]), int(shape[1])
+    if height < 1 or width < 1:
+        raise ValueError(f"resize: size={height}x{width} must be a positive number of pixels")
+    shrinking = height < img.shape[0] or width < img.shape[1]
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interpolation)
+    return cv2.resize(img, (width, height), interpolation=interpolation)
 
 
 def gamma_lut(gamma: float) -> np.ndarray:
@@ -127,16 +132,28 @@ def prepare(grey: np.ndarray, spec: ImageSpec) -> np.ndarray:
     return enhance(resize(grey, spec.image_size), spec)
 
 
-def prepare_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """uint8 HxW lung mask -> uint8 (size, size) in {0, 1}.
+def lung_pixels(mask: np.ndarray) -> np.ndarray:
+    """bool HxW: which pixels of a uint8 lung mask are lung.
 
-    Accepts 0/255 masks (Kaggle, thresholded at 128 to absorb JPEG noise) or masks already in
-    {0, 1}. Resizing the 0/255 version and thresholding at half keeps a pixel when at least half
-    its area was lung, so thin borders neither grow nor vanish.
+    The one rule for every mask cxrexp reads: 0/255 masks (Kaggle) are thresholded at 128 to absorb
+    JPEG noise; masks already in {0, 1} are read as they are.
     """
-    require_grey_uint8(mask, "prepare_mask")
-    binary = mask > 0 if int(mask.max(initial=0)) <= 1 else mask >= 128
-    scaled = resize(binary.astype(np.uint8) * 255, size)
+    require_grey_uint8(mask, "lung_pixels")
+    return mask > 0 if int(mask.max(initial=0)) <= 1 else mask >= 128
+
+
+def mask_at(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 HxW lung mask -> uint8 ``shape`` = (h, w) in {0, 1}.
+
+    Resizing the 0/255 version and thresholding at half keeps a pixel when at least half its area
+    was lung, so thin borders neither grow nor vanish.
+    """
+    scaled = resize_to(lung_pixels(mask).astype(np.uint8) * 255, shape)
     return (scaled >= 128).astype(np.uint8)
+
+
+def prepare_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxW lung mask -> uint8 (size, size) in {0, 1} (``mask_at`` a square)."""
+    return mask_at(mask, (size, size))
 
 
