@@ -144,6 +144,8 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
         dataset = tracking.resolve_prepared(pre_run.info.run_id)
         assert dataset.manifest["lung_crop"].mean() > 0.8  # a segmenter trained 8 epochs finds most lungs
         assert cli.main(["train", "--data", pre_run.info.run_id, "--epochs", "1"]) == 0
+        train_run = mlflow.search_runs(filter_string="tags.`cxrexp.step` = 'train'", output_format="list")[0]
+        assert train_run.data.tags["cxrexp.lung_model"] == "models:/cxr-lung-seg/1"
         model = serving.load_pyfunc("models:/cxr-covid-cnn/1")
         rows = dataset.manifest.head(10)
         syn = synthetic.SyntheticSpec(**dataset.params["synthetic"])
@@ -157,3 +159,17 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
         answer = model.predict(pd.DataFrame({"image": cells}))
         assert list(answer.columns) == ["probability", "label", "lung_crop"]
         np.testing.assert_array_equal(answer["lung_crop"].to_numpy(), rows["lung_crop"].to_numpy())
+
+        # External sets are cut by the segmenter the model carries: with the registry's segmenter gone,
+        # evaluate still prepares and scores them.
+        from tests.test_external import _write_collection
+
+        mlflow.MlflowClient().delete_registered_model("cxr-lung-seg")
+        loaded = serving.load_classifier("models:/cxr-covid-cnn/1")
+        assert loaded.lung_masks is not None
+        external = _write_collection(root / "ext" / "ext-lungs", seed=11, count=16)
+        assert cli.main(["evaluate", "--model-uri", "models:/cxr-covid-cnn/1", "--n-bootstrap", "20",
+                         "--gradcam-per-cell", "0", "--external", str(external),
+                         "--external-out-dir", str(root / "ext-prepared")]) == 0
+        (run,) = mlflow.search_runs(filter_string="tags.`cxrexp.step` = 'evaluate'", output_format="list")
+        assert run.data.metrics["external_ext_lungs_n"] + run.data.metrics["external_ext_lungs_n_dropped_duplicates"] == 16

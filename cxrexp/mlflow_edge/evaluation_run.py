@@ -139,7 +139,8 @@ def run(cfg: EvaluateConfig) -> str:
     from cxrexp.data.tfdata import predict_probabilities
     from cxrexp.mlflow_edge import serving
 
-    model, model_spec, model_threshold = serving.load_keras_model(cfg.model_uri)
+    loaded = serving.load_classifier(cfg.model_uri)
+    model, model_spec, model_threshold = loaded.keras_model, loaded.image_spec, loaded.threshold
     source = describe_model(cfg.model_uri)
     dataset, trained_on = resolve_data(cfg.data, source)
     check_spec(cfg.model_uri, model_spec, dataset)
@@ -163,7 +164,8 @@ def run(cfg: EvaluateConfig) -> str:
         judged = evaluate_test_split(test, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
                                      prevalence=prevalence)
         overlap = training_overlap(test, trained_on, dataset.digest)
-        external = score_external(cfg, model, model_spec, threshold, dataset, trained_on) if cfg.external else []
+        external = score_external(cfg, model, model_spec, threshold, dataset, trained_on,
+                                  lung_masks=loaded.lung_masks) if cfg.external else []
         for result in external:
             tracking.log_metrics(logged_metrics(result))
         external_warnings = [w for w in (external_warning(r.name, judged.evaluation.metrics, r.evaluation.metrics)
@@ -217,16 +219,15 @@ def run(cfg: EvaluateConfig) -> str:
 
 
 def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dataset: PreparedDataset,
-                   trained_on: PreparedDataset | None) -> list[ExternalResult]:
+                   trained_on: PreparedDataset | None, *, lung_masks=None) -> list[ExternalResult]:
     """Each ``cfg.external`` collection prepared with the model's image settings (under
-    ``cfg.external_out_dir``; its folder is only read), training duplicates dropped, scored at ``threshold``."""
+    ``cfg.external_out_dir``; its folder is only read), training duplicates dropped, scored at ``threshold``.
+
+    ``lung_masks`` is the segmenter the model carries (``LoadedClassifier.lung_masks``; None for a
+    whole-image model), so external images get the crop a served request gets, with no registry lookup."""
     from cxrexp.config import PreprocessConfig
     from cxrexp.data.pipeline import run_preprocess
     from cxrexp.data.tfdata import predict_probabilities
-    from cxrexp.mlflow_edge.preprocess_run import lung_masks_for
-
-    # The model's own segmenter version (its spec names it): external images get the crop training got.
-    lung_masks = lung_masks_for(model_spec)
 
     reference = trained_on if trained_on is not None else dataset
     seen = reference.manifest[reference.manifest["split"].isin(["train", "val"])]

@@ -38,6 +38,8 @@ import contextlib
 import json
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -342,12 +344,23 @@ def load_pyfunc(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
         sys.path[:] = saved_path
 
 
-def load_keras_model(model_uri: str):
-    """A raw-image model URI -> ``(keras.Model, ImageSpec, threshold)`` for evaluation and Grad-CAM.
+@dataclass(frozen=True)
+class LoadedClassifier:
+    """A raw-image model's parts for evaluation and Grad-CAM, as ``RawImageClassifier`` loaded them."""
 
-    The Keras model takes float32 (N, S, S, 1) in [0, 1] and returns (N, 1) probabilities; its
-    layers (``block{i}_conv``, ``logit``) are reachable. Raises ``ModelNotFound`` when the URI
-    resolves to no model, or to one that is not a ``RawImageClassifier``.
+    keras_model: Any  # float32 (N, S, S, 1) in [0, 1] -> (N, 1); layers block{i}_conv, logit reachable
+    image_spec: ImageSpec
+    threshold: float
+    # The carried segmenter's forward pass, the very one serving runs (None for a whole-image model):
+    # images prepared outside serving (external sets) get the masks a served request would.
+    lung_masks: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None
+
+
+def load_classifier(model_uri: str) -> LoadedClassifier:
+    """A raw-image model URI -> its ``LoadedClassifier``.
+
+    Raises ``ModelNotFound`` when the URI resolves to no model, or to one that is not a
+    ``RawImageClassifier``.
     """
     pyfunc_model = load_pyfunc(model_uri)
     try:
@@ -364,14 +377,23 @@ def load_keras_model(model_uri: str):
             "(log one with cxrexp.mlflow_edge.serving.log_raw_image_model)"
         )
     spec = python_model.serving_spec
-    return python_model.keras_model, spec.image_spec, float(spec.threshold)
+    lung_masks = python_model.lung_masks if spec.image_spec.lungs != "none" else None
+    return LoadedClassifier(python_model.keras_model, spec.image_spec, float(spec.threshold), lung_masks)
+
+
+def load_keras_model(model_uri: str):
+    """A raw-image model URI -> ``(keras.Model, ImageSpec, threshold)`` (``load_classifier``'s first three)."""
+    loaded = load_classifier(model_uri)
+    return loaded.keras_model, loaded.image_spec, loaded.threshold
 
 
 __all__ = [
     "KERAS_FLAVOUR_NAME",
+    "LoadedClassifier",
     "ModelNotFound",
     "RawImageClassifier",
     "keras_signature",
+    "load_classifier",
     "load_keras_model",
     "load_pyfunc",
     "log_raw_image_model",

@@ -52,6 +52,8 @@ def train_and_log(
     from cxrexp.mlflow_edge.epoch_logging import MlflowEpochLogger
 
     tracking.log_prepared_dataset(dataset, context="train")
+    # Which segmenter cut the lung views ("" for whole images): filterable in the UI beside the metrics.
+    mlflow.set_tag(LUNG_MODEL_TAG, dataset.spec.lung_model if dataset.spec.lungs != "none" else "")
     train_rows, train_labels = dataset.split_rows("train")
     val_rows, val_labels = dataset.split_rows("val")
     result = train_model(
@@ -95,7 +97,6 @@ def _segmenter_of(dataset: PreparedDataset):
     """The U-Net whose masks cut the dataset's lung views (None for whole images): the served model
     carries it, so a raw file gets the very crop training saw."""
     spec = dataset.spec
-    mlflow.set_tag(LUNG_MODEL_TAG, spec.lung_model if spec.lungs != "none" else "")
     if spec.lungs == "none":
         return None
     from cxrexp.mlflow_edge.segmenter_serving import load_segmenter
