@@ -31,6 +31,9 @@ MAX_PIXELS = 64_000_000
 # The outer share of each image side where hospitals burn in text, markers and scanner labels: where the
 # synthetic set draws its shortcut marker and what the shortcut audit scores as "border".
 BORDER_FRACTION = 0.12
+# Fewer usable heatmaps than this and the shortcut audit gives no verdict (not passed): single maps'
+# lung focus spans 0-1, so the mean of a handful is noise, and a pass on it would unlock promotion.
+MIN_AUDIT_HEATMAPS = 10
 # The classifier's name in the Model Registry, the default of train, evaluate, promote and main.
 REGISTERED_MODEL_NAME = "cxr-covid-cnn"
 # The lung segmenter's name in the Model Registry (segment registers it, preprocess's lung_model reads it).
@@ -282,6 +285,10 @@ class EvaluateConfig:
     seed: int = 42
     gradcam_per_cell: int = 2
     min_lung_focus: float = 0.5
+    min_audit_heatmaps: int = MIN_AUDIT_HEATMAPS
+    # Segments the test images that have no stored lung mask, for the audit only ("" = never: the
+    # geometric prior); a lung-view model's own carried segmenter is used instead when it has one.
+    audit_lung_model: str = DEFAULT_LUNG_MODEL
     batch_size: int = 64
     # Collections from other hospitals (class folders, Kaggle or plain layout), each prepared with the
     # model's image settings under external_out_dir and scored at the model's threshold.

@@ -134,36 +134,70 @@ def test_audit_heatmaps_scores_the_salient_region_in_the_widened_mask():
     marker[0:2, 13:16] = 1.0  # the peak on a corner marker
     edge = np.full((size, size), 0.1, dtype=np.float32)
     edge[5:10, 7:8] = 1.0  # the peak one pixel beside the mask: within a 2-px tolerance
-    outcome = audit.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2)
+    outcome = audit.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2,
+                                   min_heatmaps=1)
     focus = [s["lung_focus"] for s in outcome.scores]
     assert focus[0] == pytest.approx(1.0) and focus[1] == pytest.approx(0.0) and focus[2] == pytest.approx(1.0)
     assert outcome.tolerance_px == 2
     assert outcome.result.n == 3 and outcome.result.passed  # mean 2/3 >= 0.5
-    strict = audit.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2,
+    strict = audit.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2, min_heatmaps=1,
                                   tolerance_cells=0)
     assert [s["lung_focus"] for s in strict.scores][2] == pytest.approx(0.0)
     assert not strict.result.passed  # 1/3 < 0.5
     # Only gated heatmaps enter the verdict; the others are still scored.
-    marker_only = audit.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2,
+    marker_only = audit.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2, min_heatmaps=1,
                                        gated=np.array([False, True, False]))
     assert len(marker_only.scores) == 3 and marker_only.result.n == 1 and not marker_only.result.passed
     assert marker_only.result.lung_focus_mean == pytest.approx(0.0)
     # Only flagged masks get the tolerance (the caller leaves the generous geometric prior alone).
-    unwidened = audit.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2,
+    unwidened = audit.audit_heatmaps(np.stack([inside, marker, edge]), np.stack([lung] * 3), 0.5, stride=2, min_heatmaps=1,
                                      widen=np.array([True, True, False]))
     assert [s["lung_focus"] for s in unwidened.scores][2] == pytest.approx(0.0)
     none = audit.audit_heatmaps(np.stack([inside]), np.stack([lung]), 0.5, stride=2, gated=np.array([False]))
     assert not none.result.passed and none.result.n == 0 and "predicted positive" in none.result.reason
 
 
-def test_lung_masks_fall_back_to_the_geometric_prior(synthetic_prepared):
+def _two_lungs(size: int) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 5 : 4 * size // 5, size // 8 : 3 * size // 8] = 1
+    mask[size // 5 : 4 * size // 5, 5 * size // 8 : 7 * size // 8] = 1
+    return mask
+
+
+@pytest.mark.parametrize(
+    "name, has_mask, segmenter, real, note",
+    [
+        ("dataset masks and the prior", [True, False, True], None, [True, False, True],
+         "lung masks: 2 dataset masks, 1 from the geometric prior (gradcam.estimate_lung_mask)"),
+        ("nothing real", [False, False, False], None, [False, False, False],
+         "lung masks: 3 from the geometric prior (gradcam.estimate_lung_mask): no dataset lung masks and no "
+         "segmenter (train one with -e segment)"),
+        ("all dataset", [True, True, True], None, [True, True, True], "lung masks: 3 dataset masks"),
+        ("the segmenter before the prior", [True, False, False], "two lungs", [True, True, True],
+         "lung masks: 1 dataset masks, 2 segmented now by seg/1"),
+        ("an implausible segmentation keeps the prior", [False, False, True], "empty", [False, False, True],
+         "lung masks: 1 dataset masks, 2 from the geometric prior (gradcam.estimate_lung_mask) "
+         "(2 segmentations implausible)"),
+    ],
+)
+def test_lung_masks_prefer_real_masks_to_the_geometric_prior(synthetic_prepared, name, has_mask, segmenter,
+                                                             real, note):
     rows, _ = synthetic_prepared.split_rows("test")
     rows = rows[:3]
     size = synthetic_prepared.image_size
     prior = gradcam.estimate_lung_mask(np.zeros((size, size), np.uint8))
-    masks, note = audit.lung_masks(synthetic_prepared, rows, np.array([True, False, True]))
-    np.testing.assert_array_equal(masks[0], synthetic_prepared.masks()[rows[0]])
-    np.testing.assert_array_equal(masks[1], prior)
-    assert note == "2 dataset lung masks, 1 from the geometric prior"
-    assert audit.lung_masks(synthetic_prepared, rows, np.zeros(3, bool))[1].startswith("no dataset lung masks")
-    assert audit.lung_masks(synthetic_prepared, rows, np.ones(3, bool))[1] == "lung masks from the dataset"
+    drawn = _two_lungs(size) if segmenter == "two lungs" else np.zeros((size, size), np.uint8)
+    seen: list[int] = []
+
+    def segment(images):
+        seen.append(len(images))
+        assert all(image.shape == (size, size) for image in images), name
+        return [drawn.astype(bool) for _ in images]
+
+    found = audit.lung_masks(synthetic_prepared, rows, np.array(has_mask), segment if segmenter else None, "seg/1")
+    assert found.note == note, name
+    np.testing.assert_array_equal(found.real, np.array(real), err_msg=name)
+    for i, (own, is_real) in enumerate(zip(has_mask, real)):
+        expected = synthetic_prepared.masks()[rows[i]] if own else (drawn if is_real else prior)
+        np.testing.assert_array_equal(found.masks[i], expected, err_msg=f"{name}: image {i}")
+    assert seen == ([has_mask.count(False)] if segmenter else []), name  # only the images without a mask

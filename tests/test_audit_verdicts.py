@@ -98,4 +98,5 @@ def test_audit_passes_the_clean_model(clean_model):
     assert result.passed, result.reason
     assert result.lung_focus_mean > MIN_LUNG_FOCUS + 0.15, result.reason
     assert result.border_share_mean < 0.45, result.reason
-    assert outcome.mask_note == "lung masks from the dataset"  # synthetic images carry real lung masks
+    assert outcome.mask_note.startswith("lung masks: ") and "prior" not in outcome.mask_note  # synthetic masks
+    assert result.lung_focus_lift_mean > 1.5, result.reason  # evidence concentrated in the lungs

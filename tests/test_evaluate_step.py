@@ -76,6 +76,8 @@ def test_training_overlap():
         ({"min_lung_focus": 1.5}, "--min-lung-focus 1.5"),
         ({"batch_size": 0}, "--batch-size 0"),
         ({"model_uri": " "}, "--model-uri is empty"),
+        ({"min_audit_heatmaps": 0}, "--min-audit-heatmaps 0"),
+        ({"audit_lung_model": "models:/"}, "--audit-lung-model"),
     ],
 )
 def test_check_config(overrides, fragment):

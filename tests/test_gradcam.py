@@ -252,7 +252,7 @@ def test_audit(lung_focus, min_lung_focus, passed, n, mean):
         NAN_SCORE if value is None else {"lung_focus": value, "border_share": 1 - value, "reason": ""}
         for value in lung_focus
     ]
-    result = gradcam.audit(scores, min_lung_focus)
+    result = gradcam.audit(scores, min_lung_focus, min_heatmaps=1)
     assert result.passed is passed and result.n == n
     if math.isnan(mean):
         assert math.isnan(result.lung_focus_mean) and "no usable heatmap" in result.reason
@@ -267,7 +267,60 @@ def test_audit(lung_focus, min_lung_focus, passed, n, mean):
 
 def test_audit_median():
     scores = [{"lung_focus": v, "border_share": 0.0, "reason": ""} for v in (0.1, 0.8, 0.9)]
-    assert gradcam.audit(scores, 0.5).lung_focus_median == pytest.approx(0.8)
+    assert gradcam.audit(scores, 0.5, min_heatmaps=3).lung_focus_median == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(
+    "usable, zero, min_heatmaps, passed, n",
+    [
+        (9, 0, gradcam.MIN_AUDIT_HEATMAPS, False, 9),  # one short of the default: no verdict
+        (10, 0, gradcam.MIN_AUDIT_HEATMAPS, True, 10),
+        (9, 5, 10, False, 9),  # all-zero maps do not count towards the minimum
+        (3, 0, 3, True, 3),
+    ],
+)
+def test_audit_needs_a_minimum_of_usable_heatmaps(usable, zero, min_heatmaps, passed, n):
+    scores = [{"lung_focus": 0.9, "border_share": 0.0, "lung_focus_lift": 2.0, "reason": ""}] * usable + [NAN_SCORE] * zero
+    result = gradcam.audit(scores, 0.5, min_heatmaps=min_heatmaps)
+    assert result.passed is passed and result.n == n
+    if not passed:
+        assert f"only {usable} usable heatmaps" in result.reason and f"the {min_heatmaps} the audit needs" in result.reason
+        assert math.isnan(result.lung_focus_mean)
+    else:
+        assert result.lung_focus_lift_mean == pytest.approx(2.0) and "lift 2.00x" in result.reason
+
+
+@pytest.mark.parametrize(
+    "name, heat_region, mask_region, lift",
+    [
+        ("uniform heatmap: lift 1 whatever the mask", (slice(None), slice(None)), (slice(0, 16), slice(None)), 1.0),
+        ("uniform heatmap, quarter mask", (slice(None), slice(None)), (slice(0, 16), slice(0, 16)), 1.0),
+        ("all mass in a quarter mask", (slice(0, 16), slice(0, 16)), (slice(0, 16), slice(0, 16)), 4.0),
+        ("none in the mask", (slice(16, 32), slice(16, 32)), (slice(0, 16), slice(0, 16)), 0.0),
+    ],
+)
+def test_focus_scores_lift_is_focus_over_the_masks_area_share(name, heat_region, mask_region, lift):
+    heat = np.zeros((32, 32))
+    heat[heat_region] = 1.0
+    mask = np.zeros((32, 32), np.uint8)
+    mask[mask_region] = 1
+    assert gradcam.focus_scores(heat, mask)["lung_focus_lift"] == pytest.approx(lift), name
+
+
+def test_focus_scores_empty_mask_has_no_lift():
+    scores = gradcam.focus_scores(np.ones((32, 32)), np.zeros((32, 32), np.uint8))
+    assert scores["lung_focus"] == 0.0 and math.isnan(scores["lung_focus_lift"]) and "empty lung mask" in scores["reason"]
+
+
+def test_a_nan_heatmap_is_an_error_not_a_zero_map(images):
+    model = tiny_cnn()
+    logit = model.get_layer("logit")
+    kernel, bias = logit.get_weights()
+    kernel[0] = np.nan  # a NaN weight (diverged training): every logit and its gradient are NaN
+    logit.set_weights([kernel, bias])
+    with pytest.raises(gradcam.NonFiniteHeatmap, match="NaN or inf for 3 of 3 images") as caught:
+        gradcam.gradcam(model, images)
+    assert caught.value.indices == [0, 1, 2]
 
 
 def test_gradcam_on_build_cnn_after_reload(tmp_path, images):

@@ -164,7 +164,22 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
         # evaluate still prepares and scores them.
         from tests.test_external import _write_collection
 
+        # The audit of a whole-image model segments test images that have no mask with the registry's
+        # segmenter (resolved to its version); without one it says so and uses the geometric prior.
+        from cxrexp.config import EvaluateConfig
+        from cxrexp.lungs.masks import check_mask
+        from cxrexp.mlflow_edge.evaluation_run import audit_segmenter
+
+        whole_image = serving.LoadedClassifier(None, dataset.spec, 0.5, None)
+        segment, name = audit_segmenter(EvaluateConfig(), whole_image)
+        assert name == "models:/cxr-lung-seg/1"
+        image = synthetic.make_image(syn, 0).image
+        (mask,) = segment([image])
+        assert mask.shape == image.shape and check_mask(mask).plausible
+        assert audit_segmenter(EvaluateConfig(audit_lung_model=""), whole_image) == (None, "")
+
         mlflow.MlflowClient().delete_registered_model("cxr-lung-seg")
+        assert audit_segmenter(EvaluateConfig(), whole_image) == (None, "")
         loaded = serving.load_classifier("models:/cxr-covid-cnn/1")
         assert loaded.lung_masks is not None
         external = _write_collection(root / "ext" / "ext-lungs", seed=11, count=16)
@@ -173,3 +188,4 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
                          "--external-out-dir", str(root / "ext-prepared")]) == 0
         (run,) = mlflow.search_runs(filter_string="tags.`cxrexp.step` = 'evaluate'", output_format="list")
         assert run.data.metrics["external_ext_lungs_n"] + run.data.metrics["external_ext_lungs_n_dropped_duplicates"] == 16
+        assert "audit_lung_focus_lift_mean" in run.data.metrics or run.data.metrics["audit_n"] < 10

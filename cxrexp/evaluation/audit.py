@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -195,6 +195,7 @@ def audit_heatmaps(
     salient_level: float = SALIENT_LEVEL,
     tolerance_cells: int = MASK_TOLERANCE_CELLS,
     mask_note: str = "",
+    min_heatmaps: int | None = None,
 ) -> AuditOutcome:
     """Score Grad-CAM heatmaps against lung masks and pass/fail the shortcut audit.
 
@@ -204,7 +205,8 @@ def audit_heatmaps(
     (default all; the caller leaves the already generous geometric prior as it is). Each heatmap is
     reduced to its salient region (``salient``) and each widened mask grows by
     ``tolerance_cells * stride`` pixels before ``gradcam.focus_scores``; ``gradcam.audit`` gates
-    the mean lung focus of the gated ones.
+    the mean lung focus of the gated ones (over at least ``min_heatmaps``, default
+    ``gradcam.MIN_AUDIT_HEATMAPS``).
     """
     from cxrexp.evaluation import gradcam
 
@@ -222,7 +224,8 @@ def audit_heatmaps(
     widened = np.where(widen_arr[:, None, None], widen_masks(lung_masks, tolerance_px), lung_masks)
     scores = [gradcam.focus_scores(heat, mask) for heat, mask in zip(salient(heatmaps, salient_level), widened)]
     if gated_arr.any():
-        result = gradcam.audit([s for s, g in zip(scores, gated_arr) if g], min_lung_focus)
+        needed = gradcam.MIN_AUDIT_HEATMAPS if min_heatmaps is None else int(min_heatmaps)
+        result = gradcam.audit([s for s, g in zip(scores, gated_arr) if g], min_lung_focus, needed)
     else:
         result = gradcam.AuditResult.undecided(
             f"no audited case is predicted positive (of {len(heatmaps)}): cannot tell where the model "
@@ -231,24 +234,67 @@ def audit_heatmaps(
     return AuditOutcome(result, scores, gated_arr, mask_note, tolerance_px)
 
 
-def lung_masks(dataset: PreparedDataset, rows: np.ndarray, has_mask: np.ndarray) -> tuple[np.ndarray, str]:
-    """uint8 (n, S, S): the dataset's lung mask where it has one, else ``gradcam.estimate_lung_mask``."""
+@dataclass(frozen=True)
+class AuditMasks:
+    """The lung mask each audited image is scored against, and where it came from."""
+
+    masks: np.ndarray  # uint8 (n, S, S) in {0, 1}
+    real: np.ndarray  # bool (n,): a drawn or segmented mask (widened by the tolerance), not the prior
+    note: str  # for the reader: how many of each source
+
+
+def lung_masks(dataset: PreparedDataset, rows: np.ndarray, has_mask: np.ndarray,
+               segment: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
+               segmenter_name: str = "") -> AuditMasks:
+    """Real lung masks wherever there are any; the geometric prior only where there are none.
+
+    In order: the mask stored with the image (the dataset's own, or for a lung-view dataset the
+    segmenter's at preprocess; manifest ``mask_source`` says which); else ``segment``'s mask of the
+    stored image when plausible (``lungs.masks.check_mask``); else ``gradcam.estimate_lung_mask``.
+    """
     from cxrexp.evaluation import gradcam
+    from cxrexp.lungs.masks import check_mask
 
     size = dataset.image_size
     stored = dataset.masks()
+    images = dataset.images()
     masks = np.empty((len(rows), size, size), dtype=np.uint8)
     prior = gradcam.estimate_lung_mask(np.zeros((size, size), np.uint8))
-    for i, (row, own) in enumerate(zip(rows, has_mask)):
+    real = np.asarray(has_mask, dtype=bool).copy()
+    for i, (row, own) in enumerate(zip(rows, real)):
         masks[i] = stored[int(row)] if own else prior
-    n_own = int(np.count_nonzero(has_mask))
-    if n_own == len(rows):
-        note = "lung masks from the dataset"
-    elif n_own == 0:
-        note = "no dataset lung masks: geometric lung prior (gradcam.estimate_lung_mask)"
-    else:
-        note = f"{n_own} dataset lung masks, {len(rows) - n_own} from the geometric prior"
-    return masks, note
+    missing = np.flatnonzero(~real)
+    n_segmented = 0
+    if segment is not None and missing.size:
+        predicted = segment([np.asarray(images[int(rows[i])]) for i in missing])
+        for i, mask in zip(missing, predicted):
+            if check_mask(np.asarray(mask, dtype=bool)).plausible:
+                masks[i], real[i] = np.asarray(mask, dtype=np.uint8), True
+                n_segmented += 1
+    sources = dataset.manifest["mask_source"].to_numpy() if "mask_source" in dataset.manifest else None
+    parts = []
+    own = np.asarray(has_mask, dtype=bool)
+    if own.any():
+        if sources is None:
+            parts.append(f"{int(own.sum())} dataset masks")
+        else:
+            picked = sources[np.asarray(rows, dtype=np.int64)[own]]
+            for source in ("dataset", "segmenter"):
+                count = int(np.count_nonzero(picked == source))
+                if count:
+                    parts.append(f"{count} {source} masks" + (" (stored at preprocess)" if source == "segmenter" else ""))
+    if n_segmented:
+        parts.append(f"{n_segmented} segmented now by {segmenter_name or 'the segmenter'}")
+    n_prior = int(np.count_nonzero(~real))
+    if n_prior:
+        if segment is not None:
+            why = f" ({missing.size - n_segmented} segmentations implausible)"
+        elif not own.any():
+            why = ": no dataset lung masks and no segmenter (train one with -e segment)"
+        else:
+            why = ""
+        parts.append(f"{n_prior} from the geometric prior (gradcam.estimate_lung_mask){why}")
+    return AuditMasks(masks, real, "lung masks: " + ", ".join(parts) if parts else "no images audited")
 
 
 def shortcut_audit(
@@ -260,11 +306,16 @@ def shortcut_audit(
     min_lung_focus: float,
     seed: int,
     batch_size: int = 32,
+    segment: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
+    segmenter_name: str = "",
+    min_heatmaps: int | None = None,
 ) -> tuple[AuditOutcome, np.ndarray]:
     """The shortcut audit of ``model`` on ``test`` (``evaluate_step.evaluation_frame`` order).
 
-    cells: TP/FP/TN/FN per test row at the operating threshold. Returns the outcome and the audited
-    positions into ``test`` (gated first, then context), aligned with ``outcome.scores``.
+    cells: TP/FP/TN/FN per test row at the operating threshold. segment: a lung segmenter's forward
+    pass for images without a stored mask (``lung_masks``). Returns the outcome and the audited
+    positions into ``test`` (gated first, then context), aligned with ``outcome.scores``. Raises
+    ``gradcam.NonFiniteHeatmap`` when a heatmap is NaN.
     """
     from cxrexp.evaluation import gradcam
 
@@ -277,10 +328,11 @@ def shortcut_audit(
     heatmaps = gradcam.gradcam(model, pixels.astype(np.float32)[..., None] / 255.0, batch_size=batch_size,
                                method=CAM_METHOD)
     own_mask = test["has_mask"].to_numpy(bool)[positions]
-    masks, note = lung_masks(dataset, rows, own_mask)
+    found = lung_masks(dataset, rows, own_mask, segment, segmenter_name)
     outcome = audit_heatmaps(
-        heatmaps, masks, min_lung_focus, stride=feature_stride(model),
-        gated=np.arange(len(positions)) < len(gated), widen=own_mask, mask_note=note,
+        heatmaps, found.masks, min_lung_focus, stride=feature_stride(model),
+        gated=np.arange(len(positions)) < len(gated), widen=found.real, mask_note=found.note,
+        min_heatmaps=min_heatmaps,
     )
     return outcome, positions
 
@@ -288,6 +340,7 @@ def shortcut_audit(
 __all__ = [
     "AUDIT_CONTEXT",
     "AUDIT_SAMPLE",
+    "AuditMasks",
     "AuditOutcome",
     "CAM_METHOD",
     "CELLS",

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxrexp.config import BORDER_FRACTION
+from cxrexp.config import BORDER_FRACTION, MIN_AUDIT_HEATMAPS
 from cxrexp.layer_names import LOGIT_NAME as LOGIT_LAYER
 
 # Below this total mass a heatmap is "all zero": the model's logit did not depend on any location.
@@ -25,6 +25,19 @@ _MASS_EPS = 1e-8
 # Floor of the max a heatmap is divided by: an all-zero heatmap stays 0 instead of 0/0 = NaN, while
 # real maps (whose raw scale can be ~1e-6: small logit gradients) are still normalised exactly.
 _NORM_EPS = 1e-12
+
+
+class NonFiniteHeatmap(ValueError):
+    """Grad-CAM gave NaN or inf: the model's logit or its gradient is not finite for these images."""
+
+    def __init__(self, indices: list[int], total: int):
+        self.indices = indices
+        shown = ", ".join(map(str, indices[:10])) + (" ..." if len(indices) > 10 else "")
+        super().__init__(
+            f"Grad-CAM is NaN or inf for {len(indices)} of {total} images (positions {shown}): the model's "
+            "logit or gradient is not finite there (diverged training or NaN weights); no heatmap is made "
+            "up for them, so the audit cannot pass"
+        )
 
 
 def last_conv_layer_name(model: keras.Model) -> str:
@@ -101,7 +114,8 @@ def gradcam(
     images: float32 (B, S, S, 1) (or (B, S, S)) in [0, 1], what the model takes.
     conv_layer: the feature map to explain; default the last Conv2D layer.
     Returns float32 (B, S, S) in [0, 1], each heatmap divided by max(its max, epsilon): an
-    all-zero heatmap (the logit ignores every location) stays all zero, never NaN.
+    all-zero heatmap (the logit ignores every location) stays all zero. A NaN or inf anywhere raises
+    ``NonFiniteHeatmap`` naming the images: it is a broken model, not a map without evidence.
 
     Gradients are taken of the pre-sigmoid ``logit`` output, not of the probability: a saturated
     sigmoid (p ~ 0 or 1) has a vanishing derivative and would give empty maps for confident cases.
@@ -133,7 +147,10 @@ def gradcam(
         cams = tf.image.resize(cams, (size, size), method="bilinear")[..., 0]
         heatmaps.append(np.asarray(cams, dtype=np.float32))
     heatmap_arr = np.concatenate(heatmaps, axis=0)
-    heatmap_arr = np.nan_to_num(np.maximum(heatmap_arr, 0.0), nan=0.0, posinf=0.0)
+    broken = ~np.isfinite(heatmap_arr).all(axis=(1, 2))
+    if broken.any():
+        raise NonFiniteHeatmap(np.flatnonzero(broken).tolist(), n_images)
+    heatmap_arr = np.maximum(heatmap_arr, 0.0)
     peaks = heatmap_arr.max(axis=(1, 2), keepdims=True)
     return np.clip(heatmap_arr / np.maximum(peaks, _NORM_EPS), 0.0, 1.0).astype(np.float32)
 
@@ -248,8 +265,11 @@ def focus_scores(heatmap, lung_mask, border_frac: float = BORDER_FRACTION) -> di
 
     heatmap: float (S, S) >= 0 (negative values are clipped to 0); lung_mask: (S, S) in {0, 1}.
     Returns {"lung_focus": share of the mass inside the lung mask, "border_share": share inside the
-    border band, "reason": ""}, shares in [0, 1]. An all-zero heatmap has no mass to share: both are
-    NaN and "reason" says so.
+    border band, "lung_focus_lift": lung focus / the mask's area share, "reason": ""}. Shares are in
+    [0, 1]; the lift is 1.0 for a heatmap spread evenly over the image whatever the mask's size (so
+    a 40 % mask and a 20 % one can be compared), above 1 where the evidence concentrates in the lungs.
+    An all-zero heatmap has no mass to share, an empty mask no area: those values are NaN and
+    "reason" says why.
     """
     heat = np.asarray(heatmap, dtype=np.float64)
     mask = np.asarray(lung_mask)
@@ -262,16 +282,21 @@ def focus_scores(heatmap, lung_mask, border_frac: float = BORDER_FRACTION) -> di
         raise ValueError("heatmap holds NaN or inf values")
     heat = np.maximum(heat, 0.0)
     mass = heat.sum()
+    nan = float("nan")
     if mass <= _MASS_EPS:
         return {
-            "lung_focus": float("nan"),
-            "border_share": float("nan"),
+            "lung_focus": nan,
+            "border_share": nan,
+            "lung_focus_lift": nan,
             "reason": "all-zero heatmap: the logit does not depend on any image location",
         }
+    area_share = float(np.count_nonzero(mask)) / mask.size
+    lung_focus = float(heat[mask > 0].sum() / mass)
     return {
-        "lung_focus": float(heat[mask > 0].sum() / mass),
+        "lung_focus": lung_focus,
         "border_share": float(heat[border_band(heat.shape[0], border_frac)].sum() / mass),
-        "reason": "",
+        "lung_focus_lift": lung_focus / area_share if area_share > 0 else nan,
+        "reason": "" if area_share > 0 else "empty lung mask: no lift",
     }
 
 
@@ -279,8 +304,8 @@ def focus_scores(heatmap, lung_mask, border_frac: float = BORDER_FRACTION) -> di
 class AuditResult:
     """Summary of the lung-focus audit over ``n`` scored heatmaps (all-zero ones excluded).
 
-    passed: mean lung focus >= min_lung_focus (and at least one heatmap scored). reason: one line a
-    reader of the run can act on.
+    passed: mean lung focus >= min_lung_focus over at least ``MIN_AUDIT_HEATMAPS`` usable heatmaps.
+    reason: one line a reader of the run can act on. lung_focus_lift_mean: reported beside the gate.
     """
 
     lung_focus_mean: float
@@ -289,18 +314,22 @@ class AuditResult:
     n: int
     passed: bool
     reason: str
+    lung_focus_lift_mean: float = float("nan")
 
     @classmethod
-    def undecided(cls, reason: str) -> AuditResult:
-        """No verdict (nothing to score): NaN statistics, n = 0, not passed, and ``reason`` why."""
+    def undecided(cls, reason: str, n: int = 0) -> AuditResult:
+        """No verdict (too little to score): NaN statistics, not passed, and ``reason`` why."""
         nan = float("nan")
-        return cls(nan, nan, nan, 0, False, reason)
+        return cls(nan, nan, nan, n, False, reason)
 
 
-def audit(scores: list[dict], min_lung_focus: float) -> AuditResult:
-    """Pass/fail the shortcut audit from ``focus_scores`` results; the mean lung focus is gated."""
+def audit(scores: list[dict], min_lung_focus: float, min_heatmaps: int = MIN_AUDIT_HEATMAPS) -> AuditResult:
+    """Pass/fail the shortcut audit from ``focus_scores`` results; the mean lung focus is gated, over
+    at least ``min_heatmaps`` usable heatmaps (fewer: no verdict, not passed)."""
     if not 0 <= min_lung_focus <= 1:
         raise ValueError(f"min_lung_focus={min_lung_focus} must be in [0, 1]")
+    if min_heatmaps < 1:
+        raise ValueError(f"min_heatmaps={min_heatmaps} must be at least 1")
     lung = np.array([s["lung_focus"] for s in scores], dtype=np.float64)
     border = np.array([s["border_share"] for s in scores], dtype=np.float64)
     usable = np.isfinite(lung) & np.isfinite(border)
@@ -310,24 +339,35 @@ def audit(scores: list[dict], min_lung_focus: float) -> AuditResult:
         return AuditResult.undecided(
             f"no usable heatmap among {len(scores)}{skipped_note}: cannot tell where the model looks"
         )
+    if n < min_heatmaps:
+        return AuditResult.undecided(
+            f"only {n} usable heatmaps{skipped_note}, fewer than the {min_heatmaps} the audit needs: too few "
+            "to tell where the model looks (evaluate on a larger test split)", n=n
+        )
+    lifts = np.array([s.get("lung_focus_lift", float("nan")) for s in scores], dtype=np.float64)[usable]
+    lift_mean = float(lifts[np.isfinite(lifts)].mean()) if np.isfinite(lifts).any() else float("nan")
     lung_mean = float(lung[usable].mean())
     lung_median = float(np.median(lung[usable]))
     border_mean = float(border[usable].mean())
     passed = lung_mean >= min_lung_focus
     if passed:
-        reason = f"mean lung focus {lung_mean:.2f} >= {min_lung_focus:.2f} over {n} heatmaps{skipped_note}"
+        reason = (f"mean lung focus {lung_mean:.2f} >= {min_lung_focus:.2f} over {n} heatmaps{skipped_note} "
+                  f"(lift {lift_mean:.2f}x the mask's area share)")
     else:
         reason = (
             f"mean lung focus {lung_mean:.2f} < {min_lung_focus:.2f} over {n} heatmaps{skipped_note}: "
-            f"the model looks outside the lungs (mean border share {border_mean:.2f}); "
+            f"the model looks outside the lungs (lift {lift_mean:.2f}x the mask's area share, mean border "
+            f"share {border_mean:.2f}); "
             "check for shortcuts (labels, markers, source differences)"
         )
-    return AuditResult(lung_mean, lung_median, border_mean, n, passed, reason)
+    return AuditResult(lung_mean, lung_median, border_mean, n, passed, reason, lift_mean)
 
 
 __all__ = [
     "CAM_METHODS",
+    "MIN_AUDIT_HEATMAPS",
     "AuditResult",
+    "NonFiniteHeatmap",
     "audit",
     "border_band",
     "contour_overlay",

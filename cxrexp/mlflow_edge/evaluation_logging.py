@@ -109,6 +109,7 @@ def _log_audit(stage: Staging, outcome: AuditOutcome, positions: np.ndarray, tes
             "gated": outcome.gated,
             "lung_focus": [s["lung_focus"] for s in outcome.scores],
             "border_share": [s["border_share"] for s in outcome.scores],
+            "lung_focus_lift": [s["lung_focus_lift"] for s in outcome.scores],
             "note": [s["reason"] for s in outcome.scores],
         }
     )
@@ -187,9 +188,13 @@ def log_figures(stage: Staging, labels: np.ndarray, probabilities: np.ndarray, t
 
 
 def audit_and_gallery(stage: Staging, model: Any, dataset: PreparedDataset, test: pd.DataFrame,
-                       probabilities: np.ndarray, cells: np.ndarray,
-                       cfg: EvaluateConfig) -> tuple[model_card.AuditSummary, bytes | None]:
-    """Gallery and shortcut audit, logged; (the audit as the report shows it, the gallery PNG)."""
+                       probabilities: np.ndarray, cells: np.ndarray, cfg: EvaluateConfig, *,
+                       segment: Any = None, segmenter_name: str = "") -> tuple[model_card.AuditSummary, bytes | None]:
+    """Gallery and shortcut audit, logged; (the audit as the report shows it, the gallery PNG).
+
+    segment: a lung segmenter's forward pass for test images without a stored mask (None: the
+    geometric prior there). A NaN heatmap fails the audit with the reason; the rest of the run goes on.
+    """
     nan = float("nan")
     from cxrexp.evaluation import (
         gradcam,  # TensorFlow: loaded only when a model is explained
@@ -201,14 +206,21 @@ def audit_and_gallery(stage: Staging, model: Any, dataset: PreparedDataset, test
         tracking.log_metrics({"audit_n": 0, "audit_passed": 0})
         summary = model_card.AuditSummary(False, problem, nan, nan, nan, 0, cfg.min_lung_focus)
         return summary, None
-    gallery = _log_gallery(stage, model, dataset, test, probabilities, cells, cfg)
-    outcome, audited = shortcut_audit(model, dataset, test, cells, min_lung_focus=cfg.min_lung_focus,
-                                      seed=cfg.seed, batch_size=cfg.batch_size)
+    try:
+        gallery = _log_gallery(stage, model, dataset, test, probabilities, cells, cfg)
+        outcome, audited = shortcut_audit(model, dataset, test, cells, min_lung_focus=cfg.min_lung_focus,
+                                          seed=cfg.seed, batch_size=cfg.batch_size, segment=segment,
+                                          segmenter_name=segmenter_name, min_heatmaps=cfg.min_audit_heatmaps)
+    except gradcam.NonFiniteHeatmap as exc:
+        log.error("shortcut audit: %s", exc)
+        tracking.log_metrics({"audit_n": 0, "audit_passed": 0})
+        return model_card.AuditSummary(False, f"failed: {exc}", nan, nan, nan, 0, cfg.min_lung_focus), None
     _log_audit(stage, outcome, audited, test, probabilities, cells, cfg.min_lung_focus)
     result = outcome.result
     tracking.log_metrics({
         "audit_lung_focus_mean": result.lung_focus_mean,
         "audit_lung_focus_median": result.lung_focus_median,
+        "audit_lung_focus_lift_mean": result.lung_focus_lift_mean,
         "audit_border_share_mean": result.border_share_mean,
         "audit_n": result.n,
         "audit_passed": int(result.passed),
@@ -218,6 +230,7 @@ def audit_and_gallery(stage: Staging, model: Any, dataset: PreparedDataset, test
         lung_focus_median=result.lung_focus_median, border_share_mean=result.border_share_mean, n=result.n,
         min_lung_focus=cfg.min_lung_focus, mask_source=outcome.mask_note,
         method=audit_method_text(outcome.tolerance_px, dataset.positive_class),
+        lung_focus_lift_mean=result.lung_focus_lift_mean,
     )
     return summary, gallery
 

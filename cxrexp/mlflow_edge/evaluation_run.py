@@ -40,7 +40,7 @@ from mlflow.tracking import MlflowClient
 from cxrexp.config import EvaluateConfig
 from cxrexp.data.discovery import discover
 from cxrexp.data.store import PreparedDataset, open_prepared
-from cxrexp.errors import PreparedDataError
+from cxrexp.errors import ModelNotFound, PreparedDataError
 from cxrexp.evaluation import model_card
 from cxrexp.evaluation.external import (
     ExternalResult,
@@ -182,8 +182,10 @@ def run(cfg: EvaluateConfig) -> str:
             labels = judged.predictions["label"].to_numpy()
             figures = evaluation_logging.log_figures(stage, labels, probabilities, threshold, judged.counts,
                                                      judged.evaluation, dataset)
+            segment, segmenter_name = audit_segmenter(cfg, loaded)
             audit, gallery = evaluation_logging.audit_and_gallery(stage, model, dataset, test, probabilities,
-                                                                  judged.cells, cfg)
+                                                                  judged.cells, cfg, segment=segment,
+                                                                  segmenter_name=segmenter_name)
             mlflow.set_tags({AUDIT_TAG: "passed" if audit.passed else "failed", AUDIT_REASON_TAG: audit.reason[:500]})
             card = model_card.ModelCard(
                 model_uri=cfg.model_uri,
@@ -216,6 +218,41 @@ def run(cfg: EvaluateConfig) -> str:
         print(summary_text(run_id, cfg.model_uri, judged.evaluation.metrics, threshold, len(test), audit.passed,
                            audit.reason, mlflow.get_artifact_uri("report.html")))
         return run_id
+
+
+def audit_segmenter(cfg: EvaluateConfig, loaded):
+    """(the segmenter's forward pass for test images the audit finds without a stored mask, its name),
+    or (None, "") when there is none: the geometric prior is then used there, and the audit says so.
+
+    A lung-view model's own carried segmenter comes first; else ``cfg.audit_lung_model`` resolved to
+    the version it points at now. No segmenter there is not an error (many users never train one):
+    a warning, and the prior.
+    """
+    if loaded.lung_masks is not None:
+        return loaded.lung_masks, f"the model's own segmenter ({loaded.image_spec.lung_model})"
+    if not cfg.audit_lung_model:
+        return None, ""
+    from cxrexp.lungs.segmenter import predict_masks
+    from cxrexp.mlflow_edge.model_uri import (
+        parse_model_uri,
+        registered_version,
+        version_uri,
+    )
+    from cxrexp.mlflow_edge.segmenter_serving import load_segmenter
+
+    uri = cfg.audit_lung_model
+    if parse_model_uri(uri).registered:
+        name, version = registered_version(uri)
+        uri = version_uri(name, version) if version else ""
+    try:
+        if not uri:
+            raise ModelNotFound(f"the registry has no version at {cfg.audit_lung_model!r}")
+        segmenter, _ = load_segmenter(uri)
+    except ModelNotFound as exc:
+        log.warning("audit: no lung segmenter (%s); test images without a lung mask are scored against the "
+                    "geometric prior (train one with -e segment, or pass -P audit_lung_model=...)", exc)
+        return None, ""
+    return (lambda images: predict_masks(segmenter, images)), uri
 
 
 def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dataset: PreparedDataset,

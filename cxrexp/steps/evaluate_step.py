@@ -24,6 +24,15 @@ def check_config(cfg: EvaluateConfig) -> None:
         problems.append(f"--gradcam-per-cell {cfg.gradcam_per_cell} must be >= 0")
     if not 0 <= cfg.min_lung_focus <= 1:
         problems.append(f"--min-lung-focus {cfg.min_lung_focus} must be in [0, 1]")
+    if cfg.min_audit_heatmaps < 1:
+        problems.append(f"--min-audit-heatmaps {cfg.min_audit_heatmaps} must be >= 1")
+    if cfg.audit_lung_model:
+        from cxrexp.mlflow_edge.model_uri import parse_model_uri
+
+        try:
+            parse_model_uri(cfg.audit_lung_model)
+        except ConfigError as exc:
+            problems.append(f"--audit-lung-model: {exc} (or \"\" for the geometric prior)")
     if cfg.batch_size < 1:
         problems.append(f"--batch-size {cfg.batch_size} must be >= 1")
     if not cfg.model_uri.strip():
