@@ -162,13 +162,12 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
 
         # External sets are cut by the segmenter the model carries: with the registry's segmenter gone,
         # evaluate still prepares and scores them.
-        from tests.test_external import _write_collection
-
         # The audit of a whole-image model segments test images that have no mask with the registry's
         # segmenter (resolved to its version); without one it says so and uses the geometric prior.
         from cxrexp.config import EvaluateConfig
         from cxrexp.lungs.masks import check_mask
         from cxrexp.mlflow_edge.evaluation_run import audit_segmenter
+        from tests.test_external import _write_collection
 
         whole_image = serving.LoadedClassifier(None, dataset.spec, 0.5, None)
         segment, name = audit_segmenter(EvaluateConfig(), whole_image)

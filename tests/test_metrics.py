@@ -407,3 +407,81 @@ def test_auc_standard_error_is_the_sampling_error_or_a_little_above(target_auc, 
     ]
     ratio = metrics.auc_standard_error(float(np.mean(aucs)), n_positive, n_negative) / float(np.std(aucs))
     assert low <= ratio <= high
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired differences
+
+
+def _two_models(n: int = 200, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(n // 2), np.zeros(n - n // 2)].astype(int)
+    weak = np.clip(0.5 + 0.15 * (labels - 0.5) + rng.normal(0, 0.25, n), 0, 1)
+    strong = np.clip(0.5 + 0.6 * (labels - 0.5) + rng.normal(0, 0.15, n), 0, 1)
+    return labels, weak, strong
+
+
+@pytest.mark.parametrize(
+    "name, pick, sign",
+    [
+        ("the same model twice: exactly zero", lambda w, s: (w, w), 0),
+        ("a clearly better B", lambda w, s: (w, s), 1),
+        ("a clearly worse B", lambda w, s: (s, w), -1),
+    ],
+)
+def test_paired_difference(name, pick, sign):
+    from cxrexp.evaluation.metrics import paired_difference, roc_auc
+
+    labels, weak, strong = _two_models()
+    a, b = pick(weak, strong)
+    result = paired_difference(labels, a, b, n_bootstrap=500, seed=3)
+    assert result.estimate == pytest.approx(roc_auc(labels, b) - roc_auc(labels, a)), name
+    assert result.low <= result.estimate <= result.high, name
+    if sign == 0:
+        assert result.low == result.high == 0.0, name
+    elif sign > 0:
+        assert result.low > 0, name
+    else:
+        assert result.high < 0, name
+    assert result.n_resamples == 500
+    assert paired_difference(labels, a, b, n_bootstrap=500, seed=3) == result, name  # seeded
+
+
+def test_paired_interval_is_narrower_than_the_unpaired_one():
+    """Both models share the case mix's noise; pairing removes it from the difference."""
+    from cxrexp.evaluation.metrics import bootstrap_ci, paired_difference
+
+    labels, weak, _ = _two_models(seed=1)
+    rng = np.random.default_rng(9)
+    similar = np.clip(weak + rng.normal(0, 0.03, weak.size), 0, 1)  # a near-copy of A
+    paired = paired_difference(labels, weak, similar, n_bootstrap=500, seed=3)
+    low_a, high_a = bootstrap_ci(labels, weak, 0.5, 500, 3)["roc_auc"]
+    assert paired.high - paired.low < 0.5 * (high_a - low_a)
+
+
+def test_paired_difference_of_a_rate_uses_each_models_threshold():
+    from cxrexp.evaluation.metrics import paired_difference
+
+    labels = np.array([1, 1, 0, 0])
+    probabilities = np.array([0.9, 0.6, 0.4, 0.1])
+    result = paired_difference(labels, probabilities, probabilities, "sensitivity", threshold_a=0.5,
+                               threshold_b=0.7, n_bootstrap=50)
+    assert result.estimate == pytest.approx(-0.5)  # B at 0.7 misses the 0.6 case
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"metric": "lung_focus"}, "not one of"),
+        ({"alpha": 0}, "alpha"),
+        ({"n_bootstrap": 0}, "n_bootstrap"),
+    ],
+)
+def test_paired_difference_refuses(kwargs, message):
+    from cxrexp.evaluation.metrics import paired_difference
+
+    labels, weak, strong = _two_models(20)
+    with pytest.raises(ValueError, match=message):
+        paired_difference(labels, weak, strong, **kwargs)
+    with pytest.raises(ValueError):
+        paired_difference(labels, weak, strong[:-1])

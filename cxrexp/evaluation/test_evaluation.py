@@ -110,7 +110,7 @@ def audit_method_text(tolerance_px: int, positive_label: str) -> str:
     return (
         f"HiResCAM heatmaps (the Grad-CAM variant faithful to this network's dense head) of up to {AUDIT_SAMPLE} "
         f"seeded test cases the model calls {positive_label}. Lung focus is the share of each heatmap's salient "
-        f"mass (values >= {SALIENT_LEVEL:g} of its peak) inside the lung mask (a dataset mask is widened by "
+        f"mass (values >= {SALIENT_LEVEL:g} of its peak) inside the lung mask (a real mask, the dataset's or a segmenter's, is widened by "
         f"{tolerance_px} px, one cell of the explained feature map; the geometric prior is used as it is); the "
         "mean is gated. A model that reads the lungs keeps its evidence there, one that reads burnt-in text, "
         "markers or borders does not."
