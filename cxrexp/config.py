@@ -341,6 +341,9 @@ class PromoteConfig:
     primary_metric: str = "test_roc_auc"
     margin: float = 0.01
     require_audit: bool = True
+    # The paired bootstrap of challenger - champion on the same test cases (the champion gate).
+    n_bootstrap: int = 2000
+    seed: int = 42
     dry_run: bool = False
     rollback: bool = False
 

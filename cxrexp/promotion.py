@@ -12,11 +12,18 @@ Gates, each reported in plain words whether it passes or fails:
     when ``require_audit``, the evaluate step's shortcut/lung-focus audit must have passed; an
     unknown result (no audit recorded) fails, since "not checked" is not "fine".
 ``champion``
-    the challenger's ``primary_metric`` (point estimate; higher is better) must not be worse than
-    the champion's by more than ``margin``: passes when
-    ``challenger >= champion - margin`` (a tie at exactly ``champion - margin`` passes; a tolerance of
-    ``TIE_TOLERANCE`` absorbs float rounding such as ``0.53 - 0.05 = 0.48000000000000004``). The two
-    figures are only comparable when both were measured on the same prepared dataset
+    the challenger must be **non-inferior** to the champion on ``primary_metric`` beyond noise: both
+    models' per-case test predictions (the same cases: the same prepared dataset) give a paired
+    bootstrap interval of the difference challenger - champion (``metrics.paired_difference``), and
+    the gate passes only when the whole interval clears the margin: its lower bound above
+    ``-margin`` for a higher-is-better metric, its upper bound below ``+margin`` for Brier
+    (lower is better). On 120 test images an AUC is known to about +-0.04, so comparing two point
+    estimates with a 0.01 margin follows noise; the paired interval is far narrower, because the
+    case mix's noise is shared by both models. A metric whose direction is unknown fails the gate
+    (``METRIC_DIRECTIONS``). Without per-case predictions for both (evaluate runs logged before
+    ``predictions.csv`` existed) the gate falls back to the point estimates,
+    ``challenger >= champion - margin`` (``TIE_TOLERANCE`` absorbs float rounding), and says so.
+    The figures are only comparable when both were measured on the same prepared dataset
     (``dataset_digest``); otherwise the gate fails and says so (the step evaluates the champion on
     the challenger's dataset first, so this is a safety net). With no champion the gate passes: the
     decision then rests on the other gates alone. A negative ``margin`` demands a strict improvement
@@ -32,7 +39,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
+
 from cxrexp.config import PromoteConfig
+from cxrexp.evaluation.metrics import RATE_NAMES, paired_difference
 
 # Gate names, in the order they are reported. They become tag keys (``promotion.<gate>``).
 THRESHOLD_GATES = ("sensitivity", "specificity", "roc_auc")
@@ -44,6 +54,11 @@ METRIC_PREFIX = "test_"
 CI_LOW_SUFFIX = "_ci_low"
 # Absorbs float rounding in "champion - margin" so that a tie as written by a person passes.
 TIE_TOLERANCE = 1e-9
+# +1: higher is better; -1: lower is better. A primary metric not listed here cannot be compared.
+METRIC_DIRECTIONS = {
+    **{f"{METRIC_PREFIX}{name}": 1 for name in (*RATE_NAMES, "roc_auc", "pr_auc")},
+    f"{METRIC_PREFIX}brier": -1,
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,8 @@ class Gates:
     primary_metric: str = PromoteConfig.primary_metric
     margin: float = PromoteConfig.margin
     require_audit: bool = PromoteConfig.require_audit
+    n_bootstrap: int = PromoteConfig.n_bootstrap
+    seed: int = PromoteConfig.seed
 
     def __post_init__(self) -> None:
         for name in ("min_sensitivity", "min_specificity", "min_roc_auc"):
@@ -68,6 +85,8 @@ class Gates:
             raise ValueError(f"margin={self.margin!r} must be a finite number in (-1, 1), e.g. 0.01")
         if not self.primary_metric or not isinstance(self.primary_metric, str):
             raise ValueError(f"primary_metric={self.primary_metric!r}: give a metric name such as test_roc_auc")
+        if not (isinstance(self.n_bootstrap, int) and self.n_bootstrap >= 100):
+            raise ValueError(f"n_bootstrap={self.n_bootstrap!r} must be at least 100 resamples (default 2000)")
 
     @classmethod
     def from_config(cls, cfg: Any) -> Gates:
@@ -80,10 +99,22 @@ class Gates:
             primary_metric=str(cfg.primary_metric),
             margin=float(cfg.margin),
             require_audit=bool(cfg.require_audit),
+            n_bootstrap=int(cfg.n_bootstrap),
+            seed=int(cfg.seed),
         )
 
     def minimum(self, gate: str) -> float:
         return float(getattr(self, f"min_{gate}"))
+
+
+@dataclass(frozen=True)
+class CasePredictions:
+    """One model's per-case test predictions (the evaluate run's ``predictions.csv``)."""
+
+    sources: tuple[str, ...]
+    labels: tuple[int, ...]
+    probabilities: tuple[float, ...]
+    threshold: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -93,12 +124,14 @@ class Evidence:
     ``metrics``: metric name -> float (``test_sensitivity``, ``test_sensitivity_ci_low``, ...; NaN
     allowed). ``audit_passed``: True/False, or None when no audit result was recorded.
     ``dataset_digest``: the prepared dataset the figures come from (None when unknown).
+    ``predictions``: the per-case test predictions, for the paired champion comparison (None: unknown).
     """
 
     version: str
     metrics: Mapping[str, float] = field(default_factory=dict)
     audit_passed: bool | None = None
     dataset_digest: str | None = None
+    predictions: CasePredictions | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +143,7 @@ class GateCheck:
     value: float | None
     limit: float | None
     reason: str
+    detail: Mapping[str, Any] = field(default_factory=dict)  # extra figures for decision.json
 
 
 @dataclass(frozen=True)
@@ -210,10 +244,32 @@ def _audit_check(challenger: Evidence, gates: Gates) -> GateCheck:
     )
 
 
+def paired_cases(challenger: CasePredictions, champion: CasePredictions) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+    """(labels, champion probabilities, challenger probabilities) on the cases both scored, in one
+    order; or the reason they cannot be paired."""
+    theirs = {s: (lab, p) for s, lab, p in zip(champion.sources, champion.labels, champion.probabilities)}
+    shared = [s for s in challenger.sources if s in theirs]
+    if len(shared) != len(challenger.sources) or len(shared) != len(theirs):
+        return (f"the two evaluations scored different cases ({len(challenger.sources)} and {len(theirs)}, "
+                f"{len(shared)} shared)")
+    mine = {s: (lab, p) for s, lab, p in zip(challenger.sources, challenger.labels, challenger.probabilities)}
+    if any(mine[s][0] != theirs[s][0] for s in shared):
+        return "the two evaluations disagree on some cases' labels"
+    labels = np.array([mine[s][0] for s in shared], dtype=np.int64)
+    return labels, np.array([theirs[s][1] for s in shared]), np.array([mine[s][1] for s in shared])
+
+
 def _champion_check(challenger: Evidence, champion: Evidence | None, gates: Gates) -> GateCheck:
     key = gates.primary_metric
     if champion is None:
         return GateCheck(CHAMPION_GATE, True, None, None, "pass champion: there is no champion yet, nothing to compare with")
+    direction = METRIC_DIRECTIONS.get(key)
+    if direction is None:
+        return GateCheck(
+            CHAMPION_GATE, False, None, None,
+            f"FAIL champion: cannot compare on {key}: whether higher or lower is better is not known for it "
+            f"(known: {', '.join(sorted(METRIC_DIRECTIONS))})",
+        )
     if challenger.dataset_digest is None or challenger.dataset_digest != champion.dataset_digest:
         return GateCheck(
             CHAMPION_GATE, False, None, None,
@@ -231,15 +287,46 @@ def _champion_check(challenger: Evidence, champion: Evidence | None, gates: Gate
                 f"FAIL champion: cannot compare, the {who}'s (version {version}) {key} {state}",
             )
     assert mine is not None and theirs is not None
-    floor = theirs - gates.margin
-    passed = mine >= floor - TIE_TOLERANCE
+    better = "higher" if direction > 0 else "lower"
+    if challenger.predictions is not None and champion.predictions is not None:
+        cases = paired_cases(challenger.predictions, champion.predictions)
+        if isinstance(cases, str):
+            return GateCheck(CHAMPION_GATE, False, mine, theirs,
+                             f"FAIL champion: cannot pair the test cases: {cases}; evaluate both on the same dataset")
+        labels, champion_p, challenger_p = cases
+        d = paired_difference(labels, champion_p, challenger_p, key.removeprefix(METRIC_PREFIX),
+                              threshold_a=champion.predictions.threshold, threshold_b=challenger.predictions.threshold,
+                              n_bootstrap=gates.n_bootstrap, seed=gates.seed)
+        detail = {"difference": d.estimate, "difference_ci_low": d.low, "difference_ci_high": d.high,
+                  "n_cases": int(labels.size), "n_resamples": d.n_resamples, "comparison": "paired bootstrap"}
+        if d.n_resamples == 0:
+            return GateCheck(CHAMPION_GATE, False, d.estimate, -gates.margin,
+                             f"FAIL champion: the paired difference of {key} is undefined in every resample "
+                             "(a class missing from the test split)", detail)
+        bound, limit = (d.low, -gates.margin) if direction > 0 else (d.high, gates.margin)
+        passed = bound > limit if direction > 0 else bound < limit
+        word = "pass" if passed else "FAIL"
+        side = "lower" if direction > 0 else "upper"
+        relation = ("non-inferior: the whole interval clears" if passed
+                    else "not shown non-inferior: the interval reaches past")
+        return GateCheck(
+            CHAMPION_GATE, passed, d.estimate, limit,
+            f"{word} champion: {key} challenger - champion (version {champion.version}) = {d.estimate:+.4f}, "
+            f"paired 95% interval [{d.low:+.4f}, {d.high:+.4f}] over {labels.size} shared test cases "
+            f"({better} is better); {relation} the margin ({side} bound {bound:+.4f} vs {limit:+.4f})",
+            detail,
+        )
+    floor = theirs - direction * gates.margin
+    passed = (mine >= floor - TIE_TOLERANCE) if direction > 0 else (mine <= floor + TIE_TOLERANCE)
     difference = mine - theirs
     word = "pass" if passed else "FAIL"
     relation = "not worse than" if passed else "worse than"
     return GateCheck(
         CHAMPION_GATE, passed, mine, theirs,
         f"{word} champion: {key} {_fmt(mine)} vs champion version {champion.version}'s {_fmt(theirs)} "
-        f"(difference {difference:+.4f}): {relation} the champion by more than the margin {gates.margin:g}",
+        f"(difference {difference:+.4f}, {better} is better): {relation} the champion by more than the margin "
+        f"{gates.margin:g} (point estimates: no per-case predictions to pair)",
+        {"difference": difference, "comparison": "point estimates"},
     )
 
 
@@ -254,7 +341,8 @@ def decide(challenger: Evidence, champion: Evidence | None, gates: Gates) -> Dec
         promote=all(check.passed for check in checks),
         reasons=[check.reason for check in checks],
         gate_values={
-            check.gate: {"passed": check.passed, "value": check.value, "limit": check.limit} for check in checks
+            check.gate: {"passed": check.passed, "value": check.value, "limit": check.limit, **check.detail}
+            for check in checks
         },
         checks=checks,
     )
@@ -283,10 +371,13 @@ __all__ = [
     "CHAMPION_GATE",
     "GATE_NAMES",
     "THRESHOLD_GATES",
+    "METRIC_DIRECTIONS",
     "TIE_TOLERANCE",
+    "CasePredictions",
     "Decision",
     "Evidence",
     "GateCheck",
     "Gates",
     "decide",
+    "paired_cases",
 ]

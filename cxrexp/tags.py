@@ -91,3 +91,7 @@ EPOCHS_ATTR = "epochs_trained"  # trial user attr: epochs it trained (pruned tri
 SERVING_METADATA_KEY = "cxrexp_serving"  # MLmodel metadata: the serving spec and the two keys below
 META_DIGEST_KEY = "dataset_digest"  # the prepared dataset the model was trained on
 META_TRAIN_RUN_KEY = "train_run_id"  # the run that trained it
+
+# The evaluate run's per-case test predictions (source, class_name, label, probability, predicted,
+# cell): promote pairs the challenger's and the champion's on the same cases.
+PREDICTIONS_ARTIFACT = "predictions.csv"

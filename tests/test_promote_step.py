@@ -81,13 +81,18 @@ def add_version(store, name: str, digest: str = DIGEST) -> str:
 
 
 def fake_evaluation(name: str, version: str, metrics: dict, *, digest: str = DIGEST, audit: str = "passed",
-                    model_uri: str | None = None, threshold: float = -1.0) -> str:
-    """An evaluate run as evaluate_step records it: step/model_uri/digest/audit tags and test_* metrics."""
+                    model_uri: str | None = None, threshold: float = -1.0, predictions=None) -> str:
+    """An evaluate run as evaluate_step records it: step/model_uri/digest/audit tags and test_* metrics
+    (and, when given, the per-case ``predictions.csv``)."""
     with mlflow.start_run(run_name="fake-evaluate") as run:
         mlflow.set_tags({STEP_TAG: "evaluate", MODEL_URI_TAG: model_uri or f"models:/{name}/{version}",
                          DIGEST_TAG: digest, "cxrexp.audit": audit})
         mlflow.log_param("threshold", threshold)
-        mlflow.log_metrics({**metrics, "audit_passed": float(audit == "passed")})
+        mlflow.log_metrics({**metrics, "audit_passed": float(audit == "passed"), "threshold": 0.5})
+        if predictions is not None:
+            from cxrexp.mlflow_edge import tracking
+
+            tracking.log_frame(predictions, "predictions.csv")
     return run.info.run_id
 
 
@@ -167,8 +172,42 @@ def test_worse_challenger_is_refused_and_aliases_stay(store, capsys):
     assert tags["promotion.champion_version"] == v1
     out = capsys.readouterr().out
     assert "NOT PROMOTED: version 2 failed 1 gate(s) (champion); @champion stays version 1" in out
-    assert "FAIL champion: test_roc_auc 0.9000 vs champion version 1's 0.9500 (difference -0.0500)" in out
+    assert "FAIL champion: test_roc_auc 0.9000 vs champion version 1's 0.9500 (difference -0.0500, higher" in out
+    assert "point estimates: no per-case predictions to pair" in out
     assert version_tags(name, v1)["promotion.decision"] == "promoted"  # the champion's record is untouched
+
+
+def _predictions(seed: int, separation: float):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(60), np.zeros(60)].astype(int)
+    noise = np.random.default_rng(0).normal(0, 1, 120)  # the same hard cases for both models
+    probability = 1 / (1 + np.exp(-(separation * (2 * labels - 1) + noise + rng.normal(0, 0.1, 120))))
+    return pd.DataFrame({"source": [f"/d/case-{i}.png" for i in range(120)], "class_name": "x", "label": labels,
+                         "probability": probability})
+
+
+def test_the_champion_gate_pairs_the_two_evaluations_cases(store, capsys):
+    """Both evaluate runs logged predictions.csv: the decision rests on the paired interval, and
+    decision.json and the run's metrics carry the difference and its interval."""
+    name = new_name()
+    v1 = add_version(store, name)
+    fake_evaluation(name, v1, GOOD, predictions=_predictions(1, 1.0))
+    assert promote_step.run(config(name)) == 0
+    v2 = add_version(store, name)
+    fake_evaluation(name, v2, WORSE, predictions=_predictions(2, 0.3))  # clearly worse, same cases
+    capsys.readouterr()
+    assert promote_step.run(config(name)) == 0
+    out = capsys.readouterr().out
+    assert registry.aliases(name) == {"challenger": v2, "champion": v1}
+    assert "paired 95% interval" in out and "over 120 shared test cases" in out and "not shown non-inferior" in out
+    run = promote_runs(name)[0]
+    gate = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/decision.json")["gates"]["champion"]
+    assert gate["comparison"] == "paired bootstrap" and gate["n_cases"] == 120
+    assert gate["difference_ci_high"] < -0.01 and gate["passed"] is False
+    assert run.data.metrics["champion_gate_difference_ci_high"] == pytest.approx(gate["difference_ci_high"])
 
 
 def test_better_challenger_is_promoted_and_rollback_walks_back(store, capsys):

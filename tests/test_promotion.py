@@ -81,7 +81,108 @@ def test_champion_comparison_ties_and_margins(mine, theirs, margin, promote):
     gates = Gates(min_roc_auc=0.0, margin=margin)
     decision = decide(challenger(test_roc_auc=mine), champion(theirs), gates)
     assert decision.promote is promote
-    assert decision.gate_values["champion"] == {"passed": promote, "value": mine, "limit": theirs}
+    gate = decision.gate_values["champion"]
+    assert {k: gate[k] for k in ("passed", "value", "limit")} == {"passed": promote, "value": mine, "limit": theirs}
+    assert gate["comparison"] == "point estimates" and "no per-case predictions" in decision.reasons[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# The champion gate on paired per-case predictions
+
+
+def _cases(seed: int, n: int = 120, separation: float = 1.0, noise_of=None):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(n // 2), np.zeros(n - n // 2)].astype(int)
+    base = rng.normal(0, 1, n) if noise_of is None else noise_of
+    score = 1 / (1 + np.exp(-(separation * (2 * labels - 1) + base)))
+    return labels, base, score
+
+
+def _with_predictions(evidence: Evidence, labels, scores, sources=None) -> Evidence:
+    from dataclasses import replace
+
+    from cxrexp.promotion import CasePredictions
+
+    sources = sources or [f"case-{i}" for i in range(len(labels))]
+    return replace(evidence, predictions=CasePredictions(tuple(sources), tuple(int(v) for v in labels),
+                                                         tuple(float(v) for v in scores)))
+
+
+@pytest.mark.parametrize(
+    "name, challenger_separation, promote, words",
+    [
+        # The same model re-registered: difference 0, interval [0, 0], above -0.01.
+        ("the same predictions", 1.0, True, "non-inferior"),
+        # Clearly better on the same cases.
+        ("a clearly better challenger", 2.5, True, "non-inferior"),
+        # Clearly worse on the same cases.
+        ("a clearly worse challenger", 0.2, False, "not shown non-inferior"),
+    ],
+)
+def test_champion_gate_pairs_the_same_cases(name, challenger_separation, promote, words):
+    labels, noise, champion_scores = _cases(0)
+    _, _, challenger_scores = _cases(0, separation=challenger_separation, noise_of=noise)
+    from cxrexp.evaluation.metrics import roc_auc
+
+    mine, theirs = roc_auc(labels, challenger_scores), roc_auc(labels, champion_scores)
+    gates = Gates(min_roc_auc=0.0, min_sensitivity=0.0, min_specificity=0.0, n_bootstrap=500)
+    decision = decide(_with_predictions(challenger(test_roc_auc=mine), labels, challenger_scores),
+                      _with_predictions(champion(theirs), labels, champion_scores), gates)
+    gate = decision.gate_values["champion"]
+    assert decision.promote is promote, (name, decision.reasons[-1])
+    assert words in decision.reasons[-1] and "paired 95% interval" in decision.reasons[-1], name
+    assert gate["comparison"] == "paired bootstrap" and gate["n_cases"] == 120
+    assert gate["difference"] == pytest.approx(mine - theirs)
+    assert gate["difference_ci_low"] <= gate["difference"] <= gate["difference_ci_high"]
+
+
+def test_a_noisy_lead_is_not_non_inferiority():
+    """A challenger whose point estimate is within the margin but whose paired interval reaches far
+    below it: the old point-estimate rule would have promoted it."""
+    import numpy as np
+
+    labels, _, champion_scores = _cases(1, n=40)
+    rng = np.random.default_rng(7)
+    challenger_scores = np.clip(champion_scores + rng.normal(0, 0.15, labels.size), 0, 1)  # noisier copy
+    from cxrexp.evaluation.metrics import roc_auc
+
+    mine, theirs = roc_auc(labels, challenger_scores), roc_auc(labels, champion_scores)
+    gates = Gates(min_roc_auc=0.0, min_sensitivity=0.0, min_specificity=0.0, margin=0.05, n_bootstrap=500)
+    point = decide(challenger(test_roc_auc=mine), champion(theirs), gates)
+    paired = decide(_with_predictions(challenger(test_roc_auc=mine), labels, challenger_scores),
+                    _with_predictions(champion(theirs), labels, champion_scores), gates)
+    assert mine >= theirs - 0.05 and point.promote  # within the margin on point estimates
+    assert not paired.promote and paired.gate_values["champion"]["difference_ci_low"] < -0.05
+
+
+@pytest.mark.parametrize(
+    "name, champion_sources, champion_labels, words",
+    [
+        ("other cases", [f"other-{i}" for i in range(120)], None, "scored different cases"),
+        ("other labels", None, "flipped", "disagree on some cases' labels"),
+    ],
+)
+def test_champion_gate_refuses_unpaired_cases(name, champion_sources, champion_labels, words):
+    labels, _, scores = _cases(2)
+    theirs_labels = 1 - labels if champion_labels == "flipped" else labels
+    decision = decide(_with_predictions(challenger(), labels, scores),
+                      _with_predictions(champion(), theirs_labels, scores, champion_sources), GATES)
+    assert decision.failed_gates == ["champion"] and words in decision.reasons[-1], name
+
+
+@pytest.mark.parametrize(
+    "metric, promote, words",
+    [
+        ("test_brier", True, "lower is better"),  # lower is better, and the challenger's is lower
+        ("test_lung_focus", False, "whether higher or lower is better is not known"),
+    ],
+)
+def test_champion_gate_knows_each_metrics_direction(metric, promote, words):
+    gates = Gates(min_roc_auc=0.0, primary_metric=metric)
+    decision = decide(challenger(**{metric: 0.10}), Evidence("2", {**GOOD, metric: 0.12}, True, DIGEST), gates)
+    assert decision.promote is promote and words in decision.reasons[-1]
 
 
 def test_no_champion_rests_on_the_gates_alone():

@@ -68,6 +68,7 @@ from cxrexp.tags import (
     MODEL_ID_TAG,
     MODEL_URI_TAG,
     MODEL_VERSION_TAG,
+    PREDICTIONS_ARTIFACT,
     PREPARED_DIR_TAG,
     REGISTERED_MODEL_TAG,
     THRESHOLD_SOURCE_TAG,
@@ -173,7 +174,7 @@ def run(cfg: EvaluateConfig) -> str:
         for text in external_warnings:
             print(f"WARNING: {text}")
         evaluation_logging.log_test_metrics(judged.evaluation, len(test), threshold, overlap, source.model_id, test_data)
-        tracking.log_frame(judged.predictions, "predictions.csv")
+        tracking.log_frame(judged.predictions, PREDICTIONS_ARTIFACT)
         mlflow_status = evaluation_logging.mlflow_cross_check(judged.predictions, judged.counts)
         mlflow.set_tag(MLFLOW_EVALUATE_TAG, mlflow_status[:500])
 

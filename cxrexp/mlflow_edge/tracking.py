@@ -122,6 +122,16 @@ def log_frame(frame: pd.DataFrame, artifact_file: str) -> None:
         mlflow.log_artifact(str(path), artifact_path=None if parent == "." else parent)
 
 
+def load_frame(run_id: str, artifact_file: str) -> pd.DataFrame | None:
+    """A CSV artifact written by ``log_frame`` back as a DataFrame; None when the run has no such file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_file, dst_path=tmp)
+        except (mlflow.exceptions.MlflowException, OSError):
+            return None
+        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 

@@ -35,7 +35,7 @@ from cxrexp.config import EvaluateConfig, PromoteConfig
 from cxrexp.data.store import PreparedDataError
 from cxrexp.mlflow_edge import evaluation_run, registry, tracking
 from cxrexp.mlflow_edge.model_uri import version_uri
-from cxrexp.promotion import Decision, Evidence, Gates, decide
+from cxrexp.promotion import CasePredictions, Decision, Evidence, Gates, decide
 from cxrexp.tags import (
     AUDIT_PASSED_METRIC,
     AUDIT_TAG,
@@ -46,6 +46,7 @@ from cxrexp.tags import (
     DECISION_OUTCOME_TAG,
     DIGEST_TAG,
     MODEL_URI_TAG,
+    PREDICTIONS_ARTIFACT,
     PREPARED_DIR_TAG,
     PREVIOUS_CHAMPION,
     REGISTERED_MODEL_NAME_TAG,
@@ -137,12 +138,27 @@ def audit_result(run: Run) -> bool | None:
     return metric >= 0.5
 
 
+def case_predictions(run: Run) -> CasePredictions | None:
+    """The evaluate run's per-case test predictions (``predictions.csv``), or None when it has none
+    (runs logged before it existed) or the file lacks a column: the champion gate then says it fell
+    back to point estimates."""
+    frame = tracking.load_frame(run.info.run_id, PREDICTIONS_ARTIFACT)
+    if frame is None or not {"source", "label", "probability"} <= set(frame.columns):
+        log.warning("evaluate run %s has no usable %s: the champion gate compares point estimates",
+                    run.info.run_id, PREDICTIONS_ARTIFACT)
+        return None
+    threshold = run.data.metrics.get("threshold", 0.5)
+    return CasePredictions(tuple(frame["source"].astype(str)), tuple(int(v) for v in frame["label"]),
+                           tuple(float(v) for v in frame["probability"]), float(threshold))
+
+
 def evidence_from_run(version: ModelVersion, run: Run) -> Evidence:
     return Evidence(
         version=str(version.version),
         metrics=dict(run.data.metrics),
         audit_passed=audit_result(run),
         dataset_digest=run.data.tags.get(DIGEST_TAG),
+        predictions=case_predictions(run),
     )
 
 
@@ -225,6 +241,9 @@ def _log_decision(cfg: PromoteConfig, decision: Decision, challenger: Evaluation
     for check in decision.checks:
         metrics[f"gate_{check.gate}_passed"] = float(check.passed)
     metrics[f"challenger_{cfg.primary_metric}"] = _as_float(challenger.evidence.metrics.get(cfg.primary_metric))
+    for key, value in decision.gate_values.get("champion", {}).items():
+        if key.startswith("difference") and value is not None:
+            metrics[f"champion_gate_{key}"] = _as_float(value)
     if champion is not None:
         metrics[f"champion_{cfg.primary_metric}"] = _as_float(champion.evidence.metrics.get(cfg.primary_metric))
     tracking.log_metrics(metrics)
