@@ -341,6 +341,8 @@ class PromoteConfig:
     primary_metric: str = "test_roc_auc"
     margin: float = 0.01
     require_audit: bool = True
+    # The audit must have been judged at least this strictly (an audit passed at a laxer gate fails).
+    min_lung_focus: float = EvaluateConfig.min_lung_focus
     # The paired bootstrap of challenger - champion on the same test cases (the champion gate).
     n_bootstrap: int = 2000
     seed: int = 42

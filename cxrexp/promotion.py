@@ -9,8 +9,14 @@ Gates, each reported in plain words whether it passes or fails:
     ``test_<metric>`` (or ``test_<metric>_ci_low`` when ``gate_on_ci_low``, the lower end of the
     bootstrap confidence interval) must be >= its minimum. Equal passes.
 ``audit``
-    when ``require_audit``, the evaluate step's shortcut/lung-focus audit must have passed; an
-    unknown result (no audit recorded) fails, since "not checked" is not "fine".
+    when ``require_audit``, the evaluate step's shortcut/lung-focus audit must have passed, and with
+    a ``min_lung_focus`` at least promote's own (default: evaluate's default): an audit passed at a
+    laxer threshold does not count. An unknown result or threshold (not recorded) fails, since "not
+    checked" is not "fine".
+``overlap``
+    ``test_overlap_with_training`` (test images whose bytes are in the training data) must be 0: a
+    figure measured partly on training images is not a test figure. Not recorded (the training
+    dataset was not available to evaluate) passes and says so.
 ``champion``
     the challenger must be **non-inferior** to the champion on ``primary_metric`` beyond noise: both
     models' per-case test predictions (the same cases: the same prepared dataset) give a paired
@@ -47,8 +53,10 @@ from cxrexp.evaluation.metrics import RATE_NAMES, paired_difference
 # Gate names, in the order they are reported. They become tag keys (``promotion.<gate>``).
 THRESHOLD_GATES = ("sensitivity", "specificity", "roc_auc")
 AUDIT_GATE = "audit"
+OVERLAP_GATE = "overlap"
 CHAMPION_GATE = "champion"
-GATE_NAMES = (*THRESHOLD_GATES, AUDIT_GATE, CHAMPION_GATE)
+GATE_NAMES = (*THRESHOLD_GATES, AUDIT_GATE, OVERLAP_GATE, CHAMPION_GATE)
+OVERLAP_METRIC = "test_overlap_with_training"
 
 METRIC_PREFIX = "test_"
 CI_LOW_SUFFIX = "_ci_low"
@@ -73,11 +81,12 @@ class Gates:
     primary_metric: str = PromoteConfig.primary_metric
     margin: float = PromoteConfig.margin
     require_audit: bool = PromoteConfig.require_audit
+    min_lung_focus: float = PromoteConfig.min_lung_focus
     n_bootstrap: int = PromoteConfig.n_bootstrap
     seed: int = PromoteConfig.seed
 
     def __post_init__(self) -> None:
-        for name in ("min_sensitivity", "min_specificity", "min_roc_auc"):
+        for name in ("min_sensitivity", "min_specificity", "min_roc_auc", "min_lung_focus"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
                 raise ValueError(f"{name}={value!r} must be a number in [0, 1]")
@@ -99,6 +108,7 @@ class Gates:
             primary_metric=str(cfg.primary_metric),
             margin=float(cfg.margin),
             require_audit=bool(cfg.require_audit),
+            min_lung_focus=float(cfg.min_lung_focus),
             n_bootstrap=int(cfg.n_bootstrap),
             seed=int(cfg.seed),
         )
@@ -125,6 +135,7 @@ class Evidence:
     allowed). ``audit_passed``: True/False, or None when no audit result was recorded.
     ``dataset_digest``: the prepared dataset the figures come from (None when unknown).
     ``predictions``: the per-case test predictions, for the paired champion comparison (None: unknown).
+    ``audit_min_lung_focus``: the gate the evaluate run's audit was judged at (None: not recorded).
     """
 
     version: str
@@ -132,6 +143,7 @@ class Evidence:
     audit_passed: bool | None = None
     dataset_digest: str | None = None
     predictions: CasePredictions | None = None
+    audit_min_lung_focus: float | None = None
 
 
 @dataclass(frozen=True)
@@ -236,6 +248,19 @@ def _audit_check(challenger: Evidence, gates: Gates) -> GateCheck:
             AUDIT_GATE, False, None, 1.0,
             "FAIL audit: no audit result recorded for this version (run evaluate, or set require_audit=false)",
         )
+    ran_at = challenger.audit_min_lung_focus
+    if ran_at is None or _undefined(ran_at):
+        return GateCheck(
+            AUDIT_GATE, False, value, 1.0,
+            "FAIL audit: the evaluate run does not record the min_lung_focus its audit was judged at "
+            "(evaluate again with this release)",
+        )
+    if ran_at < gates.min_lung_focus - TIE_TOLERANCE:
+        return GateCheck(
+            AUDIT_GATE, False, value, 1.0,
+            f"FAIL audit: the audit was judged at min_lung_focus {ran_at:g}, laxer than promote's "
+            f"{gates.min_lung_focus:g}: evaluate again with -P min_lung_focus={gates.min_lung_focus:g} or more",
+        )
     if known:
         return GateCheck(AUDIT_GATE, True, 1.0, 1.0, "pass audit: the shortcut/lung-focus audit passed")
     return GateCheck(
@@ -257,6 +282,21 @@ def paired_cases(challenger: CasePredictions, champion: CasePredictions) -> tupl
         return "the two evaluations disagree on some cases' labels"
     labels = np.array([mine[s][0] for s in shared], dtype=np.int64)
     return labels, np.array([theirs[s][1] for s in shared]), np.array([mine[s][1] for s in shared])
+
+
+def _overlap_check(challenger: Evidence) -> GateCheck:
+    value = _metric(challenger.metrics, OVERLAP_METRIC)
+    if value is None:
+        return GateCheck(OVERLAP_GATE, True, None, 0.0,
+                         f"pass overlap: {OVERLAP_METRIC} not recorded (the training dataset was not available "
+                         "to the evaluation), so it could not be checked")
+    if _undefined(value) or value > 0:
+        return GateCheck(OVERLAP_GATE, False, value, 0.0,
+                         f"FAIL overlap: {OVERLAP_METRIC} = {_fmt(value)}: the test figures are partly measured "
+                         "on images the model was trained on; prepare the data again (its split keeps "
+                         "duplicates together) or evaluate on other data")
+    return GateCheck(OVERLAP_GATE, True, value, 0.0,
+                     f"pass overlap: no test image is in the training data ({OVERLAP_METRIC} = 0)")
 
 
 def _champion_check(challenger: Evidence, champion: Evidence | None, gates: Gates) -> GateCheck:
@@ -335,6 +375,7 @@ def decide(challenger: Evidence, champion: Evidence | None, gates: Gates) -> Dec
     checks = (
         *(_threshold_check(gate, challenger, gates) for gate in THRESHOLD_GATES),
         _audit_check(challenger, gates),
+        _overlap_check(challenger),
         _champion_check(challenger, champion, gates),
     )
     return Decision(
@@ -369,6 +410,7 @@ __all__ = [
     "segmenter_champion",
     "AUDIT_GATE",
     "CHAMPION_GATE",
+    "OVERLAP_GATE",
     "GATE_NAMES",
     "THRESHOLD_GATES",
     "METRIC_DIRECTIONS",

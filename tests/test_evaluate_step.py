@@ -54,16 +54,24 @@ def test_run_name(source, expected):
     assert source.run_name() == expected
 
 
-def test_training_overlap():
-    test = pd.DataFrame({"sha256": ["a", "b", "c"]})
+@pytest.mark.parametrize(
+    "name, test_hashes, expected",
+    [
+        ("the training dataset's own test split sharing an image with train", ["a", "b", "c"], 1),
+        ("a clean test split", ["b", "c"], 0),
+        ("two test images copying train and val", ["a", "x", "c"], 2),
+    ],
+)
+def test_training_overlap_is_always_measured(name, test_hashes, expected):
+    """Even when the test split is the training dataset's own (same digest): "c" is in its test split."""
+    test = pd.DataFrame({"sha256": test_hashes})
 
     class Prepared:
         digest = "train-digest"
         manifest = pd.DataFrame({"sha256": ["a", "c", "x"], "split": ["train", "test", "val"]})
 
-    assert training_overlap(test, None, "d") is None
-    assert training_overlap(test, Prepared(), "train-digest") == 0
-    assert training_overlap(test, Prepared(), "other") == 1  # only "a": "c" is in its test split
+    assert training_overlap(test, None) is None
+    assert training_overlap(test, Prepared()) == expected, name
 
 
 @pytest.mark.parametrize(

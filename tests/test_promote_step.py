@@ -87,7 +87,7 @@ def fake_evaluation(name: str, version: str, metrics: dict, *, digest: str = DIG
     with mlflow.start_run(run_name="fake-evaluate") as run:
         mlflow.set_tags({STEP_TAG: "evaluate", MODEL_URI_TAG: model_uri or f"models:/{name}/{version}",
                          DIGEST_TAG: digest, "cxrexp.audit": audit})
-        mlflow.log_param("threshold", threshold)
+        mlflow.log_params({"threshold": threshold, "min_lung_focus": 0.5})
         mlflow.log_metrics({**metrics, "audit_passed": float(audit == "passed"), "threshold": 0.5})
         if predictions is not None:
             from cxrexp.mlflow_edge import tracking
@@ -145,7 +145,7 @@ def test_first_promotion_sets_champion_and_records_tags(store, capsys):
     assert tags["promotion.roc_auc"] == "pass value=0.95 limit=0.85"
     assert tags["promotion.champion"] == "pass"
     assert tags["promotion.replaced"] == ""
-    assert tags["promotion.reasons"].count("\n") == 4  # five gates, one line each
+    assert tags["promotion.reasons"].count("\n") == 5  # six gates, one line each
     out = capsys.readouterr().out
     assert "PROMOTED: version 1" in out and "no champion yet" in out and evaluate_run in out
     (run,) = promote_runs(name)
@@ -208,6 +208,34 @@ def test_the_champion_gate_pairs_the_two_evaluations_cases(store, capsys):
     assert gate["comparison"] == "paired bootstrap" and gate["n_cases"] == 120
     assert gate["difference_ci_high"] < -0.01 and gate["passed"] is False
     assert run.data.metrics["champion_gate_difference_ci_high"] == pytest.approx(gate["difference_ci_high"])
+
+
+def test_a_champion_alias_moved_while_deciding_refuses_and_moves_nothing(store, monkeypatch, capsys):
+    """Someone moves @champion between promote reading the evidence and moving the alias."""
+    name = new_name()
+    v1 = add_version(store, name)
+    fake_evaluation(name, v1, GOOD)
+    assert promote_step.run(config(name)) == 0
+    v2 = add_version(store, name)
+    fake_evaluation(name, v2, BETTER)
+    v3 = add_version(store, name)  # becomes @challenger; v2 is judged below
+
+    real_decide = promote_step.decide
+
+    def decide_then_someone_moves_the_champion(*args, **kwargs):
+        decision = real_decide(*args, **kwargs)
+        MlflowClient().set_registered_model_alias(name, "champion", v3)  # a person in the UI
+        return decision
+
+    MlflowClient().set_registered_model_alias(name, "challenger", v2)
+    monkeypatch.setattr(promote_step, "decide", decide_then_someone_moves_the_champion)
+    capsys.readouterr()
+    assert promote_step.run(config(name)) == promote_step.EXIT_CANNOT_DECIDE
+    err = capsys.readouterr().err
+    assert f"@champion moved while promote was deciding: it was version {v1}" in err and f"is version {v3} now" in err
+    assert registry.aliases(name)["champion"] == v3 and registry.aliases(name)["challenger"] == v2
+    assert "promotion.decision" not in version_tags(name, v2)  # no decision recorded on stale facts
+    assert promote_runs(name)[0].data.tags["cxrexp.decision"] == "refused-alias-moved"
 
 
 def test_better_challenger_is_promoted_and_rollback_walks_back(store, capsys):

@@ -22,8 +22,9 @@ GOOD = {
 }
 
 
-def challenger(audit=True, digest=DIGEST, **metrics) -> Evidence:
-    return Evidence(version="3", metrics={**GOOD, **metrics}, audit_passed=audit, dataset_digest=digest)
+def challenger(audit=True, digest=DIGEST, audit_at=0.5, **metrics) -> Evidence:
+    return Evidence(version="3", metrics={**GOOD, **metrics}, audit_passed=audit, dataset_digest=digest,
+                    audit_min_lung_focus=audit_at)
 
 
 def champion(roc_auc=0.95, digest=DIGEST) -> Evidence:
@@ -34,7 +35,7 @@ def test_everything_passes_and_every_gate_is_reported():
     decision = decide(challenger(), champion(), GATES)
     assert decision.promote is True
     assert decision.failed_gates == []
-    assert len(decision.reasons) == len(GATE_NAMES) == 5
+    assert len(decision.reasons) == len(GATE_NAMES) == 6
     assert all(reason.startswith("pass ") for reason in decision.reasons)
     assert list(decision.gate_values) == list(GATE_NAMES)
     assert decision.gate_values["sensitivity"] == {"passed": True, "value": 0.90, "limit": 0.8}
@@ -49,6 +50,10 @@ def test_everything_passes_and_every_gate_is_reported():
         (challenger(test_roc_auc=0.84), champion(0.84), "roc_auc", "test_roc_auc = 0.8400 < minimum 0.8500"),
         (challenger(audit=False), champion(), "audit", "audit failed"),
         (challenger(audit=None), champion(), "audit", "no audit result recorded"),
+        # An audit passed at a laxer gate than promote's own does not count; nor one with no gate recorded.
+        (challenger(audit_at=0.3), champion(), "audit", "judged at min_lung_focus 0.3, laxer than promote's 0.5"),
+        (challenger(audit_at=None), champion(), "audit", "does not record the min_lung_focus"),
+        (challenger(test_overlap_with_training=2.0), champion(), "overlap", "test_overlap_with_training = 2.0000"),
         # 0.92 vs 0.95 with margin 0.01: worse by 0.03.
         (challenger(test_roc_auc=0.92), champion(0.95), "champion", "difference -0.0300"),
         (challenger(), champion(digest="other-digest"), "champion", "not comparable"),
@@ -209,7 +214,8 @@ def test_nan_metric_fails_with_a_reason(metrics, champ_auc, failed):
 
 
 def test_missing_metric_fails_with_a_reason():
-    evidence = Evidence("3", {k: v for k, v in GOOD.items() if k != "test_specificity"}, True, DIGEST)
+    evidence = Evidence("3", {k: v for k, v in GOOD.items() if k != "test_specificity"}, True, DIGEST,
+                        audit_min_lung_focus=0.5)
     decision = decide(evidence, None, GATES)
     assert decision.failed_gates == ["specificity"]
     assert "test_specificity was not recorded" in decision.reasons[1]
@@ -270,3 +276,20 @@ def test_gates_from_config_uses_promote_config_fields():
     gates = Gates.from_config(PromoteConfig(min_roc_auc=0.7, gate_on_ci_low=True, margin=0.0))
     assert (gates.min_roc_auc, gates.gate_on_ci_low, gates.margin, gates.require_audit) == (0.7, True, 0.0, True)
     assert math.isclose(gates.min_sensitivity, 0.8)
+
+
+@pytest.mark.parametrize(
+    "name, overlap, audit_at, gate_at, passed_gates",
+    [
+        ("no overlap, audit at the gate", 0.0, 0.5, 0.5, True),
+        ("overlap not recorded: passes, says so", None, 0.5, 0.5, True),
+        ("a stricter audit than promote asks is fine", 0.0, 0.7, 0.5, True),
+        ("promote stricter than the audit was", 0.0, 0.5, 0.6, False),
+    ],
+)
+def test_overlap_and_audit_threshold_gates(name, overlap, audit_at, gate_at, passed_gates):
+    metrics = {} if overlap is None else {"test_overlap_with_training": overlap}
+    decision = decide(challenger(audit_at=audit_at, **metrics), None, Gates(min_lung_focus=gate_at))
+    assert decision.promote is passed_gates, (name, decision.reasons)
+    if overlap is None:
+        assert "not recorded" in decision.reasons[GATE_NAMES.index("overlap")]

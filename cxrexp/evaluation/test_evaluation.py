@@ -48,12 +48,14 @@ def evaluation_frame(dataset: PreparedDataset) -> pd.DataFrame:
     return frame.sort_values("source", kind="stable").reset_index(drop=True)
 
 
-def training_overlap(test: pd.DataFrame, trained_on: PreparedDataset | None, digest: str) -> int | None:
-    """Test images whose content hash is in the training dataset's train/val splits (None: unknown)."""
+def training_overlap(test: pd.DataFrame, trained_on: PreparedDataset | None) -> int | None:
+    """Test images whose content hash is in the training dataset's train/val splits (None: unknown).
+
+    Always measured, also when the test split is the training dataset's own: the split is meant to be
+    duplicate-aware, and this is the check that it was (a hash lookup over a few thousand rows is cheap).
+    """
     if trained_on is None:
         return None
-    if trained_on.digest == digest:
-        return 0  # the split is duplicate-aware: a held-out test split shares no content with train/val
     seen = set(trained_on.manifest.loc[trained_on.manifest["split"].isin(["train", "val"]), "sha256"])
     return int(test["sha256"].isin(seen).sum())
 

@@ -164,7 +164,7 @@ def run(cfg: EvaluateConfig) -> str:
         ).astype(np.float64)
         judged = evaluate_test_split(test, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
                                      prevalence=prevalence)
-        overlap = training_overlap(test, trained_on, dataset.digest)
+        overlap = training_overlap(test, trained_on)
         external = score_external(cfg, model, model_spec, threshold, dataset, trained_on,
                                   lung_masks=loaded.lung_masks) if cfg.external else []
         for result in external:

@@ -54,6 +54,10 @@ from cxrexp.tags import (
 
 log = logging.getLogger(__name__)
 
+class AliasMoved(RegistryError):
+    """An alias changed between reading the evidence and moving it: the decision is about stale facts."""
+
+
 class NothingToRollBack(RegistryError):
     """``rollback`` found no ``previous-champion`` to restore."""
 
@@ -135,6 +139,13 @@ def _set_alias(client: MlflowClient, name: str, alias: str, version: str | None)
         client.set_registered_model_alias(name, alias, version)
 
 
+UNCHECKED = object()  # promote(expected_champion=...) not given: the champion is not re-checked
+
+
+def _describe(version) -> str:
+    return "(none)" if version is None else f"version {version}"
+
+
 def promote(
     name: str,
     version: str,
@@ -142,8 +153,13 @@ def promote(
     champion_alias: str = CHAMPION,
     previous_alias: str = PREVIOUS_CHAMPION,
     challenger_alias: str | None = CHALLENGER,
+    expected_champion: object = UNCHECKED,
 ) -> AliasMove:
     """Make ``version`` the champion: old champion -> ``previous_alias``, winner -> ``champion_alias``.
+
+    ``expected_champion``: the champion version the decision was made against (None: there was none).
+    The alias is read again just before it moves; when it points elsewhere now (another promote, a
+    person in the UI), nothing moves and ``AliasMoved`` says what changed. ``UNCHECKED`` skips the check.
 
     The winner is tagged with the version it replaced (``promotion.replaced``, empty when there was
     no champion) so that ``rollback`` can walk back. ``challenger_alias`` is removed from the winner
@@ -154,6 +170,18 @@ def promote(
     client = MlflowClient()
     before = aliases(name)
     old_champion = before.get(champion_alias)
+    if expected_champion is not UNCHECKED and old_champion != (None if expected_champion is None else str(expected_champion)):
+        raise AliasMoved(
+            f"{name}@{champion_alias} moved while promote was deciding: it was "
+            f"{_describe(expected_champion)} when the evidence was read and is {_describe(old_champion)} now; "
+            "nothing was moved: run promote again to decide against the current champion"
+        )
+    if expected_champion is not UNCHECKED and challenger_alias and before.get(challenger_alias) != version:
+        raise AliasMoved(
+            f"{name}@{challenger_alias} moved while promote was deciding: it was version {version} when the "
+            f"evidence was read and is {_describe(before.get(challenger_alias))} now; nothing was moved: run "
+            "promote again to decide on the current challenger"
+        )
     if old_champion == version:
         return AliasMove(name, notes=(f"version {version} already is @{champion_alias}: nothing moved",))
     client.get_model_version(name, version)  # fails with MLflow's message if the version does not exist
@@ -256,6 +284,7 @@ __all__ = [
     "PREVIOUS_CHAMPION",
     "ROLLED_BACK",
     "AliasMove",
+    "AliasMoved",
     "NothingToRollBack",
     "RegistryError",
     "aliases",

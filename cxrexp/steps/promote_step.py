@@ -159,6 +159,7 @@ def evidence_from_run(version: ModelVersion, run: Run) -> Evidence:
         audit_passed=audit_result(run),
         dataset_digest=run.data.tags.get(DIGEST_TAG),
         predictions=case_predictions(run),
+        audit_min_lung_focus=_as_float(run.data.params["min_lung_focus"]) if "min_lung_focus" in run.data.params else None,
     )
 
 
@@ -334,12 +335,18 @@ def run(cfg: PromoteConfig) -> int:
     with tracking.step_run("promote", cfg) as active:
         moved: list[str] = []
         if decision.promote and not cfg.dry_run:
-            move = registry.promote(
-                name, str(challenger_version.version),
-                champion_alias=cfg.champion_alias,
-                previous_alias=PREVIOUS_CHAMPION,
-                challenger_alias=cfg.challenger_alias,
-            )
+            try:
+                move = registry.promote(
+                    name, str(challenger_version.version),
+                    champion_alias=cfg.champion_alias,
+                    previous_alias=PREVIOUS_CHAMPION,
+                    challenger_alias=cfg.challenger_alias,
+                    expected_champion=champion_version.version if champion_version else None,
+                )
+            except registry.AliasMoved as err:
+                mlflow.set_tags({DECISION_OUTCOME_TAG: "refused-alias-moved", REGISTERED_MODEL_NAME_TAG: name})
+                mlflow.log_dict({"outcome": "refused-alias-moved", "reason": str(err)}, "decision.json")
+                return _fail(f"refused: {err}")
             moved = move.describe()
         if not cfg.dry_run:  # a dry run changes nothing in the registry, tags included
             registry.record_decision(
