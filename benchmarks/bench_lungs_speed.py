@@ -1,0 +1,121 @@
+"""What a lung view costs: preprocess throughput and served latency, lungs=crop against lungs=none.
+
+Run from the project root (needs ../shared/data/cxr-mini and ../shared/data/cxr-masks):
+
+    python benchmarks/bench_lungs_speed.py [--seg-size 64] [--seg-epochs 3] [--requests 40] [--rounds 2]
+
+1. **Preprocess throughput** (images/s) of ``cxrexp preprocess`` on cxr-mini (1,200 images, the
+   default workers and image size) with ``--lungs crop`` against the named baseline ``--lungs none``:
+   the same files, decoding, CLAHE and store writing; crop adds the working-size shrink, the U-Net's
+   forward pass in the parent process and the crop. Each setting runs ``--rounds`` times into fresh
+   folders, alternating, best round kept; the issue's target is a ratio of at least 0.5.
+2. **Served latency** (ms per single-image request, median and p95) of the pyfunc model in-process
+   (``model.predict`` on one raw PNG, as ``mlflow models serve`` calls it) with the segmenter inside
+   against the same classifier without it (baseline). The classifier is an untrained ``build_cnn`` with
+   the train defaults: latency does not depend on weights.
+
+The segmenter is trained here through the product's ``segment`` step (a few epochs at ``--seg-size``
+on cxr-masks: its cost per image depends on its size, not on how well it was trained). Both parts run
+in one process, one after the other, on whatever else the machine runs: the load average is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import CXR_MINI, PROJECT_ROOT, has_cxr_mini, load_average  # noqa: E402  (benchmarks/common.py)
+
+MASKS = PROJECT_ROOT.parent / "shared" / "data" / "cxr-masks"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seg-size", type=int, default=64)
+    parser.add_argument("--seg-epochs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if not has_cxr_mini(CXR_MINI) or not MASKS.is_dir():
+        print(f"needs {CXR_MINI} and {MASKS}", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="bench-lungs-speed-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    print(f"work folder {work}; load average at start: {load_average()}")
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from cxrexp import cli
+
+    if cli.main(["segment", "--mask-dirs", str(MASKS), "--image-size", str(args.seg_size),
+                 "--epochs", str(args.seg_epochs)]):
+        return 1
+
+    # 1. Preprocess throughput, alternating settings, fresh output folders (no cache hit).
+    best: dict[str, float] = {}
+    for round_ in range(args.rounds):
+        for lungs in (("none", "crop") if round_ % 2 == 0 else ("crop", "none")):
+            out = work / f"prepared-{lungs}-{round_}"
+            start = time.perf_counter()
+            if cli.main(["preprocess", "--data-dir", str(CXR_MINI), "--out-dir", str(out), "--lungs", lungs]):
+                return 1
+            rate = 1200 / (time.perf_counter() - start)
+            best[lungs] = max(best.get(lungs, 0.0), rate)
+            print(f"preprocess lungs={lungs} round {round_ + 1}: {rate:.1f} images/s (load {load_average()})")
+
+    # 2. Served latency: the same untrained classifier with and without the segmenter inside.
+    from cxrexp.config import ImageSpec, TrainConfig
+    from cxrexp.learn.model import build_cnn
+    from cxrexp.mlflow_edge.segmenter_serving import load_segmenter
+    from cxrexp.mlflow_edge.serving import load_pyfunc, log_raw_image_model
+
+    segmenter, _ = load_segmenter("models:/cxr-lung-seg/1")
+    cfg = TrainConfig()
+    spec = ImageSpec()
+    files = sorted((CXR_MINI / "Normal" / "images").glob("*.png"))[: args.requests]
+    latency: dict[str, list[float]] = {}
+    for lungs in ("none", "crop"):
+        model_spec = ImageSpec(lungs=lungs, lung_model="models:/cxr-lung-seg/1" if lungs != "none" else "")
+        with mlflow.start_run(run_name=f"bench-lungs-{lungs}"):
+            info = log_raw_image_model(build_cnn(spec.image_size, cfg.filters, cfg.dense, cfg.dropout, cfg.seed),
+                                       model_spec, 0.5, keras_flavour_name=None,
+                                       segmenter=segmenter if lungs != "none" else None)
+        model = load_pyfunc(info.model_uri)
+        model.predict(pd.DataFrame({"image": [files[0].read_bytes()]}))  # warm-up: graph tracing
+        times = []
+        for path in files:
+            frame = pd.DataFrame({"image": [path.read_bytes()]})
+            start = time.perf_counter()
+            model.predict(frame)
+            times.append(1000 * (time.perf_counter() - start))
+        latency[lungs] = times
+
+    print(f"\nload average at the end: {load_average()}")
+    print("| measure | lungs=none (baseline) | lungs=crop | ratio |")
+    print("|---|---|---|---|")
+    print(f"| preprocess, images/s (best of {args.rounds}) | {best['none']:.1f} | {best['crop']:.1f} | "
+          f"{best['crop'] / best['none']:.2f}x throughput |")
+    med = {k: statistics.median(v) for k, v in latency.items()}
+    p95 = {k: percentile(v, 95) for k, v in latency.items()}
+    print(f"| served request, ms (median of {len(files)}) | {med['none']:.1f} | {med['crop']:.1f} | "
+          f"{med['crop'] / med['none']:.2f}x latency |")
+    print(f"| served request, ms (p95) | {p95['none']:.1f} | {p95['crop']:.1f} | {p95['crop'] / p95['none']:.2f}x |")
+    print(f"segmenter {args.seg_size} px; classifier {spec.image_size} px, untrained build_cnn (train defaults); "
+          f"{np.mean([p.stat().st_size for p in files]) / 1024:.0f} KiB PNGs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
