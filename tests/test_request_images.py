@@ -156,3 +156,62 @@ def test_a_long_list_of_bad_rows_is_cut_but_counted():
 
 def test_an_empty_request_is_an_empty_batch():
     assert prepare_batch([], ServingSpec(SPEC, 0.5)).shape == (0, 32, 32, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Request-level limits: enforced from the headers, before any image is decoded
+
+
+@pytest.mark.parametrize(
+    "name, n_rows, max_rows, max_request_pixels, words",
+    [
+        ("too many rows", 3, 2, 10**9, "3 rows, more than the limit of 2 rows per request (max_rows)"),
+        ("too many pixels", 3, 100, 2 * 64 * 64 + 1, f"{3 * 64 * 64} pixels in all, more than the limit"),
+        ("within both", 3, 3, 3 * 64 * 64, None),
+    ],
+)
+def test_request_limits_refuse_before_decoding(monkeypatch, name, n_rows, max_rows, max_request_pixels, words):
+    from cxrexp.images import decode
+
+    cells = [_png(64, 64, seed) for seed in range(n_rows)]
+    cells[0] = base64.b64encode(cells[0]).decode()  # base64 rows count by their decoded header too
+    calls = []
+    real = decode.decode_grey
+    monkeypatch.setattr(decode, "decode_grey", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = ServingSpec(SPEC, 0.5, max_rows=max_rows, max_request_pixels=max_request_pixels)
+    if words is None:
+        assert prepare_batch(cells, spec, workers=1).shape == (n_rows, 32, 32, 1), name
+        assert len(calls) == n_rows
+        return
+    with pytest.raises(RequestRejected, match=words.replace("(", r"\(").replace(")", r"\)")):
+        prepare_batch(cells, spec, workers=1)
+    assert calls == [], f"{name}: an image was decoded before the limit refused the request"
+
+
+def test_rows_the_limits_cannot_read_are_left_to_the_row_checks():
+    cells = [_png(64, 64, 1), b"not an image", None]
+    with pytest.raises(RequestRejected, match="row 1: .*; row 2: missing image"):
+        prepare_batch(cells, ServingSpec(SPEC, 0.5, max_request_pixels=64 * 64), workers=1)
+
+
+@pytest.mark.parametrize(
+    "environ, rows, pixels, error",
+    [
+        ({}, 2000, 1024**3, None),  # as logged (the defaults here)
+        ({"CXREXP_MAX_ROWS": "10"}, 10, 1024**3, None),
+        ({"CXREXP_MAX_ROWS": " ", "CXREXP_MAX_REQUEST_PIXELS": "5000"}, 2000, 5000, None),
+        ({"CXREXP_MAX_ROWS": "lots"}, None, None, "CXREXP_MAX_ROWS='lots' is not a whole number"),
+        ({"CXREXP_MAX_ROWS": "0"}, None, None, "max_rows=0"),
+    ],
+)
+def test_served_limits_come_from_the_environment(environ, rows, pixels, error):
+    from cxrexp.images.request_images import with_served_limits
+
+    spec = ServingSpec(SPEC, 0.5)
+    if error:
+        with pytest.raises(ValueError, match=error):
+            with_served_limits(spec, environ)
+        return
+    served = with_served_limits(spec, environ)
+    assert (served.max_rows, served.max_request_pixels) == (rows, pixels)
+    assert ServingSpec.from_json_dict(served.to_json_dict()) == served  # the limits travel with the spec

@@ -207,6 +207,24 @@ def test_bad_row_fails_request_naming_row(logged, bad_cell, reason):
     assert "row 0" not in err.value.message and "Traceback" not in err.value.message
 
 
+@pytest.mark.parametrize(
+    "environ, n_rows, words",
+    [
+        ({"CXREXP_MAX_ROWS": "2"}, 3, "more than the limit of 2 rows per request (max_rows)"),
+        ({"CXREXP_MAX_REQUEST_PIXELS": "1999"}, 1, "2000 pixels in all, more than the limit of 1999 per request"),
+    ],
+)
+def test_request_limits_set_where_the_model_is_served_refuse_with_a_400(logged, monkeypatch, environ, n_rows, words):
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    served = mlflow.pyfunc.load_model(logged["info"].model_uri)  # the limits are read when it loads
+    with pytest.raises(MlflowException) as err:
+        served.predict(pd.DataFrame({"image": [GOOD] * n_rows}))
+    assert err.value.error_code == INVALID and err.value.get_http_status_code() == 400
+    assert words in err.value.message
+    assert len(logged["pyfunc"].predict(pd.DataFrame({"image": [GOOD] * 3}))) == 3  # logged defaults: fine
+
+
 def test_every_bad_row_is_listed(logged):
     cells = [GOOD, b"junk", GOOD, b"", "@@@"]
     with pytest.raises(MlflowException) as err:

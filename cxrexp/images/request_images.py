@@ -35,6 +35,14 @@ PREDICT_CHUNK = 32
 DECODE_WORKERS = min(8, os.cpu_count() or 1)
 # A message listing thousands of bad rows helps nobody; the count is always given.
 MAX_LISTED_ERRORS = 20
+# Request-level limits, checked from the file headers before any image is decoded: one request may
+# not buy unbounded CPU. 2,000 rows is ~1 min of decoding full-size films on 2 cores; 1 Gpx is
+# ~1,000 films of 1024x1024. Larger jobs go in several requests or through `cxrexp predict`.
+DEFAULT_MAX_ROWS = 2000
+DEFAULT_MAX_REQUEST_PIXELS = 1024 * 1024 * 1024
+# Environment variables that override the logged limits when a model is served (`mlflow models serve`).
+MAX_ROWS_ENV = "CXREXP_MAX_ROWS"
+MAX_REQUEST_PIXELS_ENV = "CXREXP_MAX_REQUEST_PIXELS"
 
 _DATA_URL_PREFIX = re.compile(r"^data:[^,]{0,200}?;base64,", re.IGNORECASE)
 
@@ -59,7 +67,8 @@ class RequestRejected(ValueError):
         self.errors = errors
 
 
-_SPEC_KEYS = frozenset({"image_spec", "threshold", "positive_label", "negative_label", "max_pixels", "max_bytes"})
+_SPEC_KEYS = frozenset({"image_spec", "threshold", "positive_label", "negative_label", "max_pixels", "max_bytes",
+                        "max_rows", "max_request_pixels"})
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,8 @@ class ServingSpec:
     negative_label: str = "Normal"
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_rows: int = DEFAULT_MAX_ROWS  # rows per request
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS  # decoded pixels per request, all rows together
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +100,9 @@ class ServingSpec:
                 f"max_pixels={self.max_pixels} (minimum {MIN_SIDE * MIN_SIDE}) and "
                 f"max_bytes={self.max_bytes} (minimum 1) are too small"
             )
+        if self.max_rows < 1 or self.max_request_pixels < MIN_SIDE * MIN_SIDE:
+            raise ValueError(f"max_rows={self.max_rows} (minimum 1) and max_request_pixels="
+                             f"{self.max_request_pixels} (minimum {MIN_SIDE * MIN_SIDE}) are too small")
 
     def to_json_dict(self) -> dict[str, Any]:
         out = {
@@ -98,6 +112,8 @@ class ServingSpec:
             "negative_label": self.negative_label,
             "max_pixels": int(self.max_pixels),
             "max_bytes": int(self.max_bytes),
+            "max_rows": int(self.max_rows),
+            "max_request_pixels": int(self.max_request_pixels),
         }
         out.update(self.extra)
         return out
@@ -118,6 +134,8 @@ class ServingSpec:
             negative_label=str(raw.get("negative_label", "Normal")),
             max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)),
             max_bytes=int(raw.get("max_bytes", DEFAULT_MAX_BYTES)),
+            max_rows=int(raw.get("max_rows", DEFAULT_MAX_ROWS)),
+            max_request_pixels=int(raw.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS)),
             extra={k: v for k, v in raw.items() if k not in _SPEC_KEYS},
         )
 
@@ -205,6 +223,60 @@ def reject(errors: list[str], n_rows: int) -> RequestRejected:
     return RequestRejected(f"{len(errors)} of {n_rows} rows rejected, nothing was scored: {listed}{more}", errors)
 
 
+def with_served_limits(spec: ServingSpec, environ: dict[str, str] | None = None) -> ServingSpec:
+    """``spec`` with the request limits set where the model is served (``CXREXP_MAX_ROWS``,
+    ``CXREXP_MAX_REQUEST_PIXELS``), else as logged. A value that is not a positive integer is an error
+    naming the variable: a typo must not silently lift a limit."""
+    from dataclasses import replace
+
+    environ = os.environ if environ is None else environ
+    changes = {}
+    for name, field_name in ((MAX_ROWS_ENV, "max_rows"), (MAX_REQUEST_PIXELS_ENV, "max_request_pixels")):
+        text = environ.get(name, "").strip()
+        if text:
+            try:
+                changes[field_name] = int(text)
+            except ValueError:
+                raise ValueError(f"{name}={text!r} is not a whole number (a limit per request)") from None
+    return replace(spec, **changes) if changes else spec
+
+
+def check_request(values: list[Any], spec: ServingSpec) -> list[Any]:
+    """Enforce the request-level limits before any pixel is decoded; returns the cells with base64
+    already turned into bytes (rows that fail here keep their value: the row path reports why).
+
+    Rows beyond ``spec.max_rows``, or a sum of width x height read from the file headers
+    (``decode.header_size``) beyond ``spec.max_request_pixels``, reject the whole request naming the
+    limit and how to stay within it.
+    """
+    from cxrexp.images.decode import ImageRejected, header_size
+
+    if len(values) > spec.max_rows:
+        raise RequestRejected(
+            f"request has {len(values)} rows, more than the limit of {spec.max_rows} rows per request (max_rows): "
+            "send the images in several requests", [f"request: {len(values)} rows > max_rows {spec.max_rows}"])
+    out: list[Any] = []
+    total = 0
+    for value in values:
+        try:
+            data = row_bytes(value, spec.max_bytes)
+        except RowRejected:
+            out.append(value)
+            continue
+        out.append(data)
+        try:
+            _, width, height = header_size(data)
+        except ImageRejected:
+            continue
+        total += int(width) * int(height)
+    if total > spec.max_request_pixels:
+        raise RequestRejected(
+            f"request holds {total} pixels in all, more than the limit of {spec.max_request_pixels} per request "
+            "(max_request_pixels): send fewer or smaller images per request",
+            [f"request: {total} pixels > max_request_pixels {spec.max_request_pixels}"])
+    return out
+
+
 def prepare_row(value: Any, spec: ServingSpec) -> np.ndarray:
     """One ``image`` cell -> uint8 (S, S), exactly as the training set was prepared.
 
@@ -240,7 +312,7 @@ def prepare_chunks(
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
-    values = list(images)
+    values = check_request(list(images), spec)
     size = spec.image_spec.image_size
     pixels = np.empty((len(values), size, size), dtype=np.uint8)
     n_workers = max(1, min(len(values), DECODE_WORKERS if workers is None else workers))
@@ -309,13 +381,18 @@ __all__ = [
     "DECODE_WORKERS",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_REQUEST_PIXELS",
+    "DEFAULT_MAX_ROWS",
     "INPUT_COLUMN",
+    "MAX_REQUEST_PIXELS_ENV",
+    "MAX_ROWS_ENV",
     "MAX_LISTED_ERRORS",
     "MIN_SIDE",
     "PREDICT_CHUNK",
     "RequestRejected",
     "RowRejected",
     "ServingSpec",
+    "check_request",
     "decode_base64_image",
     "example_png",
     "label_probabilities",
@@ -325,4 +402,5 @@ __all__ = [
     "prepare_row",
     "reject",
     "row_bytes",
+    "with_served_limits",
 ]

@@ -19,6 +19,7 @@ from cxrexp.images.request_images import (
     PREDICT_CHUNK,
     RowRejected,
     ServingSpec,
+    check_request,
     decode_row,
     reject,
 )
@@ -47,7 +48,7 @@ def prepare_lung_rows(images: pd.Series | list[Any], spec: ServingSpec,
     shrink to the working size (in up to ``workers`` threads), segment ``chunk_rows`` at a time with
     ``lung_masks`` (the model's own segmenter), crop, prepare. Every bad row is listed in one
     ``RequestRejected`` before any row is segmented."""
-    values = list(images)
+    values = check_request(list(images), spec)
     n_workers = max(1, min(len(values), DECODE_WORKERS if workers is None else workers))
     working: list[np.ndarray | None] = [None] * len(values)
 

@@ -59,6 +59,8 @@ from cxrexp.errors import ModelNotFound
 from cxrexp.images.request_images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    DEFAULT_MAX_ROWS,
     INPUT_COLUMN,
     MAX_LISTED_ERRORS,
     PREDICT_CHUNK,
@@ -68,6 +70,7 @@ from cxrexp.images.request_images import (
     label_probabilities,
     prepare_chunks,
     prepare_row,
+    with_served_limits,
 )
 from cxrexp.lungs.request_views import prepare_lung_rows
 from cxrexp.mlflow_edge.model_uri import describe_what_exists
@@ -128,9 +131,10 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
         import keras
 
         spec_path = Path(context.artifacts[SPEC_ARTIFACT])
-        self.serving_spec = ServingSpec.from_json_dict(
+        # The limits as logged, unless the server sets CXREXP_MAX_ROWS / CXREXP_MAX_REQUEST_PIXELS.
+        self.serving_spec = with_served_limits(ServingSpec.from_json_dict(
             json.loads(spec_path.read_text(encoding="utf-8")), source=str(spec_path)
-        )
+        ))
         self.keras_model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
         if self.serving_spec.image_spec.lungs != "none":
             if SEGMENTER_ARTIFACT not in context.artifacts:
@@ -249,6 +253,8 @@ def log_raw_image_model(
     negative_label: str = "Normal",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
     keras_flavour_name: str | None = KERAS_FLAVOUR_NAME,
     segmenter=None,
 ) -> ModelInfo:
@@ -281,6 +287,8 @@ def log_raw_image_model(
         negative_label=negative_label,
         max_pixels=max_pixels,
         max_bytes=max_bytes,
+        max_rows=max_rows,
+        max_request_pixels=max_request_pixels,
         extra=dict(extra_metadata or {}),
     )
     if (spec.lungs != "none") != (segmenter is not None):
