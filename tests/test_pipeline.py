@@ -316,6 +316,25 @@ def test_second_run_reuses_and_changed_parameter_does_not(tree, prepared, monkey
     assert not any(name.startswith(".") for name in folder_entries(out))
 
 
+def test_the_cache_key_changes_when_bytes_change_though_size_and_mtime_do_not(tmp_path):
+    """An edit followed by `touch -d` (or a tool that restores timestamps): same size, same mtime."""
+    import time
+
+    root = build_tree(tmp_path / "data")
+    cfg = config(root, tmp_path / "out")
+    before = pipeline.prepared_key(cfg)
+    victim = next(p for p in sorted(root.rglob("*.png")) if p.stat().st_size > 100)
+    stat = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 0xFF
+    time.sleep(0.01)  # a later change time than the one recorded
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert victim.stat().st_size == stat.st_size and victim.stat().st_mtime_ns == stat.st_mtime_ns
+    assert pipeline.prepared_key(cfg) != before
+    assert pipeline.prepared_key(cfg) == pipeline.prepared_key(cfg)  # and stable while nothing changes
+
+
 def test_digest_does_not_depend_on_where_the_data_lives(tree, prepared, tmp_path):
     root, _ = tree
     moved = tmp_path / "elsewhere" / "copy"

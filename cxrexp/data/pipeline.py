@@ -156,19 +156,23 @@ def _process_synthetic(index: int) -> files.ProcessedImage:
     )
 
 
-def _stat(path: str | None) -> tuple[int, int]:
+def _stat(path: str | None) -> tuple[int, int, int, int]:
+    """(size, mtime, ctime, inode). The change time is in because bytes can change while size and
+    mtime stay (an edit followed by ``touch -d``, a tool that restores timestamps): only the kernel
+    sets ctime, on every write, so it is what catches that; a replaced file also has a new inode."""
     if not path:
-        return (0, 0)
+        return (0, 0, 0, 0)
     try:
         st = os.stat(path)
-        return (st.st_size, st.st_mtime_ns)
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     except OSError:
-        return (-1, -1)
+        return (-1, -1, -1, -1)
 
 
 def _file_fingerprint(records: list[discovery.ImageRecord]) -> list[tuple[Any, ...]]:
-    """Path, size and mtime of every image and mask, and the patient id: cheap to compute, and it
-    changes when a file is replaced, a mask edited or the metadata spreadsheet regroups patients."""
+    """Path, size, mtime, ctime and inode of every image and mask, and the patient id: cheap to
+    compute (no file is read), and it changes when a file is rewritten, replaced, a mask edited or the
+    metadata spreadsheet regroups patients."""
     return [
         (rec.path, *_stat(rec.path), rec.mask_path or "", *_stat(rec.mask_path), rec.patient_id or "")
         for rec in records
@@ -244,7 +248,8 @@ def _plan(cfg: PreprocessConfig) -> tuple[list[_Task], pd.DataFrame, dict[str, A
 def prepared_key(cfg: PreprocessConfig) -> str:
     """The folder name (under ``cfg.out_dir``) of the prepared dataset ``cfg`` describes *now*.
 
-    It covers the parameters and, for a data folder, every file's path, size and mtime, so a
+    It covers the parameters and, for a data folder, every file's path, size, mtime, ctime and inode
+    (``_stat``: a rewrite that keeps size and mtime still changes ctime), so a
     finished run whose prepared folder has another name was made from other inputs. Lists the data
     folder (no decoding); raises ``data.DatasetError`` as ``run_preprocess`` would.
     """
