@@ -335,6 +335,31 @@ def test_the_cache_key_changes_when_bytes_change_though_size_and_mtime_do_not(tm
     assert pipeline.prepared_key(cfg) == pipeline.prepared_key(cfg)  # and stable while nothing changes
 
 
+@pytest.mark.parametrize("where", ["data", "data/prepared", "data/COVID/out", "link-to-data/sub"])
+def test_an_out_dir_inside_the_data_folder_is_refused_before_anything_is_written(tree, tmp_path, where):
+    from cxrexp.errors import DatasetError
+
+    root, before = tree
+    (tmp_path / "link-to-data").symlink_to(root)
+    out = {"data": root, "data/prepared": root / "prepared", "data/COVID/out": root / "COVID" / "out",
+           "link-to-data/sub": tmp_path / "link-to-data" / "sub"}[where]
+    with pytest.raises(DatasetError, match="never writes into a data folder"):
+        run_preprocess(config(root, out), progress=False)
+    assert snapshot(root) == before  # nothing created or changed in the data folder
+
+
+def test_folders_beside_the_classes_are_not_scanned(tmp_path):
+    """lost+found, a stray backup folder: only the class folders are listed."""
+    root = build_tree(tmp_path / "data")
+    for extra in ("lost+found", "backup"):
+        (root / extra).mkdir()
+        (root / extra / "x.png").write_bytes(b"\x89PNG junk")
+    from cxrexp.data import discovery
+
+    found = discovery.discover(root, ("COVID", "Normal"), "COVID")
+    assert not any("lost+found" in r.path or "backup" in r.path for r in found.records)
+
+
 def test_digest_does_not_depend_on_where_the_data_lives(tree, prepared, tmp_path):
     root, _ = tree
     moved = tmp_path / "elsewhere" / "copy"

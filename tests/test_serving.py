@@ -225,6 +225,21 @@ def test_request_limits_set_where_the_model_is_served_refuse_with_a_400(logged, 
     assert len(logged["pyfunc"].predict(pd.DataFrame({"image": [GOOD] * 3}))) == 3  # logged defaults: fine
 
 
+def test_a_model_with_nan_weights_is_a_server_fault_not_nan_answers():
+    from cxrexp.images.request_images import ServingSpec
+    from cxrexp.mlflow_edge.serving import RawImageClassifier
+
+    broken = _tiny_model()
+    weights = broken.get_layer("logit").get_weights()
+    weights[0][...] = np.nan
+    broken.get_layer("logit").set_weights(weights)
+    model = RawImageClassifier()
+    model.keras_model, model.serving_spec = broken, ServingSpec(SPEC, 0.5)
+    with pytest.raises(MlflowException) as err:
+        model.predict(None, pd.DataFrame({"image": [GOOD, GOOD]}))
+    assert err.value.get_http_status_code() == 500 and "non-finite probabilities for rows [0, 1]" in err.value.message
+
+
 def test_every_bad_row_is_listed(logged):
     cells = [GOOD, b"junk", GOOD, b"", "@@@"]
     with pytest.raises(MlflowException) as err:

@@ -33,6 +33,7 @@ from cxrexp.data.store import (
     open_prepared,
     stable_hash,
 )
+from cxrexp.errors import DatasetError
 from cxrexp.images import decode, hashing, synthetic
 from cxrexp.lungs import fallbacks
 from cxrexp.lungs import view as lung_view
@@ -245,6 +246,21 @@ def _plan(cfg: PreprocessConfig) -> tuple[list[_Task], pd.DataFrame, dict[str, A
     return tasks, inputs, params, key, None
 
 
+def _refuse_out_dir_inside_data(cfg: PreprocessConfig) -> None:
+    """cxrexp never writes into a data folder: an ``out_dir`` inside ``data_dir`` (or the same folder)
+    is refused before anything is listed or written. Both are resolved, so a symlink does not hide it."""
+    if not cfg.data_dir:
+        return
+    data = Path(cfg.data_dir).expanduser().resolve()
+    out = Path(cfg.out_dir).expanduser().resolve()
+    if out == data or out.is_relative_to(data):
+        raise DatasetError(
+            f"out_dir {out} is inside the data folder {data}: cxrexp never writes into a data folder "
+            "(a later run would also read its own output as images); pick an out_dir outside it, "
+            "e.g. -P out_dir=.cxrexp/prepared"
+        )
+
+
 def prepared_key(cfg: PreprocessConfig) -> str:
     """The folder name (under ``cfg.out_dir``) of the prepared dataset ``cfg`` describes *now*.
 
@@ -328,6 +344,7 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True, lung_masks: 
     spec = cfg.image
     if spec.lungs != "none" and lung_masks is None:
         raise ValueError(f"lungs={spec.lungs} needs the segmenter's lung_masks function")
+    _refuse_out_dir_inside_data(cfg)
     tasks, inputs, params, key, syn = _plan(cfg)
     final = Path(cfg.out_dir).expanduser().resolve() / key
     if (final / "COMPLETE").is_file():
