@@ -61,3 +61,41 @@ def test_main_chains_the_steps_and_reuses_finished_ones(tmp_path):
         assert steps == ["evaluate", "main", "main", "preprocess", "train"]
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_main_with_a_lung_view_runs_segment_first_and_preprocesses_with_that_version(tmp_path):
+    """`mlflow run . -P lungs=crop`: segment (the built-in set's masks) -> preprocess with the exact
+    version segment registered -> train -> evaluate; the classifier carries that segmenter."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local",
+           "--experiment-name", "main-lungs", "-P", "image_size=32", "-P", "epochs=1",
+           "-P", "registered_model_name=e2e-lungs", "-P", "lungs=crop", "-P", "seg_image_size=64",
+           "-P", "seg_epochs=3"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = MlflowClient()
+        exp = client.get_experiment_by_name("main-lungs")
+        by_step = {}
+        for run in client.search_runs([exp.experiment_id]):
+            by_step.setdefault(run.data.tags.get("cxrexp.step"), []).append(run)
+        assert {step: len(found) for step, found in by_step.items()} == {
+            "main": 1, "segment": 1, "preprocess": 1, "train": 1, "evaluate": 1}
+        version = by_step["segment"][0].data.tags["cxrexp.segmenter_version"]
+        lung_model = f"models:/cxr-lung-seg/{version}"
+        assert by_step["preprocess"][0].data.tags["cxrexp.lung_model"] == lung_model
+        assert by_step["train"][0].data.tags["cxrexp.lung_model"] == lung_model
+        assert by_step["main"][0].data.tags["cxrexp.segment_run"] == by_step["segment"][0].info.run_id
+        from cxrexp.mlflow_edge.serving import load_classifier
+
+        loaded = load_classifier("models:/e2e-lungs@challenger")
+        assert loaded.image_spec.lungs == "crop" and loaded.image_spec.lung_model == lung_model
+        assert loaded.lung_masks is not None
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -188,3 +188,27 @@ def test_real_cxr_mini_images(model, tmp_path):
     assert sorted(scored["file"]) == sorted(p.name for p in picked)
     expected = model["pyfunc"].predict(pd.DataFrame({"image": [p.read_bytes() for p in sorted(picked, key=lambda p: p.name)]}))
     np.testing.assert_allclose(scored["probability"], expected["probability"], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, target",
+    [
+        ("one of its input images", lambda folder, tmp: next(p for p in sorted(folder.rglob("*.png")))),
+        ("a PNG elsewhere, whatever its name", lambda folder, tmp: _png_named(tmp / "scores.csv")),
+        ("a folder", lambda folder, tmp: tmp),
+    ],
+)
+def test_output_never_overwrites_an_image(model, images, tmp_path, name, target, capsys):
+    output = target(images, tmp_path)
+    before = _snapshot(images)
+    kept = output.read_bytes() if output.is_file() else None
+    assert cli_main(["predict", "--model", model["uri"], str(images), "--output", str(output)]) == 2, name
+    assert "--output" in capsys.readouterr().err
+    assert _snapshot(images) == before, name
+    if kept is not None:
+        assert output.read_bytes() == kept, name
+
+
+def _png_named(path: Path) -> Path:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    return path

@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxrexp.config import PredictConfig
-from cxrexp.errors import ModelNotFound
+from cxrexp.errors import ConfigError, ModelNotFound
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,27 @@ def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
         raise
 
 
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+
+
+def _refuse_overwriting_an_image(output: Path, folder: Path) -> None:
+    """``--output`` must never replace an image (an input under ``folder``, or any PNG/JPEG file):
+    refused before the model is loaded or anything is written."""
+    if not output.exists():
+        return
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a folder: give a CSV file name, e.g. {output / 'predictions.csv'}")
+    try:
+        with open(output, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        head = b""
+    inside = output.resolve().is_relative_to(folder.resolve())
+    if head.startswith(_IMAGE_MAGIC) or (inside and output.suffix.lower() in (".png", ".jpg", ".jpeg")):
+        raise ConfigError(f"--output {output} is an existing image{' under the input folder' if inside else ''}: "
+                          "refusing to overwrite it with a CSV; give another file name, e.g. predictions.csv")
+
+
 def predict_folder(model_uri: str, folder: str | os.PathLike[str], output: str | os.PathLike[str],
                    batch_size: int = 64, *, progress: bool = True) -> PredictResult:
     """Score every file under ``folder``; writes ``output`` and its skipped list; returns both frames."""
@@ -151,6 +172,7 @@ def predict_folder(model_uri: str, folder: str | os.PathLike[str], output: str |
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     output_path = Path(output).expanduser()
     skipped_output = skipped_path(output_path)
+    _refuse_overwriting_an_image(output_path, root)
     # An output inside the folder (allowed) must not be scored as an input on the next run.
     files = list_files(root, exclude={output_path.resolve(), skipped_output.resolve()})
     model = load_model(model_uri)
