@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,6 +65,7 @@ def test_main_chains_the_steps_and_reuses_finished_ones(tmp_path):
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow  # ~3.5 min of five `mlflow run` subprocesses: it pushed the default suite past 15 min
 def test_main_with_a_lung_view_runs_segment_first_and_preprocesses_with_that_version(tmp_path):
     """`mlflow run . -P lungs=crop`: segment (the built-in set's masks) -> preprocess with the exact
     version segment registered -> train -> evaluate; the classifier carries that segmenter."""
