@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from cxrexp.config import ImageSpec
+from cxrexp.config import MIN_AUDIT_HEATMAPS, ImageSpec
 from cxrexp.data.store import PreparedDataset
 
 CELLS = ("TP", "FP", "TN", "FN")
@@ -195,7 +195,7 @@ def audit_heatmaps(
     salient_level: float = SALIENT_LEVEL,
     tolerance_cells: int = MASK_TOLERANCE_CELLS,
     mask_note: str = "",
-    min_heatmaps: int | None = None,
+    min_heatmaps: int = MIN_AUDIT_HEATMAPS,
 ) -> AuditOutcome:
     """Score Grad-CAM heatmaps against lung masks and pass/fail the shortcut audit.
 
@@ -205,8 +205,7 @@ def audit_heatmaps(
     (default all; the caller leaves the already generous geometric prior as it is). Each heatmap is
     reduced to its salient region (``salient``) and each widened mask grows by
     ``tolerance_cells * stride`` pixels before ``gradcam.focus_scores``; ``gradcam.audit`` gates
-    the mean lung focus of the gated ones (over at least ``min_heatmaps``, default
-    ``gradcam.MIN_AUDIT_HEATMAPS``).
+    the mean lung focus of the gated ones (over at least ``min_heatmaps``).
     """
     from cxrexp.evaluation import gradcam
 
@@ -224,8 +223,7 @@ def audit_heatmaps(
     widened = np.where(widen_arr[:, None, None], widen_masks(lung_masks, tolerance_px), lung_masks)
     scores = [gradcam.focus_scores(heat, mask) for heat, mask in zip(salient(heatmaps, salient_level), widened)]
     if gated_arr.any():
-        needed = gradcam.MIN_AUDIT_HEATMAPS if min_heatmaps is None else int(min_heatmaps)
-        result = gradcam.audit([s for s, g in zip(scores, gated_arr) if g], min_lung_focus, needed)
+        result = gradcam.audit([s for s, g in zip(scores, gated_arr) if g], min_lung_focus, int(min_heatmaps))
     else:
         result = gradcam.AuditResult.undecided(
             f"no audited case is predicted positive (of {len(heatmaps)}): cannot tell where the model "
@@ -308,7 +306,7 @@ def shortcut_audit(
     batch_size: int = 32,
     segment: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
     segmenter_name: str = "",
-    min_heatmaps: int | None = None,
+    min_heatmaps: int = MIN_AUDIT_HEATMAPS,
 ) -> tuple[AuditOutcome, np.ndarray]:
     """The shortcut audit of ``model`` on ``test`` (``evaluate_step.evaluation_frame`` order).
 
