@@ -26,6 +26,11 @@ class PreparedDataError(UserError, ValueError):
     """A prepared dataset is missing, incomplete or unusable; the message says how to fix it."""
 
 
+class WorkerDied(UserError, RuntimeError):
+    """A worker process died abruptly (out of memory, a kill signal); the message says which images were
+    in flight and what to try. Nothing half-done is kept."""
+
+
 class ModelNotFound(UserError, ValueError):
     """A model URI that resolves to nothing usable; the message names the URI and what exists."""
 
@@ -38,4 +43,4 @@ class RegistryError(UserError, ValueError):
     """A registry operation that cannot be done as asked (no such model, alias or version)."""
 
 
-__all__ = ["ConfigError", "DatasetError", "ModelNotFound", "PreparedDataError", "RegistryError", "StudyFailed", "UserError"]
+__all__ = ["ConfigError", "DatasetError", "ModelNotFound", "PreparedDataError", "RegistryError", "StudyFailed", "UserError", "WorkerDied"]

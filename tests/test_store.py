@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ from cxrexp.config import ImageSpec
 from cxrexp.data.store import (
     FORMAT_VERSION,
     MANIFEST_COLUMNS,
+    WRITER_LOCK,
     DatasetWriter,
     PreparedDataError,
     dataset_digest,
@@ -81,7 +86,9 @@ def write_dataset(out_dir: Path, key: str = "ds", capacity: int = 5, skipped_row
 
 
 def leftovers(out_dir: Path) -> list[str]:
-    return sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
+    """What a run left in ``out_dir``, without the per-key lock files (empty, kept on purpose: deleting
+    a lock file others may be waiting on would let two writers hold "the" lock at once)."""
+    return sorted(p.name for p in out_dir.iterdir() if not p.name.endswith(".lock")) if out_dir.exists() else []
 
 
 # ------------------------------------------------------------------------------ round trip
@@ -190,14 +197,83 @@ def test_finish_replaces_an_incomplete_folder_and_keeps_a_complete_one(tmp_path)
     assert leftovers(tmp_path) == ["ds"]
 
 
-def test_stale_temp_of_a_dead_writer_is_removed(tmp_path):
-    dead_pid = 2**22 + 12345  # above the default pid_max, so no live process has it
-    stale = tmp_path / f".ds.tmp-{dead_pid}-abc"
-    stale.mkdir()
-    other_key = tmp_path / f".other.tmp-{dead_pid}-abc"
-    other_key.mkdir()
-    write_dataset(tmp_path)
-    assert leftovers(tmp_path) == [other_key.name, "ds"]  # only the same key's leftovers are touched
+def _temp_folder(parent: Path, name: str, *, lock_file: bool, age_seconds: float = 0) -> Path:
+    folder = parent / name
+    folder.mkdir()
+    (folder / "images.npy").write_bytes(b"half written")
+    if lock_file:
+        (folder / WRITER_LOCK).touch()
+    stamp = time.time() - age_seconds
+    os.utime(folder, (stamp, stamp))
+    return folder
+
+
+def test_stale_temp_folders_of_gone_writers_are_removed_for_every_key(tmp_path):
+    # A writer holds a lock on WRITING inside its folder for its whole life; the kernel drops it when
+    # the process dies, however it dies, so pids (reused; meaningless on another machine) are not trusted.
+    dead_same_key = _temp_folder(tmp_path, ".ds.tmp-1-aaaa", lock_file=True)
+    dead_other_key = _temp_folder(tmp_path, ".other.tmp-2-bbbb", lock_file=True)
+    live_other_key = _temp_folder(tmp_path, ".live.tmp-3-cccc", lock_file=True)
+    legacy_old = _temp_folder(tmp_path, ".older.tmp-4-dddd", lock_file=False, age_seconds=2 * 3600)
+    just_created = _temp_folder(tmp_path, ".new.tmp-5-eeee", lock_file=False)
+    old_copy = _temp_folder(tmp_path, ".ds.old-6-ffff", lock_file=False, age_seconds=2 * 3600)
+    holder = os.open(live_other_key / WRITER_LOCK, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file description: conflicts like another process
+        write_dataset(tmp_path)
+    finally:
+        os.close(holder)
+    remaining = leftovers(tmp_path)
+    assert remaining == sorted([live_other_key.name, just_created.name, "ds"])
+    for gone in (dead_same_key, dead_other_key, legacy_old, old_copy):
+        assert not gone.exists()
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+import numpy as np, pandas as pd
+sys.path.insert(0, {tests!r})
+from test_store import manifest_frame, params_dict, row_image, SIZE
+import cxrexp.data.store as store
+from cxrexp.data.store import DatasetWriter
+# A slow file system: the gap between "is there a finished dataset?" and the rename grows to 0.3 s,
+# so without the key lock every racer sees none and renames onto the others.
+_checked = store._is_valid
+store._is_valid = lambda path: (_checked(path), time.sleep(0.3))[0]
+out, go, value = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+with DatasetWriter(out, "ds", 2, SIZE) as writer:
+    writer.write(0, np.full((SIZE, SIZE), value, np.uint8), None)
+    print("ready", flush=True)
+    while not go.exists():
+        time.sleep(0.01)
+    kept = writer.finish(manifest_frame([0], [1], ["train"]), params_dict(), pd.DataFrame(columns=["path", "reason"]))
+print("kept", int(kept.images()[0, 0, 0]), flush=True)
+"""
+
+
+def test_writers_finishing_the_same_key_at_once_keep_exactly_one_result(tmp_path):
+    """Four processes finish the same key at the same instant: every one must return a valid dataset,
+    all the same one, with nothing else left behind (before the key lock, losers of the rename race
+    failed with ENOTEMPTY, and a loser that found the folder "damaged" could delete the winner's)."""
+    script = tmp_path / "racer.py"
+    script.write_text(_RACER.format(tests=str(Path(__file__).parent)))
+    out, go = tmp_path / "out", tmp_path / "go"
+    racers = [subprocess.Popen([sys.executable, str(script), str(out), str(go), str(10 + i)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    try:
+        for racer in racers:
+            assert racer.stdout.readline().strip() == "ready"
+        go.touch()
+        results = [racer.communicate(timeout=120) for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
+    assert [racer.returncode for racer in racers] == [0] * 4, [err for _, err in results]
+    kept = {line.split()[1] for out_text, _ in results for line in out_text.splitlines() if line.startswith("kept")}
+    assert len(kept) == 1
+    assert leftovers(out) == ["ds"]
+    assert str(int(open_prepared(out / "ds").images()[0, 0, 0])) in kept
 
 
 # ------------------------------------------------------------------------------ reader errors

@@ -20,11 +20,13 @@ class folders.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
+import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +61,14 @@ class ImageRecord:
 @dataclass(frozen=True)
 class Discovery:
     """Records in class order (as requested), then natural file-name order; ``layout`` is
-    ``"kaggle"``, ``"plain"`` or ``"mixed"``; ``notes`` are human sentences worth logging."""
+    ``"kaggle"``, ``"plain"`` or ``"mixed"``; ``notes`` are human sentences worth logging;
+    ``unusable`` (path, reason) lists entries of the image and mask folders that cannot be images
+    (FIFOs, broken symlinks, symlink loops), to be reported as skipped."""
 
     records: list[ImageRecord]
     layout: str
     notes: list[str]
+    unusable: list[tuple[str, str]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,9 +83,25 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)) + (name,)
 
 
+def _scandir(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder``; DatasetError naming it when it cannot be listed (permissions, a
+    folder that vanished), since a class or mask folder that cannot be read leaves nothing to do."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as err:
+        raise DatasetError(f"cannot list {folder}: {err.strerror or err}; fix its permissions or leave it out") from None
+
+
 def _subdirs(folder: Path) -> list[str]:
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    return sorted(e.name for e in _scandir(folder) if not e.name.startswith(".") and _is_dir(e))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop (ELOOP) or an unreadable link: not a folder, listed as unusable
+        return False
 
 
 def _is_ignored_file(name: str) -> bool:
@@ -88,19 +109,65 @@ def _is_ignored_file(name: str) -> bool:
     return name.startswith(".") or lower in _OS_FILES or lower.endswith(_SPREADSHEET_EXTENSIONS)
 
 
-def list_files(folder: Path) -> tuple[list[str], int, int]:
-    """(data file names in natural order, ignored non-data files, ignored sub-folders)."""
+def _unusable_reason(entry: os.DirEntry) -> str | None:
+    """Why an entry that is neither a folder nor a regular file cannot be an image, or None if it is a
+    regular file. Decided from its type alone: a FIFO is never opened (a read would wait forever)."""
+    try:
+        if entry.is_file():
+            return None
+        info = entry.stat()  # follows links: a broken link or a loop raises
+    except FileNotFoundError:
+        return "broken symlink (its target does not exist)" if entry.is_symlink() else "vanished while listing"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"cannot read: {err.strerror or err}"
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(info.st_mode):
+            return f"not a regular file: {name}"
+    return "not a regular file"
+
+
+def display_name(text: str) -> str:
+    """``text`` as it can be written to a CSV, a log or MLflow: a file name that is not valid UTF-8
+    (Python keeps its bytes as lone surrogates) gets its bad bytes as ``\\xNN`` escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One folder's entries: data file names in natural order; counts of ignored non-data files and
+    sub-folders; ``unusable`` (path, reason) for entries that cannot be images (a FIFO, a broken
+    symlink, a symlink loop), which the pipeline reports in ``skipped.csv``."""
+
+    names: list[str]
+    ignored: int
+    subfolders: int
+    unusable: list[tuple[str, str]]
+
+
+def list_files(folder: Path) -> Listing:
+    """The entries of ``folder`` (see ``Listing``); DatasetError when it cannot be listed."""
     names: list[str] = []
+    unusable: list[tuple[str, str]] = []
     ignored = subfolders = 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_dir():
-                subfolders += not entry.name.startswith(".")
-            elif _is_ignored_file(entry.name):
-                ignored += 1
-            elif entry.is_file():
+    for entry in _scandir(folder):
+        if _is_dir(entry):
+            subfolders += not entry.name.startswith(".")
+        elif _is_ignored_file(entry.name):
+            ignored += 1
+        else:
+            reason = _unusable_reason(entry)
+            if reason is None:
                 names.append(entry.name)
-    return sorted(names, key=_natural_key), ignored, subfolders
+            else:
+                unusable.append((str(folder / entry.name), reason))
+    return Listing(sorted(names, key=_natural_key), ignored, subfolders, sorted(unusable))
 
 
 def _match_folder(name: str, folders: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -148,8 +215,7 @@ def clean_id(value: Any) -> str | None:
 
 def _find_metadata(root: Path, folder: str, class_name: str) -> Path | None:
     wanted = [f"{stem}.metadata{ext}".lower() for ext in (".xlsx", ".csv") for stem in (folder, class_name)]
-    with os.scandir(root) as entries:
-        present = {e.name.lower(): e.name for e in entries if e.is_file()}
+    present = {e.name.lower(): e.name for e in _scandir(root) if e.is_file()}
     for name in wanted:  # xlsx before csv: the Kaggle release ships xlsx
         if name in present:
             return root / present[name]
@@ -187,9 +253,10 @@ def _read_patient_ids(path: Path, notes: list[str]) -> dict[str, str]:
 
 
 def _class_records(
-    root: Path, folder: str, class_name: str, label: int, notes: list[str]
+    root: Path, folder: str, class_name: str, label: int, notes: list[str], unusable: list[tuple[str, str]]
 ) -> tuple[list[ImageRecord], str]:
-    """(the records of one class folder, its layout ``kaggle`` or ``plain``); notes are appended.
+    """(the records of one class folder, its layout ``kaggle`` or ``plain``); notes and unusable
+    entries are appended.
 
     Long: one pass over the folder decides layout, masks and patient ids together, because each depends
     on what the folder holds.
@@ -199,16 +266,25 @@ def _class_records(
     images_dir, _ = _match_folder("images", inner)
     if images_dir is not None:
         layout, image_dir = "kaggle", class_dir / images_dir
-        loose, _, _ = list_files(class_dir)
+        loose = list_files(class_dir).names
         if loose:
             notes.append(f"{class_name}: {len(loose)} files directly in {class_dir} ignored (images/ is used)")
     else:
         layout, image_dir = "plain", class_dir
-    names, ignored, subfolders = list_files(image_dir)
+    listing = list_files(image_dir)
+    names, ignored, subfolders = listing.names, listing.ignored, listing.subfolders
+    unusable.extend(listing.unusable)
     if ignored:
         notes.append(f"{class_name}: {ignored} hidden, OS or spreadsheet files in {image_dir} ignored")
     if subfolders:
         notes.append(f"{class_name}: {subfolders} sub-folders of {image_dir} ignored (not searched recursively)")
+    if listing.unusable:
+        notes.append(f"{class_name}: {len(listing.unusable)} entries of {image_dir} are not readable files "
+                     "(FIFOs, broken symlinks, symlink loops): listed in skipped.csv")
+    bad_names = [n for n in names if display_name(n) != n]
+    if bad_names:
+        notes.append(f"{class_name}: {len(bad_names)} file names are not valid UTF-8 (e.g. {display_name(bad_names[0])}): "
+                     "kept, and written with \\x escapes in manifest.csv, skipped.csv and the logs")
 
     n_images = sum(n.lower().endswith(IMAGE_EXTENSIONS) for n in names)
     if n_images == 0:
@@ -226,7 +302,9 @@ def _class_records(
     masks: dict[str, str] = {}
     masks_dir, _ = _match_folder("masks", inner) if layout == "kaggle" else (None, [])
     if masks_dir is not None:
-        mask_names, _, _ = list_files(class_dir / masks_dir)
+        mask_listing = list_files(class_dir / masks_dir)
+        mask_names = mask_listing.names
+        unusable.extend(mask_listing.unusable)
         masks = {m: str(class_dir / masks_dir / m) for m in mask_names}
         # Exact file name first; a case-only difference still pairs (copies made on Windows/macOS).
         masks.update({m.lower(): p for m, p in list(masks.items()) if m.lower() not in masks})
@@ -297,15 +375,18 @@ def discover(data_dir: str | Path, classes: Sequence[str], positive_class: str) 
         matched[class_name] = folder
 
     records: list[ImageRecord] = []
+    unusable: list[tuple[str, str]] = []
     layouts: set[str] = set()
     for class_name, folder in matched.items():
-        class_records, layout = _class_records(root, folder, class_name, int(class_name == positive_class), notes)
+        class_records, layout = _class_records(root, folder, class_name, int(class_name == positive_class), notes,
+                                               unusable)
         records.extend(class_records)
         layouts.add(layout)
     layout = layouts.pop() if len(layouts) == 1 else "mixed"
     if layout == "mixed":
         notes.append("some classes use <Class>/images/, others hold images directly; both are read")
-    return Discovery(records=records, layout=layout, notes=notes)
+    return Discovery(records=records, layout=layout, notes=notes, unusable=unusable)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "DatasetError", "ImageRecord", "Discovery", "clean_id", "discover", "list_files"]
+__all__ = ["IMAGE_EXTENSIONS", "DatasetError", "Discovery", "ImageRecord", "Listing", "clean_id", "discover",
+           "display_name", "list_files"]

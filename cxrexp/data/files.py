@@ -12,6 +12,7 @@ from cxrexp.images.decode import (
     DEFAULT_MIN_SIDE,
     ImageRejected,
     decode_file,
+    max_file_bytes,
     read_bytes,
     read_grey,
 )
@@ -52,7 +53,7 @@ def process_file(path: str, mask_path: str | None, spec: ImageSpec, max_pixels: 
     (with the path) when the image itself is unusable; a mask that fails to read only sets
     ``mask=None`` and ``mask_problem``, because the image is still good for training.
     """
-    data = read_bytes(path)
+    data = read_bytes(path, max_bytes=max_file_bytes(max_pixels))
     sha256 = hashlib.sha256(data).hexdigest()
     grey = decode_file(data, path, max_pixels=max_pixels, min_side=DEFAULT_MIN_SIDE)
     height, width = grey.shape

@@ -52,7 +52,7 @@ def source_of(name: str, folder_source: str) -> str:
 def _images_in(folder: Path) -> dict[str, str]:
     """{file name: path} of the image files directly in ``folder``, in discovery's natural order (hidden
     files, OS droppings and spreadsheets ignored, as ``discovery.list_files`` does for the classifier)."""
-    names, _, _ = list_files(folder)
+    names = list_files(folder).names
     return {name: str(folder / name) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)}
 
 

@@ -14,6 +14,8 @@ import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -33,7 +35,7 @@ from cxrexp.data.store import (
     open_prepared,
     stable_hash,
 )
-from cxrexp.errors import DatasetError
+from cxrexp.errors import DatasetError, WorkerDied
 from cxrexp.images import decode, hashing, synthetic
 from cxrexp.lungs import fallbacks
 from cxrexp.lungs import view as lung_view
@@ -191,8 +193,21 @@ def _common_params(cfg: PreprocessConfig) -> dict[str, Any]:
     }
 
 
-def _plan(cfg: PreprocessConfig) -> tuple[list[_Task], pd.DataFrame, dict[str, Any], str, synthetic.SyntheticSpec | None]:
-    """Tasks, the per-row input table (source, class, label, mask, patient), params and cache key."""
+@dataclass(frozen=True)
+class _Plan:
+    """What a preprocess run will do: one task per row, the per-row input table (source as it can be
+    written, class, label, patient), params, the cache key, the synthetic spec (or None), and the
+    listed entries that cannot be images (path, reason), reported as skipped."""
+
+    tasks: list[_Task]
+    inputs: pd.DataFrame
+    params: dict[str, Any]
+    key: str
+    synthetic: synthetic.SyntheticSpec | None
+    unusable: list[tuple[str, str]]
+
+
+def _plan(cfg: PreprocessConfig) -> _Plan:
     params = _common_params(cfg)
     if not cfg.data_dir:
         syn = synthetic.SyntheticSpec(
@@ -222,12 +237,14 @@ def _plan(cfg: PreprocessConfig) -> tuple[list[_Task], pd.DataFrame, dict[str, A
             notes=[],
         )
         key = "synthetic-" + stable_hash(params)
-        return tasks, inputs, params, key, syn
+        return _Plan(tasks, inputs, params, key, syn, [])
 
     found = discovery.discover(cfg.data_dir, cfg.classes, cfg.positive_class)
     inputs = pd.DataFrame(
         {
-            "source": [r.path for r in found.records],
+            # A file name that is not valid UTF-8 would crash to_csv after all the decoding: the table
+            # holds its escaped form, the task keeps the real path to open.
+            "source": [discovery.display_name(r.path) for r in found.records],
             "class_name": [r.class_name for r in found.records],
             "label": np.array([r.label for r in found.records], dtype=np.int64),
             "patient_id": [r.patient_id for r in found.records],
@@ -242,8 +259,9 @@ def _plan(cfg: PreprocessConfig) -> tuple[list[_Task], pd.DataFrame, dict[str, A
         layout=found.layout,
         notes=list(found.notes),
     )
-    key = "data-" + stable_hash({**params, "files": _file_fingerprint(found.records)})
-    return tasks, inputs, params, key, None
+    unusable = [(discovery.display_name(path), reason) for path, reason in found.unusable]
+    key = "data-" + stable_hash({**params, "files": _file_fingerprint(found.records), "unusable": unusable})
+    return _Plan(tasks, inputs, params, key, None, unusable)
 
 
 def _refuse_out_dir_inside_data(cfg: PreprocessConfig) -> None:
@@ -269,7 +287,7 @@ def prepared_key(cfg: PreprocessConfig) -> str:
     finished run whose prepared folder has another name was made from other inputs. Lists the data
     folder (no decoding); raises ``data.DatasetError`` as ``run_preprocess`` would.
     """
-    return _plan(cfg)[3]
+    return _plan(cfg).key
 
 
 def _start_method() -> str:
@@ -305,13 +323,41 @@ def _chunksize(n_tasks: int, workers: int) -> int:
     return max(1, min(16, n_tasks // (workers * 8)))
 
 
+def _process_chunk(tasks: list[_Task]) -> list[tuple[int, _Stored | None, str, _Pending | None]]:
+    return [_process(task) for task in tasks]
+
+
+def _in_any_order(pool: ProcessPoolExecutor, tasks: list[_Task], chunksize: int) -> Iterator[tuple]:
+    """Worker results as chunks finish. A worker that dies abruptly (the kernel's OOM killer, a
+    SIGKILL) breaks the pool, and every unfinished chunk then raises BrokenProcessPool at once: that
+    is why this is a ProcessPoolExecutor and not multiprocessing.Pool, whose imap_unordered waits
+    forever for the lost chunk. It becomes a WorkerDied that names what was in flight."""
+    chunks = [tasks[i : i + chunksize] for i in range(0, len(tasks), chunksize)]
+    futures = {pool.submit(_process_chunk, chunk): chunk for chunk in chunks}
+    finished = 0
+    for future in as_completed(futures):
+        try:
+            results = future.result()
+        except BrokenProcessPool:
+            lost = [task for f, chunk in futures.items() if not (f.done() and f.exception() is None) for task in chunk]
+            raise WorkerDied(
+                f"a preprocess worker process died abruptly (killed by the system, most often for lack of "
+                f"memory, or by a signal) after {finished} of {len(tasks)} images; {len(lost)} were not "
+                f"finished, the first of them {lost[0].path or lost[0].synthetic_index!r}. Nothing was kept. "
+                "Try fewer workers (-P workers=1), a smaller -P max_pixels, or more memory"
+            ) from None
+        finished += len(results)
+        yield from results
+
+
 @contextlib.contextmanager
 def _processed(tasks: list[_Task], workers: int, init_args: tuple) -> Iterator[Iterator[tuple[int, _Stored | None, str]]]:
     """Yields an iterator of worker results ``(row, _Stored | None, reason)`` in any order; each
     stored image is already in its row of the dataset being written.
 
     The pool is started when the block is entered, before the caller starts threads of its own (a
-    progress bar's monitor), and is terminated when the block is left, error or not.
+    progress bar's monitor). Leaving the block cancels what has not started; chunks already running
+    (at most one per worker, ``_chunksize`` images) finish first.
     """
     if workers <= 1:
         _configure(*init_args)  # in-process: OpenCV keeps its own threads for this one image at a time
@@ -323,8 +369,12 @@ def _processed(tasks: list[_Task], workers: int, init_args: tuple) -> Iterator[I
     method = _start_method()
     ctx = multiprocessing.get_context(method)
     guard = _opencv_threads(1) if method == "fork" else contextlib.nullcontext()
-    with guard, ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        yield pool.imap_unordered(_process, tasks, chunksize=_chunksize(len(tasks), workers))
+    with guard:
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+        try:
+            yield _in_any_order(pool, tasks, _chunksize(len(tasks), workers))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True, lung_masks: LungMasks | None = None) -> PreprocessResult:
@@ -345,7 +395,8 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True, lung_masks: 
     if spec.lungs != "none" and lung_masks is None:
         raise ValueError(f"lungs={spec.lungs} needs the segmenter's lung_masks function")
     _refuse_out_dir_inside_data(cfg)
-    tasks, inputs, params, key, syn = _plan(cfg)
+    plan = _plan(cfg)
+    tasks, inputs, params, key, syn = plan.tasks, plan.inputs, plan.params, plan.key, plan.synthetic
     final = Path(cfg.out_dir).expanduser().resolve() / key
     if (final / "COMPLETE").is_file():
         try:
@@ -363,7 +414,9 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True, lung_masks: 
     width = np.zeros(n, dtype=np.int64)
     height = np.zeros(n, dtype=np.int64)
     lungs = _LungColumns(n)
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = list(plan.unusable)
+    for path, reason in plan.unusable:
+        log.warning("skipped %s: %s", path, reason)
 
     with DatasetWriter(cfg.out_dir, key, n, spec.image_size) as writer:
         pending: list[_Pending] = []
@@ -395,6 +448,12 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True, lung_masks: 
                         flush()
             flush()
 
+        for row, reason in splitting.cross_class_duplicates(
+                [sha[i] if ok[i] else "" for i in range(n)], inputs["class_name"].tolist(),
+                inputs["source"].tolist()).items():
+            ok[row] = False
+            skipped.append((inputs.at[row, "source"], reason))
+            log.warning("skipped %s: %s", inputs.at[row, "source"], reason)
         kept = np.flatnonzero(ok)
         labels = inputs["label"].to_numpy()[kept]
         _check_classes(inputs, kept, params["classes"], skipped)

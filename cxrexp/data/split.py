@@ -76,6 +76,26 @@ def comparisons(m: int) -> int:
     return sum((stop - start) * (m - start) for start, stop in comparison_blocks(m))
 
 
+def cross_class_duplicates(sha256: Sequence[str], class_names: Sequence[str], sources: Sequence[str]) -> dict[int, str]:
+    """{index: reason} for every image whose bytes also appear in another class ("" = no hash, not
+    compared). The same file filed under two classes has no true label, and keeping either copy
+    teaches the model a label that is wrong for the other, so both are excluded and reported."""
+    by_hash: dict[str, list[int]] = {}
+    for index, digest in enumerate(sha256):
+        if digest:
+            by_hash.setdefault(digest, []).append(index)
+    excluded: dict[int, str] = {}
+    for indices in by_hash.values():
+        if len({class_names[i] for i in indices}) < 2:
+            continue
+        for i in indices:
+            others = [j for j in indices if class_names[j] != class_names[i]]
+            excluded[i] = (f"same bytes as {sources[others[0]]} in class {class_names[others[0]]}"
+                           + (f" (and {len(others) - 1} more)" if len(others) > 1 else "")
+                           + ": its label is ambiguous, excluded from both classes")
+    return excluded
+
+
 def duplicate_groups(sha256: Sequence[str], phash: Any, max_distance: int) -> np.ndarray:
     """Group id per image: int64[N], ids 0..G-1 in order of first appearance.
 
@@ -231,6 +251,7 @@ __all__ = [
     "SPLITS",
     "comparison_blocks",
     "comparisons",
+    "cross_class_duplicates",
     "duplicate_groups",
     "count_duplicate_groups",
     "merge_groups",

@@ -17,18 +17,26 @@ zero-filled (sparse) holes; they cost nothing and keep row = discovery order.
 
 The writer builds everything in a hidden temporary sibling folder (``.<key>.tmp-<pid>-<random>``)
 and renames it into place only on success, so an interrupted or failed run never leaves a folder
-that looks valid; temporary folders of writers that died (their pid is gone) are removed by the
-next writer of the same key.
+that looks valid. A live writer holds an flock on ``WRITING`` inside its temporary folder; the next
+writer of any key removes the temporary folders whose lock nobody holds (their writer died, however it
+died). The check-and-rename at the end runs under a per-key lock (``.<key>.lock``, an empty file kept
+on purpose), so runs finishing the same key at once keep exactly one result and never delete each
+other's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,23 +233,58 @@ def _is_valid(path: Path) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
+# Held (flock) by a live writer for as long as its temporary folder exists: the kernel drops the lock
+# when the process dies, however it dies, so "can I take it?" tells a dead writer's leftovers from a
+# live one's work without trusting pids (reused, and meaningless across machines sharing out_dir).
+WRITER_LOCK = "WRITING"
+# A temporary folder without a lock file is either being created this instant or was left by a
+# cxrexp from before the lock existed; only the second kind is old.
+_UNLOCKED_GRACE_SECONDS = 3600
+
+
+def _writer_gone(folder: Path) -> bool:
+    """True when no live writer holds ``folder``'s lock (see WRITER_LOCK)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(folder / WRITER_LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        try:
+            return time.time() - folder.stat().st_mtime > _UNLOCKED_GRACE_SECONDS
+        except OSError:
+            return False
+    except OSError:
         return False
-    except PermissionError:  # someone else's live process
-        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: a live writer holds it
+        return False
+    finally:
+        os.close(fd)
     return True
 
 
-def _remove_stale_temp(parent: Path, key: str) -> None:
-    """Remove ``.<key>.tmp-<pid>-*`` folders whose writer process no longer exists (killed runs)."""
-    prefix = f".{key}.tmp-"
-    for entry in parent.glob(prefix + "*"):
-        pid_text = entry.name[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+def _remove_stale_temp(parent: Path) -> None:
+    """Remove the temporary folders (``.<key>.tmp-*``) and set-aside old copies (``.<key>.old-*``) of
+    writers that are gone, for every key in ``parent``: a killed run's half-written dataset can be
+    as large as a finished one, and nothing else would ever delete it."""
+    for entry in parent.glob(".*.tmp-*"):
+        if entry.is_dir() and _writer_gone(entry):
             shutil.rmtree(entry, ignore_errors=True)
+    for entry in parent.glob(".*.old-*"):
+        if entry.is_dir() and time.time() - entry.stat().st_mtime > _UNLOCKED_GRACE_SECONDS:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _key_lock(parent: Path, key: str) -> Iterator[None]:
+    """Serialise the check-and-rename of one key between processes (and machines, where the file
+    system's flock reaches them), so two runs finishing the same key at once keep exactly one result
+    and neither deletes the other's."""
+    fd = os.open(parent / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 class RowWriter:
@@ -313,11 +356,13 @@ class DatasetWriter:
     def __init__(self, out_dir: str | os.PathLike[str], key: str, capacity: int, image_size: int):
         self.final = Path(out_dir).expanduser().resolve() / key
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp(self.final.parent, key)
+        _remove_stale_temp(self.final.parent)
         # Not tempfile.mkdtemp: its 0700 mode would follow the rename and hide the dataset from
         # other users; mkdir honours the umask like any other folder.
         self.tmp = self.final.parent / f".{key}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.tmp.mkdir()
+        self._lock_fd: int | None = os.open(self.tmp / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.image_size = int(image_size)
         self.capacity = max(int(capacity), 1)
         try:
@@ -355,6 +400,31 @@ class DatasetWriter:
         if rows is not None:
             rows.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def _publish(self) -> None:
+        """Rename the finished temporary folder into place (the caller holds the key's lock)."""
+        if _is_valid(self.final):  # a concurrent run finished the same key first: keep theirs
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.final.exists():  # damaged, half-deleted or left by an older version
+            # Moved aside first: a directory cannot be renamed onto a non-empty one.
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-{os.getpid()}-", dir=self.final.parent))
+            os.replace(self.final, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError as err:
+            # Where flock does not reach (some network file systems) another writer can still get
+            # there first: rename refuses a non-empty target, so theirs is kept if it is valid.
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _is_valid(self.final):
+                raise
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def finish(self, manifest: pd.DataFrame, params: dict[str, Any], skipped: pd.DataFrame) -> PreparedDataset:
         """Write manifest/skipped/params (with the digest), then COMPLETE, then rename into place.
@@ -376,18 +446,13 @@ class DatasetWriter:
             skipped.to_csv(self.tmp / "skipped.csv", index=False)
             (self.tmp / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True, default=_json_default))
             (self.tmp / "COMPLETE").write_text(params["digest"] + "\n")
-            if _is_valid(self.final):  # a concurrent run finished the same key first: keep theirs
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            else:
-                if self.final.exists():  # damaged, half-deleted or left by an older version
-                    # Moved aside first: a directory cannot be renamed onto a non-empty one.
-                    trash = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-{os.getpid()}-", dir=self.final.parent))
-                    os.replace(self.final, trash / "old")
-                    shutil.rmtree(trash, ignore_errors=True)
-                os.replace(self.tmp, self.final)
+            (self.tmp / WRITER_LOCK).unlink()  # the folder is about to become the dataset; the fd keeps the lock
+            with _key_lock(self.final.parent, self.final.name):
+                self._publish()
         except BaseException:
             self.abort()
             raise
+        self._unlock()
         return open_prepared(self.final)
 
 

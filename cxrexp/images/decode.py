@@ -11,6 +11,9 @@ Nothing here writes files or talks to MLflow.
 from __future__ import annotations
 
 import io
+import os
+import re
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -57,6 +60,20 @@ _JPEG_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
 
 _EXIF_ORIENTATION_TAG = 0x0112
+
+# Bounds on the hand-written header walks, so a pathological file (a run of 60 MiB of FF after SOI,
+# millions of empty PNG chunks) is rejected after a bounded number of Python steps instead of
+# seconds of looping. Real files are far inside both: a JPEG carries a few dozen segments before its
+# first scan (APPn, DQT, DHT, SOF; a split ICC profile adds a few more), and PNG encoders write IDAT
+# chunks of 8-64 KiB, so even a 100 MB PNG has a few thousand chunks.
+MAX_JPEG_SEGMENTS = 1000
+PNG_CHUNK_ALLOWANCE = 1000  # plus one chunk per PNG_BYTES_PER_CHUNK bytes of file
+PNG_BYTES_PER_CHUNK = 1024
+# A file is read whole, so its size is checked first (from fstat, nothing read). Eight bytes per
+# allowed pixel covers an uncompressed 16-bit RGBA image of max_pixels; anything bigger is not an
+# X-ray this pipeline would accept anyway.
+BYTES_PER_PIXEL_LIMIT = 8
+_FF_RUN_END = re.compile(rb"[^\xff]")
 
 
 class ImageRejected(ValueError):
@@ -108,7 +125,12 @@ def _png_intact(data: bytes) -> bool:
     """
     pos = len(_PNG_SIGNATURE)
     end = len(data)
+    budget = PNG_CHUNK_ALLOWANCE + end // PNG_BYTES_PER_CHUNK
     while pos + 12 <= end:
+        budget -= 1
+        if budget < 0:
+            raise ImageRejected(
+                f"pathological PNG: more than {PNG_CHUNK_ALLOWANCE} + 1 per {PNG_BYTES_PER_CHUNK} bytes chunks")
         (length,) = struct.unpack(">I", data[pos : pos + 4])
         chunk_type = data[pos + 4 : pos + 8]
         chunk_end = pos + 12 + length
@@ -126,17 +148,25 @@ def _png_intact(data: bytes) -> bool:
 
 
 def _jpeg_scan(data: bytes) -> tuple[int, int, int]:
-    """(width, height, offset of the first scan's data) from the JPEG marker segments."""
+    """(width, height, offset of the first scan's data) from the JPEG marker segments.
+
+    Also refuses what the decoders would get wrong: CMYK/YCCK (four components: OpenCV inverts or
+    misconverts them, and no X-ray is stored that way) and more than ``MAX_JPEG_SEGMENTS`` segments
+    before the first scan (a pathological file; see the constant).
+    """
     pos = 2  # after SOI
     end = len(data)
     size: tuple[int, int] | None = None
-    while pos < end:
-        if data[pos] != 0xFF:
-            raise ImageRejected("truncated or corrupt")
-        while pos < end and data[pos] == 0xFF:  # fill bytes may pad before a marker
-            pos += 1
+    for _ in range(MAX_JPEG_SEGMENTS):
         if pos >= end:
             break
+        if data[pos] != 0xFF:
+            raise ImageRejected("truncated or corrupt")
+        # Fill bytes may pad before a marker: skipped by the regex engine, not a Python loop.
+        found = _FF_RUN_END.search(data, pos)
+        if found is None:
+            break
+        pos = found.start()
         marker = data[pos]
         pos += 1
         if marker in _JPEG_STANDALONE:
@@ -148,14 +178,18 @@ def _jpeg_scan(data: bytes) -> tuple[int, int, int]:
         (length,) = struct.unpack(">H", data[pos : pos + 2])
         if length < 2 or pos + length > end:
             break
-        if marker in _JPEG_SOF_MARKERS and length >= 7:
+        if marker in _JPEG_SOF_MARKERS and length >= 8:
             height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
+            if data[pos + 7] == 4:
+                raise ImageRejected("unsupported colour: CMYK/YCCK JPEG (save it as greyscale PNG or JPEG)")
             size = (width, height)
         if marker == 0xDA:  # SOS: entropy-coded data follows the header
             if size is None:
                 break
             return size[0], size[1], pos + length
         pos += length
+    else:
+        raise ImageRejected(f"pathological JPEG: more than {MAX_JPEG_SEGMENTS} marker segments before the image data")
     raise ImageRejected("truncated or corrupt")
 
 
@@ -302,6 +336,15 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
     # in decode_grey so that PNG and JPEG follow the same rule on every OpenCV version.
     flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION
     decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    if decoded is None:
+        # OpenCV's libjpeg is built for 8 bits only; 12-bit and 16-bit lossless JPEGs (common where
+        # films come out of DICOM) decode with imagecodecs' libjpeg-turbo 3, which reads all
+        # precisions. Its output is RGB (or grey) order, uint16 above 8 bits.
+        try:
+            decoded = imagecodecs.jpeg8_decode(data)
+        except Exception:  # Jpeg8Error or anything libjpeg trips over: not a usable JPEG
+            raise ImageRejected("truncated or corrupt") from None
+        return _to_grey(decoded, {3: cv2.COLOR_RGB2GRAY})
     return _to_grey(decoded, {3: cv2.COLOR_BGR2GRAY, 4: cv2.COLOR_BGRA2GRAY})
 
 
@@ -324,15 +367,47 @@ def read_grey(
     path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
 ) -> np.ndarray:
     """uint8 HxW grey image from a PNG/JPEG file; ImageRejected (naming the path) if unusable."""
-    return decode_file(read_bytes(path), path, max_pixels=max_pixels, min_side=min_side)
+    return decode_file(read_bytes(path, max_bytes=max_file_bytes(max_pixels)), path, max_pixels=max_pixels,
+                       min_side=min_side)
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """The file's bytes; ImageRejected("cannot read: ...") when it is missing or unreadable."""
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_bytes(path: str | Path, *, max_bytes: int | None = None) -> bytes:
+    """The file's bytes; ImageRejected naming the path when it cannot or should not be read.
+
+    Opened without blocking and checked with fstat before any byte is read: a FIFO (whose read
+    would wait for a writer forever) or a device is refused as "not a regular file: a FIFO", and
+    a file over ``max_bytes`` as "too large: file of N bytes". A file that vanished or is
+    unreadable gives "cannot read: <the system's reason>".
+    """
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as err:
         raise ImageRejected(f"cannot read: {err.strerror or err}", str(path)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageRejected(f"not a regular file: {_file_kind(info.st_mode)}", str(path))
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise ImageRejected(f"too large: file of {info.st_size} bytes (maximum {max_bytes})", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as err:
+        raise ImageRejected(f"cannot read: {err.strerror or err}", str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file read for an image limit of ``max_pixels`` (see BYTES_PER_PIXEL_LIMIT)."""
+    return int(max_pixels) * BYTES_PER_PIXEL_LIMIT
 
 
 def decode_file(data: bytes, path: str | Path, *, max_pixels: int, min_side: int) -> np.ndarray:

@@ -124,7 +124,11 @@ def _before_after(dataset: PreparedDataset, n: int = 4) -> list[tuple[str, np.nd
             index = int(str(row["source"]).rsplit("/", 1)[-1])
             grey = synthetic.make_image(synthetic.SyntheticSpec(**syn_params), index).image
         else:
-            grey = decode.read_grey(row["source"], max_pixels=int(dataset.params["max_pixels"]))
+            try:
+                grey = decode.read_grey(row["source"], max_pixels=int(dataset.params["max_pixels"]))
+            except decode.ImageRejected as err:  # moved or rewritten since, or a name shown escaped
+                log.warning("before/after figure: %s left out (%s)", row["source"], err.reason)
+                continue
         title = f"{row['class_name']}: {str(row['source']).rsplit('/', 1)[-1]}"
         pairs.append((title, transforms.prepare(grey, plain), np.asarray(stored[int(row["row"])])))
     return pairs

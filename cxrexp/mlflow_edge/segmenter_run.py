@@ -36,6 +36,7 @@ from cxrexp.images.decode import (
     DEFAULT_MIN_SIDE,
     ImageRejected,
     decode_file,
+    max_file_bytes,
     read_bytes,
     read_grey,
 )
@@ -86,7 +87,7 @@ def load_samples(cfg: SegmentConfig) -> Samples:
     samples = Samples([], [], [], [], [], [], list(found.unpaired))
     for pair in found.pairs:
         try:
-            data = read_bytes(pair.image)  # read once: hashed and decoded from the same bytes
+            data = read_bytes(pair.image, max_bytes=max_file_bytes(cfg.max_pixels))  # read once: hashed and decoded from the same bytes
             grey = decode_file(data, pair.image, max_pixels=cfg.max_pixels, min_side=DEFAULT_MIN_SIDE)
             mask = read_grey(pair.mask, max_pixels=cfg.max_pixels, min_side=1)
         except ImageRejected as err:
