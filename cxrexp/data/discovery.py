@@ -24,7 +24,6 @@ import errno
 import math
 import os
 import re
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from cxrexp.errors import DatasetError
+from cxrexp.images.decode import file_kind
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Spreadsheets sit beside or inside class folders (the Kaggle metadata); OS droppings are not data.
@@ -122,11 +122,7 @@ def _unusable_reason(entry: os.DirEntry) -> str | None:
         if err.errno == errno.ELOOP:
             return "symlink loop"
         return f"cannot read: {err.strerror or err}"
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(info.st_mode):
-            return f"not a regular file: {name}"
-    return "not a regular file"
+    return f"not a regular file: {file_kind(info.st_mode)}"
 
 
 def display_name(text: str) -> str:

@@ -371,12 +371,13 @@ def read_grey(
                        min_side=min_side)
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, from its ``st_mode`` ("a FIFO", "a socket", ...)."""
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
         if test(mode):
             return name
-    return "not a regular file"
+    return "an unknown kind of file"
 
 
 def read_bytes(path: str | Path, *, max_bytes: int | None = None) -> bytes:
@@ -394,7 +395,7 @@ def read_bytes(path: str | Path, *, max_bytes: int | None = None) -> bytes:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ImageRejected(f"not a regular file: {_file_kind(info.st_mode)}", str(path))
+            raise ImageRejected(f"not a regular file: {file_kind(info.st_mode)}", str(path))
         if max_bytes is not None and info.st_size > max_bytes:
             raise ImageRejected(f"too large: file of {info.st_size} bytes (maximum {max_bytes})", str(path))
         with os.fdopen(fd, "rb", closefd=False) as handle:
