@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Any, Callable, Sequence
 
+from cxrexp import credentials
 from cxrexp.config import (
     EvaluateConfig,
     MainConfig,
@@ -165,11 +166,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _keep_secrets_out_of_the_console()
     try:
         return _dispatch(args)
     except USER_ERRORS as err:
-        print(f"cxrexp {args.command}: error: {err}", file=sys.stderr)
+        print(credentials.scrub(f"cxrexp {args.command}: error: {err}"), file=sys.stderr)
         return EXIT_USAGE
+
+
+class _ScrubSecrets(logging.Filter):
+    """Replaces any password the environment holds (``credentials.known_secrets``) in a log record."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = credentials.scrub(message, self.secrets)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def _keep_secrets_out_of_the_console() -> None:
+    """The last line of defence: whatever a library puts in a log line or a traceback (a driver echoing
+    its connection string), a password from the environment is printed as ``***``."""
+    secrets = credentials.known_secrets()
+    if not secrets:
+        return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ScrubSecrets(secrets))
+    previous = sys.excepthook
+
+    def scrubbed_traceback(kind, value, tb):
+        import traceback
+
+        sys.stderr.write(credentials.scrub("".join(traceback.format_exception(kind, value, tb)), secrets))
+
+    if previous is sys.__excepthook__:
+        sys.excepthook = scrubbed_traceback
 
 
 def entrypoint(command: str) -> None:

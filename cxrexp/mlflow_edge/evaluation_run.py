@@ -38,6 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cxrexp.config import EvaluateConfig
+from cxrexp.credentials import redact
 from cxrexp.data.discovery import discover
 from cxrexp.data.store import PreparedDataset, open_prepared
 from cxrexp.errors import ModelNotFound, PreparedDataError
@@ -90,7 +91,7 @@ def training_dataset(source: ModelSource) -> PreparedDataset:
         run = MlflowClient().get_run(source.train_run_id)
     except MlflowException as err:
         raise PreparedDataError(
-            f"the training run {source.train_run_id} of {source.model_uri} is not in {mlflow.get_tracking_uri()} "
+            f"the training run {source.train_run_id} of {source.model_uri} is not in {redact(mlflow.get_tracking_uri())} "
             f"({err.message}): pass --data"
         ) from err
     prepared = run.data.tags.get(PREPARED_DIR_TAG)

@@ -20,6 +20,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from cxrexp.credentials import redact
 from cxrexp.errors import ConfigError
 from cxrexp.tags import META_DIGEST_KEY, META_TRAIN_RUN_KEY, SERVING_METADATA_KEY
 
@@ -125,7 +126,7 @@ def describe_what_exists(model_uri: str) -> str:
             try:
                 run = client.get_run(parsed.run_id)
             except MlflowException:
-                return f"no run {parsed.run_id!r} in the tracking store {mlflow.get_tracking_uri()}"
+                return f"no run {parsed.run_id!r} in the tracking store {redact(mlflow.get_tracking_uri())}"
             logged = [m.name for m in mlflow.search_logged_models(
                 experiment_ids=[run.info.experiment_id],
                 filter_string=f"source_run_id = '{parsed.run_id}'",

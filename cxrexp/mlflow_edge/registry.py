@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from cxrexp.credentials import redact
 from cxrexp.errors import RegistryError
 from cxrexp.promotion import Decision
 from cxrexp.tags import (
@@ -109,7 +110,7 @@ def aliases(name: str) -> dict[str, str]:
             raise
         names = sorted(m.name for m in client.search_registered_models(max_results=100))
         raise RegistryError(
-            f"no registered model named {name!r} in {mlflow.get_tracking_uri()} "
+            f"no registered model named {name!r} in {redact(mlflow.get_tracking_uri())} "
             f"(registered models: {', '.join(names) or 'none'}); train one first, or check --registered-model-name"
         ) from None
     return {alias: str(version) for alias, version in sorted((model.aliases or {}).items())}

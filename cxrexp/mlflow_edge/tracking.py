@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 import cxrexp
 from cxrexp.config import flat_params
+from cxrexp.credentials import redact
 from cxrexp.data.store import PreparedDataError, PreparedDataset, open_prepared
 from cxrexp.tags import DIGEST_TAG, GIT_TAG, PREPARED_DIR_TAG, STEP_TAG
 
@@ -205,7 +206,7 @@ def resolve_prepared(data: str) -> PreparedDataset:
         try:
             run = MlflowClient().get_run(data)
         except mlflow.exceptions.MlflowException as err:
-            raise PreparedDataError(f"data={data!r}: no such run in {mlflow.get_tracking_uri()} ({err.message})") from err
+            raise PreparedDataError(f"data={data!r}: no such run in {redact(mlflow.get_tracking_uri())} ({err.message})") from err
         prepared = run.data.tags.get(PREPARED_DIR_TAG)
         if not prepared:
             raise PreparedDataError(

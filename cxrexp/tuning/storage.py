@@ -6,13 +6,16 @@ other data or settings fails instead of mixing incomparable trials.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from cxrexp import credentials
 from cxrexp.config import TrainConfig, flat_params
+from cxrexp.credentials import redact
 from cxrexp.data.store import PreparedDataError, PreparedDataset
 from cxrexp.tuning.pruning import make_pruner
 from cxrexp.tuning.space import SEARCHED_FIELDS
@@ -39,17 +42,13 @@ class StorageError(PreparedDataError):
 
 
 def storage_url(cfg: TrainConfig) -> str:
-    return cfg.storage or DEFAULT_STORAGE
-
-
-def redact(url: str) -> str:
-    """The URL without its password (for tags and messages)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL: say nothing about it rather than leak it
-        return url.split("@")[-1] if "@" in url else url
+    """``-P storage``, else the environment's ``CXREXP_OPTUNA_STORAGE`` (which may hold a password: it
+    is never logged), else ``sqlite:///optuna.db``. A password inside ``-P storage`` is refused
+    (``credentials.refuse_password``): MLflow has stored that value in the run's params."""
+    if cfg.storage:
+        credentials.refuse_password(cfg.storage, "-P storage")
+        return cfg.storage
+    return os.environ.get(credentials.STORAGE_ENV) or DEFAULT_STORAGE
 
 
 def rdb_url(url: str) -> str:

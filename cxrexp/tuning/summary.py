@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from cxrexp.config import TrainConfig
+from cxrexp.credentials import redact
 from cxrexp.data.store import PreparedDataset
 from cxrexp.errors import StudyFailed
 from cxrexp.mlflow_edge import tracking, training_run
@@ -103,7 +104,7 @@ def best_trained_run(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, tra
         run = MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException as err:
         raise StudyFailed(
-            f"best trial {best.number}'s run {run_id} is not in {mlflow.get_tracking_uri()} ({err.message}): "
+            f"best trial {best.number}'s run {run_id} is not in {redact(mlflow.get_tracking_uri())} ({err.message}): "
             "was the study run against another MLflow store?"
         ) from err
     model_uri = run.data.tags.get(MODEL_URI_TAG)
