@@ -24,6 +24,7 @@ import cxrexp
 from cxrexp.config import flat_params
 from cxrexp.credentials import redact
 from cxrexp.data.store import PreparedDataError, PreparedDataset, open_prepared
+from cxrexp.mlflow_edge import signals
 from cxrexp.tags import DIGEST_TAG, GIT_TAG, PREPARED_DIR_TAG, STEP_TAG
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,13 @@ def step_run(step: str, cfg: Any, *, run_name: str | None = None, nested: bool =
              extra_params: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
     """One MLflow run for one pipeline step, with the config logged once and standard tags.
 
-    Under ``mlflow run`` the run already exists (MLFLOW_RUN_ID) and is resumed. An exception,
-    Ctrl-C included, ends the run as FAILED, never leaving it RUNNING.
+    Under ``mlflow run`` the run already exists (MLFLOW_RUN_ID) and is resumed. An exception ends
+    the run FAILED; Ctrl-C and SIGTERM end it KILLED (``signals.sigterm_as_interrupt``), and so does
+    killing the ``mlflow run`` process above it (``signals.die_with_parent``): never RUNNING.
     """
-    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+    if os.environ.get("MLFLOW_RUN_ID") and not nested:
+        signals.die_with_parent()
+    with signals.sigterm_as_interrupt(), mlflow.start_run(run_name=run_name, nested=nested) as run:
         tags = {STEP_TAG: step}
         commit = git_commit()
         if commit:

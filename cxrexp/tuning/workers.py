@@ -7,11 +7,8 @@ ends KILLED rather than staying RUNNING; ``close_orphans`` ends what a killed wo
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +21,7 @@ from optuna.trial import TrialState
 
 from cxrexp.config import TrainConfig
 from cxrexp.data.store import PreparedDataset, open_prepared
+from cxrexp.mlflow_edge.signals import sigterm_as_interrupt
 from cxrexp.tags import RUN_ID_ATTR, STATE_TAG
 from cxrexp.tuning.storage import DONE_STATES, open_study
 from cxrexp.tuning.trial import TrialObjective
@@ -82,27 +80,6 @@ def _limit_threads(threads: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(max(1, min(threads, 2)))
     except RuntimeError:  # TensorFlow already initialised in this process: keep its setting
         pass
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Inside: SIGTERM (``kill``, process managers, the parent stopping a worker) acts like Ctrl-C.
-
-    So a terminated study ends its runs KILLED and its trial FAIL instead of leaving them RUNNING.
-    Only the main thread can install signal handlers; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def worker_main(job: WorkerJob, worker: int, shared_count: Any) -> None:
