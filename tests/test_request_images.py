@@ -13,7 +13,9 @@ from cxrexp.config import ImageSpec
 from cxrexp.images.decode import decode_grey
 from cxrexp.images.request_images import (
     MAX_LISTED_ERRORS,
+    Deadline,
     RequestRejected,
+    RequestTimedOut,
     RowRejected,
     ServingSpec,
     decode_base64_image,
@@ -186,6 +188,36 @@ def test_request_limits_refuse_before_decoding(monkeypatch, name, n_rows, max_ro
     with pytest.raises(RequestRejected, match=words.replace("(", r"\(").replace(")", r"\)")):
         prepare_batch(cells, spec, workers=1)
     assert calls == [], f"{name}: an image was decoded before the limit refused the request"
+
+
+class _Ticks:
+    """A clock that advances one second per reading: deterministic time for the deadline tests."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("workers, seconds, most_decoded", [
+    (1, 0.0, 0),  # already past: nothing is decoded
+    (4, 0.0, 0),
+    (1, 4.5, 4),  # time runs out after four rows: the other 36 are never started
+])
+def test_past_its_deadline_a_request_stops_decoding(monkeypatch, workers, seconds, most_decoded):
+    from cxrexp.images import decode
+
+    calls = []
+    real = decode.decode_grey
+    monkeypatch.setattr(decode, "decode_grey", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cells = [_png(64, 64, seed) for seed in range(40)]
+    deadline = Deadline(seconds, started=0.0, clock=_Ticks())
+    with pytest.raises(RequestTimedOut, match="longer than its timeout"):
+        for _ in prepare_chunks(cells, ServingSpec(SPEC, 0.5), 8, workers=workers, deadline=deadline):
+            pass
+    assert len(calls) <= most_decoded
 
 
 def test_rows_the_limits_cannot_read_are_left_to_the_row_checks():

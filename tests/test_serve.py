@@ -177,6 +177,34 @@ def test_garbage_is_a_4xx_naming_the_row_and_the_server_keeps_serving(server, re
     assert again.status_code == 200 and len(again.json()["predictions"]) == 1
 
 
+def _synthetic_variant(index: int) -> bytes:
+    image = make_image(SyntheticSpec(count=16, size=96, prevalence=0.5), index).image
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def test_concurrent_requests_each_get_their_single_request_answer(server):
+    """24 requests of 1-3 different images, 12 in flight at once: every answer must equal what the same
+    images get one request at a time (a shared decode pool or model state that leaked between
+    requests would mix rows up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [_synthetic_variant(i) for i in range(6)]
+    alone = []
+    for image in images:
+        response = _invoke(server, [{"image": _b64(image)}])
+        assert response.status_code == 200, response.text
+        alone.append(response.json()["predictions"][0])
+    batches = [[(k + j) % len(images) for j in range(1 + k % 3)] for k in range(24)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(lambda batch: _invoke(server, [{"image": _b64(images[i])} for i in batch]), batches))
+    for batch, response in zip(batches, answers):
+        assert response.status_code == 200, response.text
+        got = response.json()["predictions"]
+        assert [p["label"] for p in got] == [alone[i]["label"] for i in batch]
+        assert [p["probability"] for p in got] == pytest.approx([alone[i]["probability"] for i in batch], abs=1e-6)
+    assert len({round(p["probability"], 6) for p in alone}) > 1  # the images really differ
+
+
 def test_not_json_is_a_400(server):
     response = requests.post(f"{server['url']}/invocations", data=b"not json",
                              headers={"Content-Type": "application/json"}, timeout=30)

@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -238,6 +239,47 @@ def test_a_model_with_nan_weights_is_a_server_fault_not_nan_answers():
     with pytest.raises(MlflowException) as err:
         model.predict(None, pd.DataFrame({"image": [GOOD, GOOD]}))
     assert err.value.get_http_status_code() == 500 and "non-finite probabilities for rows [0, 1]" in err.value.message
+
+
+@pytest.mark.parametrize("fault", [MemoryError(), ZeroDivisionError("a bug in the model code")])
+def test_a_fault_inside_the_server_is_a_500_with_a_reference_and_no_stack_trace(logged, monkeypatch, fault, caplog):
+    """MLflow's scoring server answered any unexpected exception with 400 ("check your input") and the
+    stack trace in the body; served_errors.guarded_predict makes it a 500 whose body is a reference."""
+    model = logged["pyfunc"]
+
+    def broken(batch):
+        raise fault
+
+    monkeypatch.setattr(model.unwrap_python_model().keras_model, "predict_on_batch", broken)
+    with pytest.raises(MlflowException) as err:
+        _invoke(model, {"dataframe_records": [{"image": _b64(GOOD)}]})
+    body = err.value.serialize_as_json()
+    assert err.value.get_http_status_code() == 500
+    assert "internal error in the model server (reference " in body
+    for internals in ("Traceback", "stack_trace", type(fault).__name__, "a bug in the model code"):
+        assert internals not in body
+    reference = re.search(r"reference ([0-9a-f]{12})", body).group(1)
+    assert any(reference in r.getMessage() and r.exc_info for r in caplog.records)  # the details are in the log
+
+
+@pytest.mark.parametrize("environ, seconds", [
+    ({}, None),  # in-process (cxrexp predict, evaluate): no deadline
+    ({"_MLFLOW_IS_IN_SERVING_ENVIRONMENT": "true"}, 60.0),  # MLflow's default request timeout
+    ({"_MLFLOW_IS_IN_SERVING_ENVIRONMENT": "true", "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "7"}, 7.0),
+])
+def test_the_served_deadline_is_the_servers_own_request_timeout(environ, seconds):
+    from cxrexp.mlflow_edge.serving import served_deadline
+
+    deadline = served_deadline(environ)
+    assert (deadline.seconds if deadline else None) == seconds
+
+
+def test_a_request_past_the_servers_timeout_stops_and_is_a_504(logged, monkeypatch):
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "-1")  # already past when predict starts
+    with pytest.raises(MlflowException) as err:
+        logged["pyfunc"].predict(pd.DataFrame({"image": [GOOD] * 3}))
+    assert err.value.get_http_status_code() == 504 and "longer than its timeout" in err.value.message
 
 
 def test_every_bad_row_is_listed(logged):

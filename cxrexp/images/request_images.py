@@ -15,9 +15,10 @@ import binascii
 import math
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -277,6 +278,37 @@ def check_request(values: list[Any], spec: ServingSpec) -> list[Any]:
     return out
 
 
+class RequestTimedOut(TimeoutError):
+    """The request's time ran out; the rows not yet decoded were not started."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a request's work must stop: ``seconds`` after ``started`` on ``clock`` (monotonic).
+
+    Why: the scoring server answers 504 when a request outlives its timeout but leaves ``predict``
+    running; a request of thousands of large images would go on decoding for nobody. Checked before
+    each row is decoded and each chunk is run, so at most one image per decode thread (and one
+    chunk) is finished after the time is up.
+    """
+
+    seconds: float
+    started: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+
+    def check(self) -> None:
+        if self.clock() - self.started > self.seconds:
+            raise RequestTimedOut(
+                f"the request took longer than its timeout of {self.seconds:g} s; its remaining rows were not "
+                "decoded (send fewer or smaller images per request, or raise MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT)"
+            )
+
+
+def _checked(deadline: Deadline | None) -> None:
+    if deadline is not None:
+        deadline.check()
+
+
 def prepare_row(value: Any, spec: ServingSpec) -> np.ndarray:
     """One ``image`` cell -> uint8 (S, S), exactly as the training set was prepared.
 
@@ -287,8 +319,11 @@ def prepare_row(value: Any, spec: ServingSpec) -> np.ndarray:
     return prepare(decode_row(value, spec.max_bytes, spec.max_pixels), spec.image_spec)
 
 
-def _prepare_into(batch: np.ndarray, row: int, value: Any, spec: ServingSpec) -> str | None:
-    """Write row ``row`` of the uint8 ``batch``; the rejection reason, or None when the row is fine."""
+def _prepare_into(batch: np.ndarray, row: int, value: Any, spec: ServingSpec,
+                  deadline: Deadline | None = None) -> str | None:
+    """Write row ``row`` of the uint8 ``batch``; the rejection reason, or None when the row is fine.
+    Raises RequestTimedOut, without decoding, once ``deadline`` has passed."""
+    _checked(deadline)
     try:
         batch[row] = prepare_row(value, spec)
     except RowRejected as exc:
@@ -297,7 +332,8 @@ def _prepare_into(batch: np.ndarray, row: int, value: Any, spec: ServingSpec) ->
 
 
 def prepare_chunks(
-    images: pd.Series | list[Any], spec: ServingSpec, chunk_rows: int = PREDICT_CHUNK, *, workers: int | None = None
+    images: pd.Series | list[Any], spec: ServingSpec, chunk_rows: int = PREDICT_CHUNK, *, workers: int | None = None,
+    deadline: Deadline | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Request cells -> ``(start, float32 (n, S, S, 1) in [0, 1])`` for rows ``start .. start + n - 1``.
 
@@ -308,7 +344,8 @@ def prepare_chunks(
     the next (measured in
     benchmarks/bench_train.py). After the first bad row no further chunk is yielded; every row is
     still checked and, when any was bad, one ``RequestRejected`` listing them all is raised at the
-    end. The pixels do not depend on ``workers`` or ``chunk_rows``.
+    end. The pixels do not depend on ``workers`` or ``chunk_rows``. Past ``deadline`` it raises
+    ``RequestTimedOut`` and the rows not yet started are never decoded.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
@@ -321,10 +358,10 @@ def prepare_chunks(
     errors: list[str] = []
     try:
         if pool is not None:
-            futures = [pool.submit(_prepare_into, pixels, row, value, spec) for row, value in enumerate(values)]
+            futures = [pool.submit(_prepare_into, pixels, row, value, spec, deadline) for row, value in enumerate(values)]
             reasons = (future.result() for future in futures)
         else:
-            reasons = (_prepare_into(pixels, row, value, spec) for row, value in enumerate(values))
+            reasons = (_prepare_into(pixels, row, value, spec, deadline) for row, value in enumerate(values))
         for start in range(0, len(values), chunk_rows):
             stop = min(start + chunk_rows, len(values))
             for row in range(start, stop):
@@ -332,6 +369,7 @@ def prepare_chunks(
                 if reason is not None:
                     errors.append(f"row {row}: {reason}")
             if not errors:
+                _checked(deadline)  # the caller's forward pass on the previous chunk counts too
                 # The same float32 division as the training pipeline's x / 255.
                 yield start, pixels[start:stop].astype(np.float32)[..., None] / np.float32(255.0)
     finally:
@@ -379,6 +417,8 @@ def example_png(size: int = 48) -> bytes:
 
 __all__ = [
     "DECODE_WORKERS",
+    "Deadline",
+    "RequestTimedOut",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_REQUEST_PIXELS",

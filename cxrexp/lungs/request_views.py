@@ -17,6 +17,7 @@ import pandas as pd
 from cxrexp.images.request_images import (
     DECODE_WORKERS,
     PREDICT_CHUNK,
+    Deadline,
     RowRejected,
     ServingSpec,
     check_request,
@@ -43,16 +44,20 @@ def _working_row(value: Any, spec: ServingSpec) -> np.ndarray:
 
 def prepare_lung_rows(images: pd.Series | list[Any], spec: ServingSpec,
                       lung_masks: Callable[[list[np.ndarray]], list[np.ndarray]], *,
-                      chunk_rows: int = PREDICT_CHUNK, workers: int | None = None) -> LungRows:
+                      chunk_rows: int = PREDICT_CHUNK, workers: int | None = None,
+                      deadline: Deadline | None = None) -> LungRows:
     """Request cells -> the lung views training made of the same files (``lungs.view``): decode and
     shrink to the working size (in up to ``workers`` threads), segment ``chunk_rows`` at a time with
     ``lung_masks`` (the model's own segmenter), crop, prepare. Every bad row is listed in one
-    ``RequestRejected`` before any row is segmented."""
+    ``RequestRejected`` before any row is segmented. Past ``deadline`` (checked before each row and
+    each segmenter chunk) it raises ``RequestTimedOut``."""
     values = check_request(list(images), spec)
     n_workers = max(1, min(len(values), DECODE_WORKERS if workers is None else workers))
     working: list[np.ndarray | None] = [None] * len(values)
 
     def one(row: int) -> str | None:
+        if deadline is not None:
+            deadline.check()
         try:
             working[row] = _working_row(values[row], spec)
         except RowRejected as exc:
@@ -72,6 +77,8 @@ def prepare_lung_rows(images: pd.Series | list[Any], spec: ServingSpec,
     applied = np.zeros(len(values), dtype=bool)
     area = np.full(len(values), np.nan)
     for start in range(0, len(values), chunk_rows):
+        if deadline is not None:
+            deadline.check()
         batch = working[start:start + chunk_rows]
         for offset, (image, mask) in enumerate(zip(batch, lung_masks(batch))):
             pixels[start + offset], view = finish(image, mask, spec.image_spec)

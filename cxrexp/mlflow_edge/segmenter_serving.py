@@ -39,6 +39,7 @@ from cxrexp.images.request_images import (
     example_png,
     reject,
 )
+from cxrexp.mlflow_edge.served_errors import guarded_predict
 from cxrexp.mlflow_edge.serving import load_pyfunc, pinned_requirements
 
 KERAS_ARTIFACT = "segmenter"
@@ -94,6 +95,7 @@ class LungSegmenterModel(mlflow.pyfunc.PythonModel):
         self.spec = json.loads(Path(context.artifacts[SPEC_ARTIFACT]).read_text(encoding="utf-8"))
         self.keras_model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
 
+    @guarded_predict
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from cxrexp.lungs.segmenter import predict_masks
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -50,7 +51,11 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import (
+    DEADLINE_EXCEEDED,
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+)
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 import cxrexp
@@ -64,7 +69,9 @@ from cxrexp.images.request_images import (
     INPUT_COLUMN,
     MAX_LISTED_ERRORS,
     PREDICT_CHUNK,
+    Deadline,
     RequestRejected,
+    RequestTimedOut,
     ServingSpec,
     example_png,
     label_probabilities,
@@ -74,6 +81,7 @@ from cxrexp.images.request_images import (
 )
 from cxrexp.lungs.request_views import prepare_lung_rows
 from cxrexp.mlflow_edge.model_uri import describe_what_exists
+from cxrexp.mlflow_edge.served_errors import guarded_predict
 from cxrexp.tags import SERVING_METADATA_KEY
 
 # Artifact keys inside the pyfunc model (the files live under artifacts/ in the model folder).
@@ -115,6 +123,26 @@ _PACKAGE_DIR = Path(cxrexp.__file__).resolve().parent  # the whole package, logg
 # ---------------------------------------------------------------------------------------------
 
 
+def served_deadline(environ: dict[str, str] | None = None) -> Deadline | None:
+    """Inside ``mlflow models serve``: the request's deadline, from MLflow's own request timeout
+    (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60 s by default), after which the server has answered
+    504 and nobody waits for the result. None in-process (``cxrexp predict``, evaluation): no limit."""
+    from mlflow.environment_variables import (
+        _MLFLOW_IS_IN_SERVING_ENVIRONMENT,
+        MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT,
+    )
+
+    environ = os.environ if environ is None else environ
+    if str(environ.get(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, "")).lower() != "true":
+        return None
+    raw = environ.get(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name)
+    try:
+        seconds = float(raw) if raw not in (None, "") else float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.default)
+    except ValueError:
+        seconds = float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.default)
+    return Deadline(seconds)
+
+
 class RawImageClassifier(mlflow.pyfunc.PythonModel):
     """Raw PNG/JPEG -> P(positive) and label, with the training preprocessing built in.
 
@@ -151,8 +179,8 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
 
         return predict_masks(self.segmenter, images)
 
-    def _predict_lung_views(self, cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-        rows = prepare_lung_rows(cells, self.serving_spec, self.lung_masks, chunk_rows=PREDICT_CHUNK)
+    def _predict_lung_views(self, cells: pd.Series, deadline: Deadline | None) -> tuple[np.ndarray, np.ndarray]:
+        rows = prepare_lung_rows(cells, self.serving_spec, self.lung_masks, chunk_rows=PREDICT_CHUNK, deadline=deadline)
         probabilities = np.empty(len(rows.pixels), dtype=np.float64)
         for start in range(0, len(rows.pixels), PREDICT_CHUNK):
             chunk = rows.pixels[start : start + PREDICT_CHUNK]
@@ -160,6 +188,7 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
                 self.keras_model.predict_on_batch(chunk), dtype=np.float64).reshape(-1)
         return probabilities, rows.applied
 
+    @guarded_predict
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if self.keras_model is None or self.serving_spec is None:
             raise MlflowException(
@@ -183,11 +212,13 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
         # Each chunk's forward pass runs while the decode threads prepare the next chunks; a bad row
         # anywhere raises (listing every bad row) before anything is returned. closing(): if the
         # model raises, the generator's decode pool is shut down at once.
+        deadline = served_deadline()
         try:
             if self.segmenter is not None:
-                probabilities, lung_crop = self._predict_lung_views(model_input[INPUT_COLUMN])
+                probabilities, lung_crop = self._predict_lung_views(model_input[INPUT_COLUMN], deadline)
             else:
-                with contextlib.closing(prepare_chunks(model_input[INPUT_COLUMN], spec, PREDICT_CHUNK)) as chunks:
+                with contextlib.closing(prepare_chunks(model_input[INPUT_COLUMN], spec, PREDICT_CHUNK,
+                                                       deadline=deadline)) as chunks:
                     for start, chunk in chunks:
                         # predict_on_batch: Keras' compiled (tf.function) predict step, without
                         # model.predict's progress bar and per-call tf.data pipeline; about twice as fast
@@ -197,6 +228,8 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
                         ).reshape(-1)
         except RequestRejected as exc:  # the scoring server answers HTTP 400 with this message
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        except RequestTimedOut as exc:  # the server has already answered 504; this only stops the work
+            raise MlflowException(str(exc), error_code=DEADLINE_EXCEEDED) from None
         bad = np.flatnonzero(~np.isfinite(probabilities))
         if bad.size:
             raise MlflowException(
