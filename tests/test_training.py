@@ -242,3 +242,15 @@ def test_train_model_rejects_bad_inputs(toy, change, message):
             cfg, toy["images"], image_size, toy["train_rows"], toy["train_labels"],
             val_rows, val_labels, verbose=0,
         )
+
+
+@pytest.mark.parametrize("threshold, sensitivity, specificity", [(0.5, 2 / 3, 0.75), (0.05, 1.0, 0.25), (None, None, None)])
+def test_validation_metrics_at_the_models_threshold(threshold, sensitivity, specificity):
+    from cxrexp.learn.training import validation_metrics
+
+    labels = np.array([1, 1, 1, 0, 0, 0, 0])
+    probabilities = np.array([0.9, 0.6, 0.1, 0.7, 0.2, 0.3, 0.04])
+    found = validation_metrics(labels, probabilities, TrainConfig(), threshold)
+    assert found.get("val_sensitivity") == (pytest.approx(sensitivity) if sensitivity is not None else None)
+    assert found.get("val_specificity") == (pytest.approx(specificity) if specificity is not None else None)
+    assert found["val_roc_auc"] == pytest.approx(8 / 12)

@@ -18,7 +18,9 @@ from cxrexp.config import TrainConfig
 from cxrexp.data.tfdata import make_dataset, predict_probabilities
 from cxrexp.evaluation.metrics import (
     choose_threshold,
+    confusion,
     pr_auc,
+    rates,
     roc_auc,
     sensitivity_at_specificity,
 )
@@ -201,13 +203,23 @@ def train_model(
     )
 
 
-def validation_metrics(labels: np.ndarray, probabilities: np.ndarray, cfg: TrainConfig) -> dict[str, float]:
-    """Validation summaries (the split that drove early stopping: for model choice, never reported as test)."""
-    return {
+def validation_metrics(labels: np.ndarray, probabilities: np.ndarray, cfg: TrainConfig,
+                       threshold: float | None = None) -> dict[str, float]:
+    """Validation summaries (the split that drove early stopping: for model choice, never reported as test).
+
+    With ``threshold`` (the model's, itself chosen on this split, so these two are optimistic) also
+    ``val_sensitivity`` and ``val_specificity``: what defaults such as main's budget are chosen on,
+    against promote's gates, without looking at the test split.
+    """
+    summary = {
         "val_roc_auc": roc_auc(labels, probabilities),
         "val_pr_auc": pr_auc(labels, probabilities),
         "val_sens_at_spec": sensitivity_at_specificity(labels, probabilities, cfg.target_specificity),
     }
+    if threshold is not None:
+        at = rates(confusion(labels, probabilities, threshold))
+        summary.update(val_sensitivity=at["sensitivity"], val_specificity=at["specificity"])
+    return summary
 
 
 def objective_value(val_metrics: dict[str, float], objective: str) -> float:

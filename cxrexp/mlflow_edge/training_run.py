@@ -60,7 +60,7 @@ def train_and_log(
         cfg, dataset.images(), dataset.image_size, train_rows, train_labels, val_rows, val_labels,
         callbacks=[MlflowEpochLogger(run_id), *extra_callbacks], verbose=verbose,
     )
-    val_metrics = validation_metrics(result.val_labels, result.val_probabilities, cfg)
+    val_metrics = validation_metrics(result.val_labels, result.val_probabilities, cfg, result.threshold)
     tracking.log_metrics(
         {
             **val_metrics,
