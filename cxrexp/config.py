@@ -177,6 +177,8 @@ class PreprocessConfig:
     synthetic_prevalence: float = REAL_PREVALENCE
     synthetic_size: int = 256
     synthetic_shortcut: float = 0.0
+    # The built-in task's difficulty: opacity strength of the faintest positive (synthetic.SyntheticSpec).
+    synthetic_faintest: float = 0.04
 
     def __post_init__(self) -> None:
         if self.positive_class not in self.classes:
@@ -191,6 +193,8 @@ class PreprocessConfig:
             )
         if not 0 <= self.synthetic_shortcut <= 1:
             raise ValueError(f"synthetic_shortcut={self.synthetic_shortcut} must be in [0, 1]")
+        if not 0 <= self.synthetic_faintest <= 1:
+            raise ValueError(f"synthetic_faintest={self.synthetic_faintest} must be in [0, 1]")
 
     @classmethod
     def flat(cls, **values: Any) -> "PreprocessConfig":

@@ -216,6 +216,7 @@ def _plan(cfg: PreprocessConfig) -> _Plan:
             size=cfg.synthetic_size,
             seed=cfg.seed,
             shortcut=cfg.synthetic_shortcut,
+            faintest=cfg.synthetic_faintest,
         )
         labels = synthetic.labels_for(syn)
         names = np.where(labels == 1, SYNTHETIC_CLASSES[0], SYNTHETIC_CLASSES[1])

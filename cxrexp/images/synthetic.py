@@ -47,6 +47,10 @@ class SyntheticSpec:
     size: int = 256
     seed: int = 42
     shortcut: float = 0.0
+    # The opacity strength of the faintest positive (amplitude = faintest + 0.30 * severity, severity
+    # ~ Beta(1.6, 1.6)): the built-in task's difficulty. Part of the spec, hence of every synthetic
+    # cache key and digest. Chosen on the validation split (benchmarks/builtin_budget.py, docs/benchmarks.md).
+    faintest: float = 0.04
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -57,6 +61,8 @@ class SyntheticSpec:
             raise ValueError(f"size={self.size} must be between 32 and 1024 pixels")
         if not 0.0 <= self.shortcut <= 1.0:
             raise ValueError(f"shortcut={self.shortcut} must be in [0, 1]")
+        if not 0.0 <= self.faintest <= 1.0:
+            raise ValueError(f"faintest={self.faintest} must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ def make_image(spec: SyntheticSpec, index: int) -> SyntheticImage:
     place = _MARKER_PLACES[int(rng.integers(len(_MARKER_PLACES)))]
     place_jitter = rng.random(3)
 
-    density, mask = _render_chest(rng, spec.size, positive=label == 1)
+    density, mask = _render_chest(rng, spec.size, positive=label == 1, faintest=spec.faintest)
     image = np.clip(np.rint(density * 255.0), 0, 255).astype(np.uint8)
 
     has_marker = spec.shortcut > 0 and (marker_draw < spec.shortcut) == (label == 1)
@@ -134,7 +140,8 @@ def _low_frequency_noise(rng: np.random.Generator, size: int, cells: int) -> np.
     return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
-def _render_chest(rng: np.random.Generator, size: int, *, positive: bool) -> tuple[np.ndarray, np.ndarray]:
+def _render_chest(rng: np.random.Generator, size: int, *, positive: bool,
+                  faintest: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
     """(density float32 (S, S) in [0, 1], lung mask uint8 (S, S) in {0, 1}).
 
     Long: it draws the chest in order (positioning, soft tissue, lungs, heart and mediastinum, trachea
@@ -250,7 +257,7 @@ def _render_chest(rng: np.random.Generator, size: int, *, positive: bool) -> tup
     # a negative with the same seed then differ only by the lesions, not by shifted noise.
     lesion_rng = np.random.default_rng(int(rng.integers(2**63)))
     if positive:
-        density = density + _opacities(lesion_rng, xx, yy, lungs, mask, s)
+        density = density + _opacities(lesion_rng, xx, yy, lungs, mask, s, faintest)
 
     # Exposure and detector: gain/offset, gamma, unsharpness, quantum noise.
     density = np.clip(density, 0.0, 1.0)
@@ -329,12 +336,13 @@ def _vessels(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, lungs: np
 
 
 def _opacities(
-    rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, lungs: np.ndarray, mask: np.ndarray, s: int
+    rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, lungs: np.ndarray, mask: np.ndarray, s: int,
+    faintest: float,
 ) -> np.ndarray:
     """float32 (S, S) extra density: patchy blobs, mostly peripheral and lower-zone, in the lungs."""
     # One severity per image, spread over faint to marked, so some positives are hard to call.
     severity = rng.beta(1.6, 1.6)
-    amplitude = 0.04 + 0.30 * severity
+    amplitude = faintest + 0.30 * severity
     lateral = np.abs(xx - 0.5)
     # Where blobs start: inside the mask, favouring the lower zones and the lateral edges.
     weight = mask * np.clip(yy - 0.1, 0.0, None) ** 2 * np.clip(lateral - 0.05, 0.0, None) ** 1.5
