@@ -106,10 +106,10 @@ def test_two_separate_lung_fields(small_set):
         assert count - 1 == 2, f"index {item.index}: {count - 1} lung components"
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_lesions_add_density_inside_the_lungs_only(seed):
-    positive, mask = _render_chest(np.random.default_rng(seed), 64, positive=True)
-    negative, same_mask = _render_chest(np.random.default_rng(seed), 64, positive=False)
+@pytest.mark.parametrize("seed, faintest", [(0, 0.04), (1, 0.16), (2, 0.0), (3, 0.16)])
+def test_lesions_add_density_inside_the_lungs_only(seed, faintest):
+    positive, mask = _render_chest(np.random.default_rng(seed), 64, positive=True, faintest=faintest)
+    negative, same_mask = _render_chest(np.random.default_rng(seed), 64, positive=False, faintest=faintest)
     np.testing.assert_array_equal(mask, same_mask)
     lesion = positive - negative
     assert lesion.min() >= -1e-6, "lesions only add density"
@@ -120,7 +120,8 @@ def test_lesions_add_density_inside_the_lungs_only(seed):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("count", 0), ("prevalence", 1.5), ("prevalence", -0.1), ("size", 16), ("shortcut", 1.2), ("shortcut", -0.5)],
+    [("count", 0), ("prevalence", 1.5), ("prevalence", -0.1), ("size", 16), ("shortcut", 1.2), ("shortcut", -0.5),
+     ("faintest", -0.1), ("faintest", 1.5)],
 )
 def test_spec_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
@@ -191,3 +192,13 @@ def test_border_band_width(size, width):
     assert int(BORDER_FRACTION * size) == width
     assert band[width - 1, size // 2] and not band[width, size // 2]
     assert band[size // 2, size - width] and not band[size // 2, size - width - 1]
+
+
+def test_the_faintest_lesion_sets_the_difficulty():
+    """A larger ``faintest`` only strengthens the lesions of the same positives (same anatomy)."""
+    faint, strong = (make_image(SyntheticSpec(count=8, size=64, prevalence=1.0, faintest=f), 3) for f in (0.04, 0.16))
+    plain = make_image(SyntheticSpec(count=8, size=64, prevalence=0.0), 3)
+    extra_faint = faint.image.astype(int) - plain.image.astype(int)
+    extra_strong = strong.image.astype(int) - plain.image.astype(int)
+    np.testing.assert_array_equal(faint.mask, strong.mask)
+    assert extra_strong.sum() > extra_faint.sum() > 0

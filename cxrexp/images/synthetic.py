@@ -25,7 +25,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from cxrexp.config import BORDER_FRACTION, REAL_PREVALENCE
+from cxrexp.config import BORDER_FRACTION, REAL_PREVALENCE, SYNTHETIC_FAINTEST
 
 # Markers live in the outer band of this width (fraction of the side); lungs never reach it.
 
@@ -49,8 +49,8 @@ class SyntheticSpec:
     shortcut: float = 0.0
     # The opacity strength of the faintest positive (amplitude = faintest + 0.30 * severity, severity
     # ~ Beta(1.6, 1.6)): the built-in task's difficulty. Part of the spec, hence of every synthetic
-    # cache key and digest. Chosen on the validation split (benchmarks/builtin_budget.py, docs/benchmarks.md).
-    faintest: float = 0.04
+    # cache key and digest. The default's reason is at config.SYNTHETIC_FAINTEST.
+    faintest: float = SYNTHETIC_FAINTEST
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -141,7 +141,7 @@ def _low_frequency_noise(rng: np.random.Generator, size: int, cells: int) -> np.
 
 
 def _render_chest(rng: np.random.Generator, size: int, *, positive: bool,
-                  faintest: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
+                  faintest: float) -> tuple[np.ndarray, np.ndarray]:
     """(density float32 (S, S) in [0, 1], lung mask uint8 (S, S) in {0, 1}).
 
     Long: it draws the chest in order (positioning, soft tissue, lungs, heart and mediastinum, trachea
