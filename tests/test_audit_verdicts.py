@@ -28,8 +28,11 @@ MIN_LUNG_FOCUS = EvaluateConfig().min_lung_focus
 def _prepared(out_dir, shortcut: float):
     from cxrexp.data.pipeline import run_preprocess
 
+    # The faint lesions these verdicts were measured on (docs/evaluate.md): at the built-in default
+    # (0.16, chosen for main's model) the lesions are strong enough that the marker model reads them too,
+    # and the premise (it does worse without its letter) no longer holds by the 0.1 this test asks.
     cfg = tiny_preprocess_config(out_dir, image_size=IMAGE_SIZE, synthetic_count=600, synthetic_size=128,
-                                 synthetic_prevalence=0.5, synthetic_shortcut=shortcut)
+                                 synthetic_prevalence=0.5, synthetic_shortcut=shortcut, synthetic_faintest=0.04)
     return run_preprocess(cfg, progress=False).dataset
 
 
