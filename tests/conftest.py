@@ -102,3 +102,18 @@ def _forget_active_experiment():
         os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     else:
         os.environ["MLFLOW_EXPERIMENT_ID"] = before
+
+
+def postgres_or_skip(url: str = "postgresql://postgres@127.0.0.1:5432/test") -> None:
+    """Skip the calling test, with the reason, when PostgreSQL does not answer at ``url``."""
+    import sqlalchemy
+
+    from cxrexp.tuning import rdb_url
+
+    try:
+        engine = sqlalchemy.create_engine(rdb_url(url), connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("select 1"))
+        engine.dispose()
+    except Exception as err:
+        pytest.skip(f"PostgreSQL not reachable at {url} ({type(err).__name__}); start it to run this test")

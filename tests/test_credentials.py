@@ -14,6 +14,8 @@ from cxrexp import cli, credentials, tuning
 from cxrexp.config import TrainConfig
 from cxrexp.errors import ConfigError, UserError
 
+from .conftest import postgres_or_skip
+
 
 @pytest.mark.parametrize(
     "url, password, shown",
@@ -91,19 +93,6 @@ def test_the_cli_prints_no_password_from_the_environment(monkeypatch, capsys):
 POSTGRES = "127.0.0.1:5432/test"
 
 
-def _postgres_or_skip() -> None:
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(tuning.rdb_url(f"postgresql://postgres@{POSTGRES}"),
-                                          connect_args={"connect_timeout": 3})
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("select 1"))
-        engine.dispose()
-    except Exception as err:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES} ({type(err).__name__}); start it to run this test")
-
-
 def _texts_under(root: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
@@ -114,7 +103,7 @@ def test_a_planted_password_reaches_no_param_tag_log_or_artifact(tracking_uri, t
     """A study whose storage URL (from CXREXP_OPTUNA_STORAGE) and PGPASSWORD hold planted passwords
     (trust auth ignores them): search the MLflow store's database file, every artifact, the console
     and Optuna's own attributes for them."""
-    _postgres_or_skip()
+    postgres_or_skip(f"postgresql://postgres@{POSTGRES}")
     in_url, in_env = "PlantedUrlPassword-7f3a", "PlantedPgPassword-91c2"
     monkeypatch.setenv(credentials.STORAGE_ENV, f"postgresql://postgres:{in_url}@{POSTGRES}")
     monkeypatch.setenv("PGPASSWORD", in_env)

@@ -36,6 +36,8 @@ from cxrexp.tags import (
     TRIAL_NUMBER_TAG,
 )
 
+from .conftest import postgres_or_skip
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -545,21 +547,9 @@ def test_two_worker_processes_run_exactly_the_requested_trials(in_shared_store, 
     assert running_runs() == []
 
 
-def _postgres_or_skip() -> None:
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(tuning.rdb_url(POSTGRES_URL), connect_args={"connect_timeout": 3})
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("select 1"))
-        engine.dispose()
-    except Exception as err:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL} ({type(err).__name__}); start it to run this test")
-
-
 @pytest.mark.postgres
 def test_study_on_postgresql(in_shared_store, synthetic_prepared):
-    _postgres_or_skip()
+    postgres_or_skip(POSTGRES_URL)
     cfg = study_cfg(study_name=f"cxrexp-test-{uuid.uuid4().hex[:12]}", storage=POSTGRES_URL, registered_model_name="m-pg")
     try:
         parent_id = tuning.run_study(cfg, synthetic_prepared, verbose=0)
