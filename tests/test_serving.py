@@ -493,3 +493,15 @@ def test_fresh_process_loads_and_predicts_identically(logged, tmp_path):
     np.testing.assert_allclose(result["probability"], in_process["probability"].to_numpy(), rtol=0, atol=1e-7)
     assert result["label"] == in_process["label"].tolist()
     assert not any(math.isnan(p) for p in result["probability"])
+
+
+def test_the_served_segmenter_stops_decoding_past_the_deadline_too(monkeypatch):
+    from cxrexp.mlflow_edge.segmenter_serving import LungSegmenterModel
+
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "-1")  # already past
+    model = LungSegmenterModel()
+    model.keras_model, model.spec = object(), {"max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES}  # never reached
+    with pytest.raises(MlflowException) as err:
+        model.predict(None, pd.DataFrame({"image": [GOOD] * 3}))
+    assert err.value.get_http_status_code() == 504 and "longer than its timeout" in err.value.message

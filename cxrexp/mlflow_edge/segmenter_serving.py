@@ -24,7 +24,11 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import (
+    DEADLINE_EXCEEDED,
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+)
 from mlflow.types.schema import ColSpec, Schema
 
 import cxrexp
@@ -34,13 +38,15 @@ from cxrexp.images.decode import decode_grey
 from cxrexp.images.request_images import (
     DEFAULT_MAX_BYTES,
     INPUT_COLUMN,
+    Deadline,
+    RequestTimedOut,
     RowRejected,
     decode_row,
     example_png,
     reject,
 )
 from cxrexp.mlflow_edge.served_errors import guarded_predict
-from cxrexp.mlflow_edge.serving import load_pyfunc, pinned_requirements
+from cxrexp.mlflow_edge.serving import load_pyfunc, pinned_requirements, served_deadline
 
 KERAS_ARTIFACT = "segmenter"
 SPEC_ARTIFACT = "segmenter_spec"
@@ -66,13 +72,16 @@ def decode_mask(text: str) -> np.ndarray:
     return decode_grey(base64.b64decode(text), min_side=1) > 127
 
 
-def decode_rows(cells: pd.Series, max_pixels: int, max_bytes: int) -> list[np.ndarray]:
+def decode_rows(cells: pd.Series, max_pixels: int, max_bytes: int, deadline: Deadline | None = None) -> list[np.ndarray]:
     """uint8 grey images, one per row, each at its own size; any bad row raises one MlflowException
-    (HTTP 400) listing every bad row, worded as the classifier words it (``request_images.reject``)."""
+    (HTTP 400) listing every bad row, worded as the classifier words it (``request_images.reject``).
+    Past ``deadline`` (checked before each row) ``RequestTimedOut``: the rest are not decoded."""
     greys: list[np.ndarray] = []
     errors: list[str] = []
     values = list(cells)
     for i, value in enumerate(values):
+        if deadline is not None:
+            deadline.check()
         try:
             greys.append(decode_row(value, max_bytes, max_pixels))
         except RowRejected as exc:
@@ -104,7 +113,11 @@ class LungSegmenterModel(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
             raise MlflowException(f"send a DataFrame with an {INPUT_COLUMN!r} column of PNG/JPEG bytes or base64",
                                   error_code=INVALID_PARAMETER_VALUE)
-        greys = decode_rows(model_input[INPUT_COLUMN], int(self.spec["max_pixels"]), int(self.spec["max_bytes"]))
+        try:
+            greys = decode_rows(model_input[INPUT_COLUMN], int(self.spec["max_pixels"]), int(self.spec["max_bytes"]),
+                                served_deadline())
+        except RequestTimedOut as exc:  # the server has already answered 504; this only stops the work
+            raise MlflowException(str(exc), error_code=DEADLINE_EXCEEDED) from None
         masks = predict_masks(self.keras_model, greys, PREDICT_CHUNK)
         return pd.DataFrame({"mask": [encode_mask(m) for m in masks],
                              "lung_area": [float(m.mean()) for m in masks]})
