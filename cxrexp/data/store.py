@@ -270,7 +270,11 @@ def _remove_stale_temp(parent: Path) -> None:
         if entry.is_dir() and _writer_gone(entry):
             shutil.rmtree(entry, ignore_errors=True)
     for entry in parent.glob(".*.old-*"):
-        if entry.is_dir() and time.time() - entry.stat().st_mtime > _UNLOCKED_GRACE_SECONDS:
+        try:
+            old = entry.is_dir() and time.time() - entry.stat().st_mtime > _UNLOCKED_GRACE_SECONDS
+        except OSError:  # removed meanwhile by another writer's cleanup
+            continue
+        if old:
             shutil.rmtree(entry, ignore_errors=True)
 
 
