@@ -304,7 +304,8 @@ class Deadline:
             )
 
 
-def _checked(deadline: Deadline | None) -> None:
+def check_deadline(deadline: Deadline | None) -> None:
+    """``deadline.check()``, or nothing without a deadline (in-process callers have none)."""
     if deadline is not None:
         deadline.check()
 
@@ -323,7 +324,7 @@ def _prepare_into(batch: np.ndarray, row: int, value: Any, spec: ServingSpec,
                   deadline: Deadline | None = None) -> str | None:
     """Write row ``row`` of the uint8 ``batch``; the rejection reason, or None when the row is fine.
     Raises RequestTimedOut, without decoding, once ``deadline`` has passed."""
-    _checked(deadline)
+    check_deadline(deadline)
     try:
         batch[row] = prepare_row(value, spec)
     except RowRejected as exc:
@@ -369,7 +370,7 @@ def prepare_chunks(
                 if reason is not None:
                     errors.append(f"row {row}: {reason}")
             if not errors:
-                _checked(deadline)  # the caller's forward pass on the previous chunk counts too
+                check_deadline(deadline)  # the caller's forward pass on the previous chunk counts too
                 # The same float32 division as the training pipeline's x / 255.
                 yield start, pixels[start:stop].astype(np.float32)[..., None] / np.float32(255.0)
     finally:
@@ -419,6 +420,7 @@ __all__ = [
     "DECODE_WORKERS",
     "Deadline",
     "RequestTimedOut",
+    "check_deadline",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_REQUEST_PIXELS",

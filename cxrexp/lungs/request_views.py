@@ -20,6 +20,7 @@ from cxrexp.images.request_images import (
     Deadline,
     RowRejected,
     ServingSpec,
+    check_deadline,
     check_request,
     decode_row,
     reject,
@@ -56,8 +57,7 @@ def prepare_lung_rows(images: pd.Series | list[Any], spec: ServingSpec,
     working: list[np.ndarray | None] = [None] * len(values)
 
     def one(row: int) -> str | None:
-        if deadline is not None:
-            deadline.check()
+        check_deadline(deadline)
         try:
             working[row] = _working_row(values[row], spec)
         except RowRejected as exc:
@@ -77,8 +77,7 @@ def prepare_lung_rows(images: pd.Series | list[Any], spec: ServingSpec,
     applied = np.zeros(len(values), dtype=bool)
     area = np.full(len(values), np.nan)
     for start in range(0, len(values), chunk_rows):
-        if deadline is not None:
-            deadline.check()
+        check_deadline(deadline)
         batch = working[start:start + chunk_rows]
         for offset, (image, mask) in enumerate(zip(batch, lung_masks(batch))):
             pixels[start + offset], view = finish(image, mask, spec.image_spec)

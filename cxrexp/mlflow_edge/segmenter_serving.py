@@ -25,7 +25,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import (
-    DEADLINE_EXCEEDED,
     INTERNAL_ERROR,
     INVALID_PARAMETER_VALUE,
 )
@@ -39,8 +38,8 @@ from cxrexp.images.request_images import (
     DEFAULT_MAX_BYTES,
     INPUT_COLUMN,
     Deadline,
-    RequestTimedOut,
     RowRejected,
+    check_deadline,
     decode_row,
     example_png,
     reject,
@@ -80,8 +79,7 @@ def decode_rows(cells: pd.Series, max_pixels: int, max_bytes: int, deadline: Dea
     errors: list[str] = []
     values = list(cells)
     for i, value in enumerate(values):
-        if deadline is not None:
-            deadline.check()
+        check_deadline(deadline)
         try:
             greys.append(decode_row(value, max_bytes, max_pixels))
         except RowRejected as exc:
@@ -113,11 +111,8 @@ class LungSegmenterModel(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
             raise MlflowException(f"send a DataFrame with an {INPUT_COLUMN!r} column of PNG/JPEG bytes or base64",
                                   error_code=INVALID_PARAMETER_VALUE)
-        try:
-            greys = decode_rows(model_input[INPUT_COLUMN], int(self.spec["max_pixels"]), int(self.spec["max_bytes"]),
-                                served_deadline())
-        except RequestTimedOut as exc:  # the server has already answered 504; this only stops the work
-            raise MlflowException(str(exc), error_code=DEADLINE_EXCEEDED) from None
+        greys = decode_rows(model_input[INPUT_COLUMN], int(self.spec["max_pixels"]), int(self.spec["max_bytes"]),
+                            served_deadline())
         masks = predict_masks(self.keras_model, greys, PREDICT_CHUNK)
         return pd.DataFrame({"mask": [encode_mask(m) for m in masks],
                              "lung_area": [float(m.mean()) for m in masks]})

@@ -5,7 +5,9 @@ with HTTP 400 ("check your input") and the Python stack trace in the body: the c
 the server's fault and shown its internals. :func:`guarded_predict` turns every exception that is not
 already an ``MlflowException`` (cxrexp raises those for bad rows, 400, and for broken weights, 500)
 into ``INTERNAL_ERROR`` (HTTP 500) whose message is only a reference id; the traceback goes to the
-server's log under that id. The server still prefixes the message with a truncated echo of the
+server's log under that id. A ``RequestTimedOut`` (the request outlived the server's timeout, see
+``serving.served_deadline``) becomes ``DEADLINE_EXCEEDED`` (504): the server has answered 504 already,
+this only stops the work. The server still prefixes the message with a truncated echo of the
 request DataFrame (``Failed to predict data '...'``): that part is MLflow's, see docs/serving.md.
 """
 
@@ -17,13 +19,16 @@ import secrets
 from typing import Any, Callable
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR
+
+from cxrexp.images.request_images import RequestTimedOut
 
 log = logging.getLogger(__name__)
 
 
 def guarded_predict(predict: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorates a ``PythonModel.predict``: non-MLflow exceptions become a 500 naming a log reference."""
+    """Decorates a ``PythonModel.predict``: a timed-out request becomes a 504, any other non-MLflow
+    exception a 500 naming a log reference."""
 
     @functools.wraps(predict)
     def wrapper(self, context, model_input, params=None):
@@ -31,6 +36,8 @@ def guarded_predict(predict: Callable[..., Any]) -> Callable[..., Any]:
             return predict(self, context, model_input, params)
         except MlflowException:
             raise
+        except RequestTimedOut as err:
+            raise MlflowException(str(err), error_code=DEADLINE_EXCEEDED) from None
         except Exception as err:  # noqa: BLE001 - MemoryError included: every fault is the server's
             reference = secrets.token_hex(6)
             rows = len(model_input) if hasattr(model_input, "__len__") else "?"

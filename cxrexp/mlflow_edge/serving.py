@@ -52,7 +52,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import (
-    DEADLINE_EXCEEDED,
     INTERNAL_ERROR,
     INVALID_PARAMETER_VALUE,
 )
@@ -71,7 +70,6 @@ from cxrexp.images.request_images import (
     PREDICT_CHUNK,
     Deadline,
     RequestRejected,
-    RequestTimedOut,
     ServingSpec,
     example_png,
     label_probabilities,
@@ -228,8 +226,6 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
                         ).reshape(-1)
         except RequestRejected as exc:  # the scoring server answers HTTP 400 with this message
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        except RequestTimedOut as exc:  # the server has already answered 504; this only stops the work
-            raise MlflowException(str(exc), error_code=DEADLINE_EXCEEDED) from None
         bad = np.flatnonzero(~np.isfinite(probabilities))
         if bad.size:
             raise MlflowException(

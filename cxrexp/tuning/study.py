@@ -12,6 +12,7 @@ from cxrexp.config import TrainConfig
 from cxrexp.data.store import PreparedDataset
 from cxrexp.evaluation.metrics import auc_standard_error
 from cxrexp.mlflow_edge import tracking
+from cxrexp.mlflow_edge.signals import sigterm_as_interrupt
 from cxrexp.tags import (
     BEST_RUN_ID_TAG,
     BEST_TRIAL_NUMBER_TAG,
@@ -31,7 +32,6 @@ from cxrexp.tuning.workers import (
     close_orphans,
     optimize,
     run_workers,
-    sigterm_as_interrupt,
 )
 
 log = logging.getLogger(__name__)
