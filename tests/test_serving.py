@@ -501,7 +501,54 @@ def test_the_served_segmenter_stops_decoding_past_the_deadline_too(monkeypatch):
     monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
     monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "-1")  # already past
     model = LungSegmenterModel()
-    model.keras_model, model.spec = object(), {"max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES}  # never reached
+    model.keras_model = object()  # never reached
     with pytest.raises(MlflowException) as err:
         model.predict(None, pd.DataFrame({"image": [GOOD] * 3}))
     assert err.value.get_http_status_code() == 504 and "longer than its timeout" in err.value.message
+
+
+@pytest.mark.parametrize(
+    "logged_limits, environ, n_rows, words",
+    [
+        ({"max_rows": 2}, {}, 3, "3 rows, more than the limit of 2 rows per request (max_rows)"),
+        ({}, {"CXREXP_MAX_ROWS": "2"}, 3, "3 rows, more than the limit of 2 rows per request (max_rows)"),
+        ({}, {"CXREXP_MAX_REQUEST_PIXELS": "3999"}, 2, "4000 pixels in all, more than the limit of 3999 per request"),
+        ({"max_request_pixels": 4000}, {"CXREXP_MAX_REQUEST_PIXELS": "1999"}, 1, "more than the limit of 1999"),
+    ],
+)
+def test_the_served_segmenter_enforces_the_request_limits_before_decoding(tmp_path, monkeypatch, logged_limits,
+                                                                          environ, n_rows, words):
+    """The segmenter's pyfunc used to check only per-row limits: a request of any number of rows was decoded."""
+    from types import SimpleNamespace
+
+    from cxrexp.lungs.segmenter import build_unet
+    from cxrexp.mlflow_edge import segmenter_serving
+
+    build_unet(32, base_filters=4, depth=2, seed=1).save(tmp_path / "unet.keras")
+    spec = {"image_size": 32, "max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES, **logged_limits}
+    (tmp_path / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    model = segmenter_serving.LungSegmenterModel()
+    model.load_context(SimpleNamespace(artifacts={segmenter_serving.KERAS_ARTIFACT: str(tmp_path / "unet.keras"),
+                                                  segmenter_serving.SPEC_ARTIFACT: str(tmp_path / "spec.json")}))
+
+    def never(*args):
+        raise AssertionError("a row was decoded before the request-level limits were checked")
+
+    monkeypatch.setattr(segmenter_serving, "decode_row", never)
+    with pytest.raises(MlflowException) as err:
+        model.predict(None, pd.DataFrame({"image": [GOOD] * n_rows}))
+    assert err.value.error_code == INVALID and err.value.get_http_status_code() == 400
+    assert words in err.value.message
+
+
+def test_a_segmenter_logged_before_the_request_limits_gets_their_defaults():
+    from cxrexp.images.request_images import (
+        DEFAULT_MAX_REQUEST_PIXELS,
+        DEFAULT_MAX_ROWS,
+        RequestLimits,
+    )
+
+    limits = RequestLimits.from_json_dict({"image_size": 64, "max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES})
+    assert (limits.max_rows, limits.max_request_pixels) == (DEFAULT_MAX_ROWS, DEFAULT_MAX_REQUEST_PIXELS)

@@ -18,7 +18,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -73,6 +73,38 @@ _SPEC_KEYS = frozenset({"image_spec", "threshold", "positive_label", "negative_l
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """What one request may cost a served model (the classifier and the lung segmenter alike).
+
+    Per row: ``max_bytes`` encoded, ``max_pixels`` decoded. Per request: ``max_rows`` rows and
+    ``max_request_pixels`` decoded pixels over all rows, both checked from the file headers before
+    any image is decoded (``check_request``). Stored with the model; ``with_served_limits`` lets the
+    server override the request-level two.
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_rows: int = DEFAULT_MAX_ROWS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < MIN_SIDE * MIN_SIDE or self.max_bytes < 1:
+            raise ValueError(
+                f"max_pixels={self.max_pixels} (minimum {MIN_SIDE * MIN_SIDE}) and "
+                f"max_bytes={self.max_bytes} (minimum 1) are too small"
+            )
+        if self.max_rows < 1 or self.max_request_pixels < MIN_SIDE * MIN_SIDE:
+            raise ValueError(f"max_rows={self.max_rows} (minimum 1) and max_request_pixels="
+                             f"{self.max_request_pixels} (minimum {MIN_SIDE * MIN_SIDE}) are too small")
+
+    @classmethod
+    def from_json_dict(cls, raw: dict[str, Any]) -> RequestLimits:
+        """The limits stored in a model's metadata; a key that is absent (an older model) takes its default."""
+        return cls(**{name: int(raw[name]) for name in ("max_pixels", "max_bytes", "max_rows", "max_request_pixels")
+                      if name in raw})
+
+
+@dataclass(frozen=True)
 class ServingSpec:
     """Everything besides the weights that the served model needs; stored as ``serving_spec.json``."""
 
@@ -96,14 +128,11 @@ class ServingSpec:
             raise ValueError(f"threshold={self.threshold} must be in [0, 1] (it cuts a probability)")
         if self.positive_label == self.negative_label:
             raise ValueError(f"positive_label and negative_label are both {self.positive_label!r}")
-        if self.max_pixels < MIN_SIDE * MIN_SIDE or self.max_bytes < 1:
-            raise ValueError(
-                f"max_pixels={self.max_pixels} (minimum {MIN_SIDE * MIN_SIDE}) and "
-                f"max_bytes={self.max_bytes} (minimum 1) are too small"
-            )
-        if self.max_rows < 1 or self.max_request_pixels < MIN_SIDE * MIN_SIDE:
-            raise ValueError(f"max_rows={self.max_rows} (minimum 1) and max_request_pixels="
-                             f"{self.max_request_pixels} (minimum {MIN_SIDE * MIN_SIDE}) are too small")
+        self.limits  # noqa: B018  (validates the four limits in their one home)
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.max_pixels, self.max_bytes, self.max_rows, self.max_request_pixels)
 
     def to_json_dict(self) -> dict[str, Any]:
         out = {
@@ -224,8 +253,11 @@ def reject(errors: list[str], n_rows: int) -> RequestRejected:
     return RequestRejected(f"{len(errors)} of {n_rows} rows rejected, nothing was scored: {listed}{more}", errors)
 
 
-def with_served_limits(spec: ServingSpec, environ: dict[str, str] | None = None) -> ServingSpec:
-    """``spec`` with the request limits set where the model is served (``CXREXP_MAX_ROWS``,
+_Limited = TypeVar("_Limited", ServingSpec, RequestLimits)
+
+
+def with_served_limits(spec: _Limited, environ: dict[str, str] | None = None) -> _Limited:
+    """``spec`` (a ``ServingSpec`` or ``RequestLimits``) with the request limits set where the model is served (``CXREXP_MAX_ROWS``,
     ``CXREXP_MAX_REQUEST_PIXELS``), else as logged. A value that is not a positive integer is an error
     naming the variable: a typo must not silently lift a limit."""
     from dataclasses import replace
@@ -242,25 +274,25 @@ def with_served_limits(spec: ServingSpec, environ: dict[str, str] | None = None)
     return replace(spec, **changes) if changes else spec
 
 
-def check_request(values: list[Any], spec: ServingSpec) -> list[Any]:
+def check_request(values: list[Any], limits: RequestLimits) -> list[Any]:
     """Enforce the request-level limits before any pixel is decoded; returns the cells with base64
     already turned into bytes (rows that fail here keep their value: the row path reports why).
 
-    Rows beyond ``spec.max_rows``, or a sum of width x height read from the file headers
-    (``decode.header_size``) beyond ``spec.max_request_pixels``, reject the whole request naming the
+    Rows beyond ``limits.max_rows``, or a sum of width x height read from the file headers
+    (``decode.header_size``) beyond ``limits.max_request_pixels``, reject the whole request naming the
     limit and how to stay within it.
     """
     from cxrexp.images.decode import ImageRejected, header_size
 
-    if len(values) > spec.max_rows:
+    if len(values) > limits.max_rows:
         raise RequestRejected(
-            f"request has {len(values)} rows, more than the limit of {spec.max_rows} rows per request (max_rows): "
-            "send the images in several requests", [f"request: {len(values)} rows > max_rows {spec.max_rows}"])
+            f"request has {len(values)} rows, more than the limit of {limits.max_rows} rows per request (max_rows): "
+            "send the images in several requests", [f"request: {len(values)} rows > max_rows {limits.max_rows}"])
     out: list[Any] = []
     total = 0
     for value in values:
         try:
-            data = row_bytes(value, spec.max_bytes)
+            data = row_bytes(value, limits.max_bytes)
         except RowRejected:
             out.append(value)
             continue
@@ -270,11 +302,11 @@ def check_request(values: list[Any], spec: ServingSpec) -> list[Any]:
         except ImageRejected:
             continue
         total += int(width) * int(height)
-    if total > spec.max_request_pixels:
+    if total > limits.max_request_pixels:
         raise RequestRejected(
-            f"request holds {total} pixels in all, more than the limit of {spec.max_request_pixels} per request "
+            f"request holds {total} pixels in all, more than the limit of {limits.max_request_pixels} per request "
             "(max_request_pixels): send fewer or smaller images per request",
-            [f"request: {total} pixels > max_request_pixels {spec.max_request_pixels}"])
+            [f"request: {total} pixels > max_request_pixels {limits.max_request_pixels}"])
     return out
 
 
@@ -350,7 +382,7 @@ def prepare_chunks(
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
-    values = check_request(list(images), spec)
+    values = check_request(list(images), spec.limits)
     size = spec.image_spec.image_size
     pixels = np.empty((len(values), size, size), dtype=np.uint8)
     n_workers = max(1, min(len(values), DECODE_WORKERS if workers is None else workers))
@@ -434,6 +466,7 @@ __all__ = [
     "RequestRejected",
     "RowRejected",
     "ServingSpec",
+    "RequestLimits",
     "check_request",
     "decode_base64_image",
     "example_png",

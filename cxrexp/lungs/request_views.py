@@ -52,7 +52,7 @@ def prepare_lung_rows(images: pd.Series | list[Any], spec: ServingSpec,
     ``lung_masks`` (the model's own segmenter), crop, prepare. Every bad row is listed in one
     ``RequestRejected`` before any row is segmented. Past ``deadline`` (checked before each row and
     each segmenter chunk) it raises ``RequestTimedOut``."""
-    values = check_request(list(images), spec)
+    values = check_request(list(images), spec.limits)
     n_workers = max(1, min(len(values), DECODE_WORKERS if workers is None else workers))
     working: list[np.ndarray | None] = [None] * len(values)
 

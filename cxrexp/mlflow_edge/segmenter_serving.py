@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,19 @@ from cxrexp.errors import ModelNotFound
 from cxrexp.images.decode import decode_grey
 from cxrexp.images.request_images import (
     DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    DEFAULT_MAX_ROWS,
     INPUT_COLUMN,
     Deadline,
+    RequestLimits,
+    RequestRejected,
     RowRejected,
     check_deadline,
+    check_request,
     decode_row,
     example_png,
     reject,
+    with_served_limits,
 )
 from cxrexp.mlflow_edge.served_errors import guarded_predict
 from cxrexp.mlflow_edge.serving import load_pyfunc, pinned_requirements, served_deadline
@@ -71,17 +78,23 @@ def decode_mask(text: str) -> np.ndarray:
     return decode_grey(base64.b64decode(text), min_side=1) > 127
 
 
-def decode_rows(cells: pd.Series, max_pixels: int, max_bytes: int, deadline: Deadline | None = None) -> list[np.ndarray]:
-    """uint8 grey images, one per row, each at its own size; any bad row raises one MlflowException
-    (HTTP 400) listing every bad row, worded as the classifier words it (``request_images.reject``).
-    Past ``deadline`` (checked before each row) ``RequestTimedOut``: the rest are not decoded."""
+def decode_rows(cells: pd.Series, limits: RequestLimits, deadline: Deadline | None = None) -> list[np.ndarray]:
+    """uint8 grey images, one per row, each at its own size.
+
+    First the request-level limits (``check_request``: rows and total pixels from the file headers,
+    before anything is decoded), then per row; either raises one MlflowException (HTTP 400) worded as
+    the classifier words it (``request_images.reject``), listing every bad row. Past ``deadline``
+    (checked before each row) ``RequestTimedOut``: the rest are not decoded."""
+    try:
+        values = check_request(list(cells), limits)
+    except RequestRejected as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
     greys: list[np.ndarray] = []
     errors: list[str] = []
-    values = list(cells)
     for i, value in enumerate(values):
         check_deadline(deadline)
         try:
-            greys.append(decode_row(value, max_bytes, max_pixels))
+            greys.append(decode_row(value, limits.max_bytes, limits.max_pixels))
         except RowRejected as exc:
             errors.append(f"row {i}: {exc.reason}")
     if errors:
@@ -90,16 +103,22 @@ def decode_rows(cells: pd.Series, max_pixels: int, max_bytes: int, deadline: Dea
 
 
 class LungSegmenterModel(mlflow.pyfunc.PythonModel):
-    """Raw X-ray files -> lung masks at each image's own size (``keras_model``, ``spec`` after load)."""
+    """Raw X-ray files -> lung masks at each image's own size (``keras_model``, ``spec``, ``limits`` after load).
+
+    ``limits``: as logged (a model logged before the request-level limits existed gets their
+    defaults), with ``CXREXP_MAX_ROWS`` / ``CXREXP_MAX_REQUEST_PIXELS`` where it is served.
+    """
 
     def __init__(self) -> None:
         self.keras_model = None
         self.spec: dict[str, Any] = {}
+        self.limits = RequestLimits()
 
     def load_context(self, context) -> None:
         import keras
 
         self.spec = json.loads(Path(context.artifacts[SPEC_ARTIFACT]).read_text(encoding="utf-8"))
+        self.limits = with_served_limits(RequestLimits.from_json_dict(self.spec))
         self.keras_model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
 
     @guarded_predict
@@ -111,8 +130,7 @@ class LungSegmenterModel(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
             raise MlflowException(f"send a DataFrame with an {INPUT_COLUMN!r} column of PNG/JPEG bytes or base64",
                                   error_code=INVALID_PARAMETER_VALUE)
-        greys = decode_rows(model_input[INPUT_COLUMN], int(self.spec["max_pixels"]), int(self.spec["max_bytes"]),
-                            served_deadline())
+        greys = decode_rows(model_input[INPUT_COLUMN], self.limits, served_deadline())
         masks = predict_masks(self.keras_model, greys, PREDICT_CHUNK)
         return pd.DataFrame({"mask": [encode_mask(m) for m in masks],
                              "lung_area": [float(m.mean()) for m in masks]})
@@ -124,12 +142,15 @@ def segmenter_signature() -> ModelSignature:
 
 
 def log_segmenter_model(keras_model, *, name: str = "model", extra_metadata: dict | None = None,
-                        max_pixels: int = MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> ModelInfo:
-    """Log the U-Net as the raw-image segmenter pyfunc model in the active run."""
+                        max_pixels: int = MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+                        max_rows: int = DEFAULT_MAX_ROWS,
+                        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS) -> ModelInfo:
+    """Log the U-Net as the raw-image segmenter pyfunc model in the active run, with its request limits
+    (``RequestLimits``; the request-level two can be changed where it is served)."""
     if mlflow.active_run() is None:
         raise RuntimeError("log_segmenter_model needs an active run")
-    spec = {"image_size": int(keras_model.inputs[0].shape[1]), "max_pixels": int(max_pixels),
-            "max_bytes": int(max_bytes), **(extra_metadata or {})}
+    limits = RequestLimits(max_pixels, max_bytes, max_rows, max_request_pixels)
+    spec = {"image_size": int(keras_model.inputs[0].shape[1]), **asdict(limits), **(extra_metadata or {})}
     example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(example_png()).decode("ascii")]})
     with tempfile.TemporaryDirectory(prefix="cxrexp-segmenter-") as tmp:
         keras_path = Path(tmp) / "segmenter.keras"
