@@ -242,6 +242,11 @@ class TrainConfig:
     target_specificity: float = 0.9
     n_jobs: int = 1
     trial_timeout: int = 0
+    # Optuna's heartbeat: a running trial records one every `heartbeat` seconds; one silent for
+    # `stale_after` seconds belonged to a process that died (SIGKILL, OOM, a lost machine) and is
+    # failed and retried by the next trial any worker starts (cxrexp.tuning.stale). 0 turns it off.
+    heartbeat: int = 20
+    stale_after: int = 120
     registered_model_name: str = REGISTERED_MODEL_NAME
 
     def __post_init__(self) -> None:
@@ -259,6 +264,10 @@ class TrainConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.heartbeat < 0 or (self.heartbeat and self.stale_after <= 2 * self.heartbeat):
+            raise ValueError(f"heartbeat={self.heartbeat} and stale_after={self.stale_after}: the heartbeat is >= 0 "
+                             "seconds (0: off) and stale_after more than twice it, so that one late beat of a live "
+                             "trial never makes it look dead")
 
 
 # The published experiment's settings; `preset=seed` switches every default to these.

@@ -84,6 +84,7 @@ TRIALS_DONE_BEFORE_TAG = "optuna.trials_done_before"
 WORKER_EXIT_CODES_TAG = "optuna.worker_exit_codes"
 BEST_TRIAL_NUMBER_TAG = "optuna.best_trial_number"
 BEST_RUN_ID_TAG = "optuna.best_run_id"
+RETRY_OF_TAG = "optuna.retry_of"  # on a trial run: the number of the stale trial it runs again
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow run
 EPOCHS_ATTR = "epochs_trained"  # trial user attr: epochs it trained (pruned trials too)
 

@@ -562,3 +562,126 @@ def test_study_on_postgresql(in_shared_store, synthetic_prepared):
             optuna.delete_study(study_name=cfg.study_name, storage=tuning.make_storage(POSTGRES_URL))
         except KeyError:  # never created
             pass
+
+
+# --------------------------------------------------------------------------- heartbeat: dead workers' trials
+
+# A worker that draws its trial's parameters from the real search space, opens the trial's run, says
+# which trial it holds, then sleeps in it until it is killed (as an OOM-killed or lost machine's would).
+SLEEPING_WORKER = """
+import sys, time
+import mlflow, optuna
+from cxrexp import tuning
+from cxrexp.config import TrainConfig
+from cxrexp.tags import RUN_ID_ATTR
+from cxrexp.tuning.space import suggest_config
+
+url, name, marker = sys.argv[1:4]
+study = optuna.load_study(study_name=name, storage=tuning.make_storage(url, heartbeat=1, stale_after=6))
+
+def objective(trial):
+    suggest_config(trial, TrainConfig(), 48)
+    run = mlflow.MlflowClient().create_run("0", run_name=f"sleeping-{trial.number}")
+    trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+    open(marker, "w").write(str(trial.number))
+    time.sleep(600)
+    return 0.5
+
+study.optimize(objective, n_trials=1)
+"""
+
+
+def _start_sleeping_worker(cfg: TrainConfig, marker: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    return subprocess.Popen([sys.executable, "-c", SLEEPING_WORKER, cfg.storage, cfg.study_name, str(marker)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _started(proc, marker: Path) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"the worker exited with {proc.returncode}: {proc.stderr.read().decode()[-3000:]}")
+    return marker.exists() and bool(marker.read_text())
+
+
+def _wait_for(condition, what: str, timeout_s: float = 180.0):
+    """Poll ``condition`` until it returns something truthy; the timeout only guards against a hang."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_dead_workers_trial_is_failed_by_its_heartbeat_and_retried_while_a_live_one_is_left_alone(
+        in_shared_store, synthetic_prepared, tmp_path):
+    from cxrexp.tags import RETRY_OF_TAG
+    from cxrexp.tuning import stale
+
+    cfg = study_cfg(study_name="stale", n_trials=2, storage=f"sqlite:///{tmp_path / 'stale.db'}", heartbeat=1,
+                    stale_after=6, registered_model_name="m-stale")
+    tuning.open_study(cfg, synthetic_prepared)  # the study as train creates it (digest, settings)
+    MlflowClient().search_experiments()  # the store exists before two processes open it at once
+    markers = {"doomed": tmp_path / "doomed", "alive": tmp_path / "alive"}
+    workers = {name: _start_sleeping_worker(cfg, marker) for name, marker in markers.items()}
+    try:
+        for name, marker in markers.items():
+            _wait_for(lambda: _started(workers[name], marker), f"the {name} worker's trial to start")
+        number = {name: int(marker.read_text()) for name, marker in markers.items()}
+        workers["doomed"].kill()  # SIGKILL: no handler runs, the trial and its run stay RUNNING
+        workers["doomed"].wait()
+        study = tuning.open_study(cfg, synthetic_prepared, create=False)
+
+        def doomed_failed():
+            stale.fail_stale(study)
+            return study.trials[number["doomed"]].state == TrialState.FAIL
+
+        _wait_for(doomed_failed, "the dead trial to go stale")
+        trials = study.trials
+        doomed, alive = trials[number["doomed"]], trials[number["alive"]]
+        assert alive.state == TrialState.RUNNING  # still beating: never closed
+        client = MlflowClient()
+        assert client.get_run(alive.user_attrs[RUN_ID_ATTR]).info.status == "RUNNING"
+        dead_run = client.get_run(doomed.user_attrs[RUN_ID_ATTR])
+        assert (dead_run.info.status, dead_run.data.tags[STATE_TAG]) == ("KILLED", "FAIL")
+        (queued,) = [t for t in trials if t.state == TrialState.WAITING]
+        assert queued.params == doomed.params and queued.system_attrs["failed_trial"] == doomed.number
+
+        # The second worker dies too; the next invocation runs both trials again with their parameters.
+        workers["alive"].kill()
+        workers["alive"].wait()
+        _wait_for(lambda: (stale.fail_stale(study), study.trials[number["alive"]].state == TrialState.FAIL)[1],
+                  "the second dead trial to go stale")
+        tuning.run_study(cfg, synthetic_prepared, verbose=0)
+        study = load(cfg)
+        retried = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        assert sorted(t.system_attrs["failed_trial"] for t in retried) == sorted(number.values())
+        assert {tuple(sorted(t.params.items())) for t in retried} == {
+            tuple(sorted(t.params.items())) for t in (doomed, alive)}
+        for trial in retried:
+            run = client.get_run(trial.user_attrs[RUN_ID_ATTR])
+            assert run.data.tags[RETRY_OF_TAG] == str(trial.system_attrs["failed_trial"])
+        assert running_runs() == []
+    finally:
+        for proc in workers.values():
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    "heartbeat, stale_after, ok",
+    [(20, 120, True), (0, 0, True), (1, 3, True), (10, 20, False), (-1, 120, False)],
+)
+def test_heartbeat_settings_leave_room_for_a_late_beat(heartbeat, stale_after, ok):
+    if ok:
+        study_cfg(heartbeat=heartbeat, stale_after=stale_after)
+    else:
+        with pytest.raises(ValueError, match="heartbeat"):
+            study_cfg(heartbeat=heartbeat, stale_after=stale_after)

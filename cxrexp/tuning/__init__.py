@@ -14,13 +14,15 @@ Only this package imports ``optuna``. The layout it leaves behind:
   ``mlflow_run_id``.
 
 Re-running resumes: trials already COMPLETE or PRUNED count, only the missing ones run (under a
-new parent run). Failed trials do not count, so a re-run retries them; within one invocation,
-though, every attempt (failed ones included) uses up one of the missing slots, so a setting that
-always fails cannot loop forever.
+new parent run); trials a dead process left RUNNING are found through Optuna's heartbeat, failed and
+queued again with their parameters (``stale``). Failed trials do not count, so a re-run retries
+them; within one invocation, though, every attempt (failed ones included) uses up one of the
+missing slots, so a setting that always fails cannot loop forever.
 
 The package, one module per job: ``space`` (the search space), ``pruning`` (pruner and per-epoch
 callback), ``storage`` (Optuna storages; opening and resuming a study), ``trial`` (one trial's
-nested run), ``workers`` (trial budget and worker processes), ``summary`` (trial table, figures,
+nested run), ``workers`` (trial budget and worker processes), ``stale`` (trials whose process died:
+failed by Optuna's heartbeat and retried), ``summary`` (trial table, figures,
 registration of the best model) and ``study`` (``run_study``, which ties them together). The names
 the rest of the project uses are re-exported here.
 

@@ -7,6 +7,7 @@ other data or settings fails instead of mixing incomparable trials.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from cxrexp.credentials import redact
 from cxrexp.data.store import PreparedDataError, PreparedDataset
 from cxrexp.tuning.pruning import make_pruner
 from cxrexp.tuning.space import SEARCHED_FIELDS
+from cxrexp.tuning.stale import RetryStaleTrial
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 SQLITE_TIMEOUT_S = 60  # several worker processes write one sqlite file: wait for the lock, do not fail
@@ -27,7 +29,8 @@ DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # Trial values depend on the base settings except these: resuming a study with other values would
 # mix incomparable trials. (Searched fields and run management may differ between invocations.)
 MANAGEMENT_FIELDS = (
-    "data", "n_trials", "study_name", "storage", "pruner", "n_jobs", "trial_timeout", "registered_model_name",
+    "data", "n_trials", "study_name", "storage", "pruner", "n_jobs", "trial_timeout", "heartbeat", "stale_after",
+    "registered_model_name",
 )
 
 
@@ -71,13 +74,24 @@ def rdb_url(url: str) -> str:
     return url
 
 
-def make_storage(url: str) -> optuna.storages.RDBStorage:
-    """An Optuna RDB storage; sqlite gets a long lock timeout so several processes can share it."""
+def make_storage(url: str, heartbeat: int = 0, stale_after: int = 0) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage; sqlite gets a long lock timeout so several processes can share it.
+
+    With ``heartbeat`` (seconds), every trial run through it records a heartbeat that often, and a
+    RUNNING trial silent for ``stale_after`` seconds is failed and retried (``stale.RetryStaleTrial``)
+    whenever a trial starts on this storage, from any process or machine.
+    """
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    beating: dict[str, Any] = {}
+    if heartbeat:
+        beating = {"heartbeat_interval": int(heartbeat), "grace_period": int(stale_after),
+                   "heartbeat_stale_trial_callback": RetryStaleTrial()}
     try:
-        return optuna.storages.RDBStorage(rdb_url(url), engine_kwargs=engine_kwargs)
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5 (since 2.9)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(rdb_url(url), engine_kwargs=engine_kwargs, **beating)
     except Exception as err:  # SQLAlchemy/driver errors: say which storage and what to do
         raise StorageError(
             f"cannot open the Optuna storage {redact(url)!r}: {type(err).__name__}: {err}. Pass --storage with an "
@@ -109,7 +123,7 @@ def open_study(cfg: TrainConfig, dataset: PreparedDataset, *, worker: int = 0, c
     trials that are not comparable).
     """
     url = storage_url(cfg)
-    storage = make_storage(url)
+    storage = make_storage(url, cfg.heartbeat, cfg.stale_after)
     pruner = make_pruner(cfg.pruner, cfg.epochs)
     if create:
         study = optuna.create_study(

@@ -24,6 +24,7 @@ from cxrexp.tags import (
     TRIALS_DONE_BEFORE_TAG,
     WORKER_EXIT_CODES_TAG,
 )
+from cxrexp.tuning.stale import fail_stale
 from cxrexp.tuning.storage import count_done, open_study, redact, storage_url
 from cxrexp.tuning.summary import log_study_summary, register_best
 from cxrexp.tuning.trial import TrialObjective
@@ -66,6 +67,7 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
     """
     url = storage_url(cfg)
     study = open_study(cfg, dataset)
+    fail_stale(study)  # trials a dead process left RUNNING: FAIL, queued again, before counting
     n_done = count_done(study)
     n_missing = max(0, cfg.n_trials - n_done)
     with tracking.step_run(

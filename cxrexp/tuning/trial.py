@@ -17,6 +17,7 @@ from cxrexp.tags import (
     EPOCHS_ATTR,
     FAIL_REASON_TAG,
     PRUNED_AT_TAG,
+    RETRY_OF_TAG,
     RUN_ID_ATTR,
     STATE_TAG,
     STEP_TAG,
@@ -27,6 +28,7 @@ from cxrexp.tags import (
 )
 from cxrexp.tuning.pruning import PruningCallback
 from cxrexp.tuning.space import suggest_config
+from cxrexp.tuning.stale import retried_trial_number
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ class TrialObjective:
             },
         )
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        retry_of = retried_trial_number(trial)
+        if retry_of is not None:
+            mlflow.set_tag(RETRY_OF_TAG, str(retry_of))
         pruning = PruningCallback(trial, timeout_s=self.base.trial_timeout)
         state, status = "FAIL", "FAILED"
         try:

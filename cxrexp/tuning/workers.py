@@ -23,6 +23,7 @@ from cxrexp.config import TrainConfig
 from cxrexp.data.store import PreparedDataset, open_prepared
 from cxrexp.mlflow_edge.signals import sigterm_as_interrupt
 from cxrexp.tags import RUN_ID_ATTR, STATE_TAG
+from cxrexp.tuning.stale import retry
 from cxrexp.tuning.storage import DONE_STATES, open_study
 from cxrexp.tuning.trial import TrialObjective
 
@@ -158,7 +159,8 @@ def close_orphans(study: optuna.Study, parent_run_id: str) -> int:
     """End child runs (and their Optuna trials) left RUNNING by a worker that died; returns how many.
 
     Only trials whose run belongs to ``parent_run_id`` are touched: another invocation's live
-    trials on the same storage are left alone.
+    trials on the same storage are left alone (a dead one there is the heartbeat's: ``stale``).
+    The failed trials' parameters are queued again, as ``stale.RetryStaleTrial`` does.
     """
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
@@ -173,4 +175,5 @@ def close_orphans(study: optuna.Study, parent_run_id: str) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(RUN_ID_ATTR) in stuck_ids:
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            retry(study, trial)  # as the heartbeat would: the same parameters run again next time
     return len(stuck_ids)
