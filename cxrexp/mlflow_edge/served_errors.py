@@ -7,8 +7,14 @@ already an ``MlflowException`` (cxrexp raises those for bad rows, 400, and for b
 into ``INTERNAL_ERROR`` (HTTP 500) whose message is only a reference id; the traceback goes to the
 server's log under that id. A ``RequestTimedOut`` (the request outlived the server's timeout, see
 ``serving.served_deadline``) becomes ``DEADLINE_EXCEEDED`` (504): the server has answered 504 already,
-this only stops the work. The server still prefixes the message with a truncated echo of the
-request DataFrame (``Failed to predict data '...'``): that part is MLflow's, see docs/serving.md.
+this only stops the work.
+
+MLflow's server then rewrites the message of any ``MlflowException`` from ``predict`` as
+``Failed to predict data '<str(request DataFrame)>'. \nError: <message>``, echoing the start of every
+shown cell (the images' base64) into the body. Every exception leaving :func:`guarded_predict` is
+therefore a :class:`ServedError`, whose message keeps the first value it was given. MLflow's own
+schema errors (a request without an ``image`` column) are raised before the model runs and keep the
+echo: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -19,11 +25,35 @@ import secrets
 from typing import Any, Callable
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, ErrorCode
 
 from cxrexp.images.request_images import RequestTimedOut
 
 log = logging.getLogger(__name__)
+
+
+class ServedError(MlflowException):
+    """An ``MlflowException`` whose message the scoring server cannot prefix with the request.
+
+    ``message`` is set once, by ``MlflowException.__init__``; later assignments (the server's
+    ``e.message = f"Failed to predict data '{data}'. ..."``) are ignored, so the body says only what
+    cxrexp said: which rows, which limit, which reference.
+    """
+
+    @property
+    def message(self) -> str:
+        return self.__dict__["_message"]
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self.__dict__.setdefault("_message", value)
+
+    @classmethod
+    def of(cls, err: MlflowException) -> ServedError:
+        """``err`` with the same message and error code, as a ``ServedError``."""
+        if isinstance(err, cls):
+            return err
+        return cls(err.message, error_code=ErrorCode.Value(err.error_code))
 
 
 def guarded_predict(predict: Callable[..., Any]) -> Callable[..., Any]:
@@ -34,16 +64,16 @@ def guarded_predict(predict: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self, context, model_input, params=None):
         try:
             return predict(self, context, model_input, params)
-        except MlflowException:
-            raise
+        except MlflowException as err:  # cxrexp's own: bad rows and limits (400), broken weights (500)
+            raise ServedError.of(err) from None
         except RequestTimedOut as err:
-            raise MlflowException(str(err), error_code=DEADLINE_EXCEEDED) from None
+            raise ServedError(str(err), error_code=DEADLINE_EXCEEDED) from None
         except Exception as err:  # noqa: BLE001 - MemoryError included: every fault is the server's
             reference = secrets.token_hex(6)
             rows = len(model_input) if hasattr(model_input, "__len__") else "?"
             log.error("internal error %s in %s.predict on %s rows: %s: %s", reference, type(self).__name__, rows,
                       type(err).__name__, err, exc_info=True)
-            raise MlflowException(
+            raise ServedError(
                 f"internal error in the model server (reference {reference}: its log has the details); "
                 "the request itself may be fine, retry it or report the reference",
                 error_code=INTERNAL_ERROR,
@@ -52,4 +82,4 @@ def guarded_predict(predict: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-__all__ = ["guarded_predict"]
+__all__ = ["ServedError", "guarded_predict"]
