@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any, Callable, Sequence
 
-from cxrexp import credentials
+from cxrexp import credentials, tf_logs
 from cxrexp.config import (
     EvaluateConfig,
     MainConfig,
@@ -83,6 +83,9 @@ def config_from_args(cls: type, args: argparse.Namespace) -> tuple[Any, set[str]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrexp", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--tf-logs", action="store_true",
+                        help=f"show TensorFlow's C++ start-up logs (oneDNN, CUDA), hidden by default; {tf_logs.TF_LOGS_ENV}=1 "
+                             "does the same for `mlflow run`")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls, text in (
         ("preprocess", PreprocessConfig, "CLAHE/resize a dataset (or the built-in synthetic one) and split it 80/10/10"),
@@ -167,11 +170,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _keep_secrets_out_of_the_console()
+    if _needs_tensorflow(args):
+        tf_logs.load_tensorflow(show=args.tf_logs)
     try:
         return _dispatch(args)
     except USER_ERRORS as err:
         print(credentials.scrub(f"cxrexp {args.command}: error: {err}"), file=sys.stderr)
         return EXIT_USAGE
+
+
+def _needs_tensorflow(args: argparse.Namespace) -> bool:
+    """Commands that build, train, explain or run a model (preprocess only for a lung view: its segmenter)."""
+    if args.command == "preprocess":
+        return getattr(args, "lungs", "none") not in (None, "none")
+    return args.command in ("train", "evaluate", "segment", "run", "predict")
 
 
 class _ScrubSecrets(logging.Filter):

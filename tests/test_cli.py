@@ -73,3 +73,30 @@ def test_every_config_field_is_a_flag():
                               "--positive-class", "COVID", "--image-size", "64"])
     cfg, _ = config_from_args(PreprocessConfig, args)
     assert cfg.classes == ("COVID", "Viral Pneumonia") and cfg.image.image_size == 64 and cfg.data_dir == "x"
+
+
+# TensorFlow's C++ start-up lines as TensorFlow 2.21 prints them on a CPU-only machine.
+TF_STARTUP_LINES = ("oneDNN custom operations", "cudart_stub", "absl::InitializeLog")
+
+
+@pytest.mark.parametrize(
+    "flags, environ, shown",
+    [
+        ([], {}, False),  # the default: a step's console starts with cxrexp's own lines
+        (["--tf-logs"], {}, True),
+        ([], {"CXREXP_TF_LOGS": "1"}, True),  # how `mlflow run` brings them back
+    ],
+)
+def test_tensorflows_start_up_logs_are_hidden_unless_asked_for(tmp_path, flags, environ, shown):
+    """A command that loads TensorFlow and then fails on a model URI: its error must still be shown."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CXREXP_TF_LOGS")}
+    env.update(environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    done = subprocess.run([sys.executable, "-m", "cxrexp.cli", *flags, "predict", "--model", "models:/nothing-here/1",
+                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "nothing-here" in done.stderr  # cxrexp's own error still reaches the console
+    assert any(line in done.stderr for line in TF_STARTUP_LINES) == shown, done.stderr[-2000:]

@@ -23,6 +23,7 @@ from cxrexp.config import TrainConfig
 from cxrexp.data.store import PreparedDataset, open_prepared
 from cxrexp.mlflow_edge.signals import sigterm_as_interrupt
 from cxrexp.tags import RUN_ID_ATTR, STATE_TAG
+from cxrexp.tf_logs import load_tensorflow
 from cxrexp.tuning.stale import retry
 from cxrexp.tuning.storage import DONE_STATES, open_study
 from cxrexp.tuning.trial import TrialObjective
@@ -88,6 +89,7 @@ def worker_main(job: WorkerJob, worker: int, shared_count: Any) -> None:
     os.environ.pop("MLFLOW_RUN_ID", None)  # never resume the project run of `mlflow run` as a trial
     os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
     mlflow.set_tracking_uri(job.tracking_uri)
+    load_tensorflow()  # a spawned process: TensorFlow's start-up lines again, once per worker
     _limit_threads(job.threads)
     with sigterm_as_interrupt():
         _run_worker(job, worker, shared_count)
