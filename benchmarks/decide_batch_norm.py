@@ -57,7 +57,8 @@ def main() -> int:
     if cli.main(["preprocess", "--data-dir", str(SHARED / "cxr-mini"), "--out-dir", str(work / "prepared"),
                  "--seed", "42"]):
         return 1
-    pre = mlflow.search_runs(filter_string="tags.`cxrexp.step` = 'preprocess'", output_format="list",
+    pre = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                             filter_string="tags.`cxrexp.step` = 'preprocess'",
                              max_results=1)[0]
     sets = {name: items for name, items in collections().items() if name in ("nih", "other")}
     client = mlflow.MlflowClient()

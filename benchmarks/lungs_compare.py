@@ -128,7 +128,8 @@ def main() -> int:
         if cli.main(["preprocess", "--data-dir", str(SHARED / "cxr-mini"), "--out-dir", str(work / f"prepared-{mode}"),
                      "--lungs", mode, "--seed", "42"]):
             return 1
-        pre = mlflow.search_runs(filter_string="tags.`cxrexp.step` = 'preprocess'", output_format="list",
+        pre = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`cxrexp.step` = 'preprocess'",
                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
         if internal is None:
             from cxrexp.mlflow_edge import tracking
@@ -142,7 +143,8 @@ def main() -> int:
             version = client.get_model_version_by_alias(name, "challenger").version
             uri = f"models:/{name}/{version}"
             cli.main(["evaluate", "--model-uri", uri, "--n-bootstrap", "200", "--gradcam-per-cell", "0"])
-            run = mlflow.search_runs(filter_string="tags.`cxrexp.step` = 'evaluate'", output_format="list",
+            run = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                     filter_string="tags.`cxrexp.step` = 'evaluate'",
                                      order_by=["attributes.start_time DESC"], max_results=1)[0]
             m = run.data.metrics
             audits.append({"mode": mode, "seed": seed, "lung_focus": m.get("audit_lung_focus_mean", np.nan),

@@ -4,7 +4,7 @@ Run from the project root, on the work folder of a ``lungs_compare.py`` run (its
 registered ``mini-<mode>`` models):
 
     python benchmarks/lungs_compare.py --modes none,crop --seeds 42 --work /tmp/lungs-work
-    python benchmarks/nih_drop.py --work /tmp/lungs-work [--modes none,crop] [--size 299]
+    python benchmarks/nih_drop.py --work /tmp/lungs-work [--modes none,crop] [--size 299] [--retrain-adult]
 
 The hypothesis: the database's images were downsampled to 299 x 299 and re-encoded as PNG before
 anyone trained on them, while the external films in ``../shared/data`` are full resolution. An
@@ -14,7 +14,11 @@ sharpness and noise inside the crop differ by source. If that is what the crop m
 the same external films after the database's own treatment (INTER_AREA to ``--size`` px, PNG)
 should bring their AUC back. Every model is asked as served (the pyfunc model on raw file bytes).
 Printed per model and pairing: ROC-AUC and specificity at the model's own threshold, as the files
-are and after the treatment. Dev pairings only; no test split is read, nothing is chosen here.
+are and after the treatment. With ``--retrain-adult`` the same models are first trained again without
+cxr-mini's paediatric normals (Normal-63 .. Normal-1403 of the database come from a children's
+hospital): a second hypothesis, that a lung crop leaves "child-sized lungs = normal" as the easiest
+cue, which adult NIH normals do not have. Dev pairings only; no test split is read, nothing is
+chosen here.
 """
 
 from __future__ import annotations
@@ -45,11 +49,56 @@ def as_the_database_stores_them(paths: list[Path], folder: Path, size: int) -> l
     return out
 
 
+# Normal-63 .. Normal-1403 of the database are paediatric films from another hospital (cxr-mini's README).
+PAEDIATRIC = range(63, 1404)
+
+
+def adult_only_tree(folder: Path) -> Path:
+    """A link tree of cxr-mini without its paediatric normals (the source folder is never written)."""
+    from lungs_compare import SHARED
+
+    mini = SHARED / "cxr-mini"
+    for cls in ("COVID", "Normal"):
+        (folder / cls / "images").mkdir(parents=True)
+        for path in sorted((mini / cls / "images").glob("*.png")):
+            number = int(path.stem.rsplit("-", 1)[-1])
+            if cls == "Normal" and number in PAEDIATRIC:
+                continue
+            (folder / cls / "images" / path.name).symlink_to(path)
+    return folder
+
+
+def retrain_adult_only(work: Path, modes: list[str], seeds: list[int]) -> None:
+    """preprocess + train (each seed, defaults) per mode on cxr-mini without its paediatric normals,
+    registered as ``mini-<mode>-adult`` in the same store (the crop uses the store's ``cxr-lung-seg``)."""
+    from cxrexp import cli
+
+    tree = work / "mini-adult"
+    if not tree.exists():
+        adult_only_tree(tree)
+    for mode in modes:
+        out = work / f"prepared-{mode}-adult"
+        if cli.main(["preprocess", "--data-dir", str(tree), "--out-dir", str(out), "--lungs", mode, "--seed", "42"]):
+            raise SystemExit(1)
+        import mlflow
+
+        pre = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                                 filter_string="tags.`cxrexp.step` = 'preprocess'",
+                                 order_by=["attributes.start_time DESC"])[0]
+        for seed in seeds:
+            if cli.main(["train", "--data", pre.info.run_id, "--seed", str(seed), "--registered-model-name",
+                         f"mini-{mode}-adult"]):
+                raise SystemExit(1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="a lungs_compare.py work folder")
     parser.add_argument("--modes", default="none,crop")
     parser.add_argument("--size", type=int, default=299, help="the database's stored size")
+    parser.add_argument("--seeds", default="42", help="training seeds for --retrain-adult")
+    parser.add_argument("--retrain-adult", action="store_true",
+                        help="first train mini-<mode>-adult on cxr-mini without its paediatric normals, then score those too")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
@@ -58,6 +107,10 @@ def main() -> int:
     from cxrexp.evaluation.metrics import roc_auc
 
     client = mlflow.MlflowClient()
+    modes = args.modes.split(",")
+    if args.retrain_adult:
+        retrain_adult_only(work, [m for m in modes if not m.endswith("-adult")], [int(v) for v in args.seeds.split(",")])
+        modes += [f"{m}-adult" for m in modes]
     sets = {name: items for name, items in collections().items() if name in ("nih", "other")}
     print(f"load average at start: {load_average()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="nih-drop-") as tmp:
@@ -66,11 +119,12 @@ def main() -> int:
             folder = Path(tmp) / name
             folder.mkdir()
             treated[name] = as_the_database_stores_them([p for p, _ in items], folder, args.size)
-        print("\n| model | pairing | AUC as filed | spec as filed | AUC at the database's size | spec |")
-        print("|---|---|---|---|---|---|")
-        for mode in args.modes.split(","):
+        print("\n| model | seed | pairing | AUC as filed | spec as filed | AUC at the database's size | spec |")
+        print("|---|---|---|---|---|---|---|")
+        for mode in modes:
             for version in client.search_model_versions(f"name='mini-{mode}'"):
                 uri = f"models:/mini-{mode}/{version.version}"
+                seed = client.get_run(version.run_id).data.params.get("seed", "?")
                 for name, items in sets.items():
                     labels = np.array([lab for _, lab in items])
                     cells = []
@@ -79,7 +133,7 @@ def main() -> int:
                         kept = ~np.isnan(probability)
                         cells += [f"{roc_auc(labels[kept], probability[kept]):.3f}",
                                   f"{1 - called[kept & (labels == 0)].mean():.2f}"]
-                    print(f"| {uri} | {name} | " + " | ".join(cells) + " |", flush=True)
+                    print(f"| {uri} | {seed} | {name} | " + " | ".join(cells) + " |", flush=True)
     print(f"\nload average at the end: {load_average()}")
     return 0
 

@@ -8,12 +8,14 @@ Heavy imports (TensorFlow) happen inside the subcommand that needs them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from cxrexp import credentials, tf_logs
 from cxrexp.config import (
+    DEFAULT_EXPERIMENT,
     EvaluateConfig,
     MainConfig,
     PredictConfig,
@@ -83,6 +85,9 @@ def config_from_args(cls: type, args: argparse.Namespace) -> tuple[Any, set[str]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxrexp", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--experiment", default="",
+                        help=f"MLflow experiment for the step's runs (default {DEFAULT_EXPERIMENT!r}, or MLFLOW_EXPERIMENT_NAME "
+                             "/ MLFLOW_EXPERIMENT_ID when set; under `mlflow run`, its --experiment-name decides)")
     parser.add_argument("--tf-logs", action="store_true",
                         help=f"show TensorFlow's C++ start-up logs (oneDNN, CUDA), hidden by default; {tf_logs.TF_LOGS_ENV}=1 "
                              "does the same for `mlflow run`")
@@ -173,10 +178,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _needs_tensorflow(args):
         tf_logs.load_tensorflow(show=args.tf_logs)
     try:
-        return _dispatch(args)
+        with _experiment(args):
+            return _dispatch(args)
     except USER_ERRORS as err:
         print(credentials.scrub(f"cxrexp {args.command}: error: {err}"), file=sys.stderr)
         return EXIT_USAGE
+
+
+def experiment_for(flag: str, environ: dict[str, str]) -> str | None:
+    """The experiment to set for a step started by cxrexp itself; None to leave MLflow's choice.
+
+    Under ``mlflow run`` (MLFLOW_RUN_ID) the run exists already, in the experiment ``mlflow run``
+    chose. Otherwise: ``--experiment``, else MLflow's own environment variables, else ``cxrexp``, so
+    that runs a team compares are not scattered over MLflow's ``Default`` experiment.
+    """
+    if environ.get("MLFLOW_RUN_ID"):
+        return None
+    if flag:
+        return flag
+    if environ.get("MLFLOW_EXPERIMENT_NAME") or environ.get("MLFLOW_EXPERIMENT_ID"):
+        return None
+    return DEFAULT_EXPERIMENT
+
+
+@contextlib.contextmanager
+def _experiment(args: argparse.Namespace) -> Iterator[None]:
+    """The step's experiment (``experiment_for``) while it runs, and MLflow's previous choice after.
+
+    ``mlflow.set_experiment`` keeps the id in a process-wide global and in MLFLOW_EXPERIMENT_ID (so
+    that ``main``'s sub-steps inherit it); restored afterwards, an in-process caller that runs steps
+    against several stores (a benchmark, the tests) never carries an id into a store without it.
+    """
+    import os
+
+    name = experiment_for(args.experiment, dict(os.environ))
+    if args.experiment and os.environ.get("MLFLOW_RUN_ID"):
+        logging.getLogger(__name__).warning(
+            "--experiment %r is ignored under `mlflow run`: its run exists already; pass --experiment-name to mlflow run",
+            args.experiment)
+    if name is None or args.command == "predict":  # predict logs no run
+        yield
+        return
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
+    saved_id, saved_env = fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID")
+    mlflow.set_experiment(name)
+    try:
+        yield
+    finally:
+        fluent._active_experiment_id = saved_id
+        if saved_env is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = saved_env
 
 
 def _needs_tensorflow(args: argparse.Namespace) -> bool:

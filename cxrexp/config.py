@@ -44,6 +44,7 @@ BORDER_FRACTION = 0.12
 MIN_AUDIT_HEATMAPS = 10
 # The classifier's name in the Model Registry, the default of train, evaluate, promote and main.
 REGISTERED_MODEL_NAME = "cxr-covid-cnn"
+DEFAULT_EXPERIMENT = "cxrexp"  # the MLflow experiment of runs cxrexp starts itself (cli --experiment)
 # The lung segmenter's name in the Model Registry (segment registers it, preprocess's lung_model reads it).
 SEGMENTER_MODEL_NAME = "cxr-lung-seg"
 DEFAULT_LUNG_MODEL = f"models:/{SEGMENTER_MODEL_NAME}@champion"
@@ -173,6 +174,9 @@ class PreprocessConfig:
     data_dir: str = ""
     classes: tuple[str, ...] = ("COVID", "Normal")
     positive_class: str = "COVID"
+    # File-name globs left out of every class and listed in skipped.csv: a source known to teach a
+    # shortcut, e.g. the database's paediatric normals (docs/lungs.md has the patterns).
+    exclude: tuple[str, ...] = ()
     image: ImageSpec = field(default_factory=ImageSpec)  # flags --image-size, --enhance, --clip-limit, ...
     val_frac: float = 0.1
     test_frac: float = 0.1
@@ -378,6 +382,7 @@ class MainConfig:
     for the rest."""
 
     data_dir: str = ""
+    exclude: tuple[str, ...] = ()  # preprocess's file-name globs left out
     image_size: int = ImageSpec.image_size
     epochs: int = MAIN_EPOCHS
     n_trials: int = TrainConfig.n_trials

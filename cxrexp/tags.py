@@ -87,6 +87,7 @@ BEST_RUN_ID_TAG = "optuna.best_run_id"
 RETRY_OF_TAG = "optuna.retry_of"  # on a trial run: the number of the stale trial it runs again
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow run
 EPOCHS_ATTR = "epochs_trained"  # trial user attr: epochs it trained (pruned trials too)
+SURPLUS_ATTR = "surplus"  # trial user attr: not run, the study's n_trials was reached on other machines
 
 # --- the logged model ----------------------------------------------------------------------------
 SERVING_METADATA_KEY = "cxrexp_serving"  # MLmodel metadata: the serving spec and the two keys below

@@ -100,3 +100,36 @@ def test_tensorflows_start_up_logs_are_hidden_unless_asked_for(tmp_path, flags, 
     assert done.returncode == 2, done.stderr[-2000:]
     assert "nothing-here" in done.stderr  # cxrexp's own error still reaches the console
     assert any(line in done.stderr for line in TF_STARTUP_LINES) == shown, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "flag, environ, expected",
+    [
+        ("", {}, "cxrexp"),  # runs are grouped, not left in MLflow's Default experiment
+        ("chest-team", {}, "chest-team"),
+        ("", {"MLFLOW_EXPERIMENT_NAME": "theirs"}, None),  # MLflow's own variable is honoured by MLflow
+        ("", {"MLFLOW_EXPERIMENT_ID": "7"}, None),
+        ("chest-team", {"MLFLOW_EXPERIMENT_NAME": "theirs"}, "chest-team"),  # the flag is the more specific
+        ("chest-team", {"MLFLOW_RUN_ID": "abc"}, None),  # under `mlflow run` the run exists already
+    ],
+)
+def test_the_experiment_a_step_logs_into(flag, environ, expected):
+    from cxrexp.cli import experiment_for
+
+    assert experiment_for(flag, environ) == expected
+
+
+def test_a_step_started_by_cxrexp_logs_into_the_cxrexp_experiment_with_a_name_that_says_what_ran(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["preprocess", "--out-dir", str(tmp_path / "prepared"), "--synthetic-count", "40", "--image-size",
+                 "32", "--synthetic-size", "64", "--workers", "1"]) == 0
+    try:
+        experiment = mlflow.get_experiment_by_name("cxrexp")
+        (run,) = mlflow.search_runs([experiment.experiment_id], output_format="list")
+        assert run.info.run_name == "preprocess synthetic 32px clahe"
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -44,14 +44,14 @@ def test_gradcam_unavailable():
 @pytest.mark.parametrize(
     "source, expected",
     [
-        (ModelSource("models:/m@champion", registered_name="cxr", version="3", train_run_id="a" * 32), "evaluate-cxr-v3"),
-        (ModelSource("models:/m-1", model_id="m-1", train_run_id="0123456789" + "a" * 22), "evaluate-run-01234567"),
-        (ModelSource("runs:/x/model", source_run_id="b" * 32), "evaluate-run-bbbbbbbb"),
-        (ModelSource("file:///tmp/model"), "evaluate-model"),
+        (ModelSource("models:/m@champion", registered_name="cxr", version="3", train_run_id="a" * 32), "cxr v3"),
+        (ModelSource("models:/m-1", model_id="m-1", train_run_id="0123456789" + "a" * 22), "run 01234567"),
+        (ModelSource("runs:/x/model", source_run_id="b" * 32), "run bbbbbbbb"),
+        (ModelSource("file:///tmp/model"), "model"),
     ],
 )
 def test_run_name(source, expected):
-    assert source.run_name() == expected
+    assert source.label() == expected
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,8 @@ def test_evaluate_logs_every_metric_and_artifact(alias_run, trained, synthetic_p
     assert tags["cxrexp.model_id"].startswith("m-")
     assert tags["cxrexp.audit"] == ("passed" if logged["audit_passed"] else "failed")
     assert tags["cxrexp.audit_reason"]
-    assert tags["mlflow.runName"] == f"evaluate-{MODEL_NAME}-v{tags['cxrexp.model_version']}"
+    assert tags["mlflow.runName"] == (f"evaluate {MODEL_NAME} v{tags['cxrexp.model_version']} "
+                                      f"on {synthetic_prepared.digest[:8]}")
     assert tags["cxrexp.mlflow_evaluate"] == "ok: confusion counts agree"  # both classes in this split
     assert logged["mlflow_test_true_positives"] == logged["test_tp"]  # MLflow's own evaluator, cross-checked
     contexts = [i.tags[0].value for i in run.inputs.dataset_inputs if i.dataset.digest == synthetic_prepared.digest]
@@ -271,7 +272,7 @@ def test_evaluate_by_logged_model_uri_with_explicit_data_and_threshold(alias_run
     assert run.data.metrics["threshold"] == pytest.approx(threshold)
     assert run.data.tags["cxrexp.threshold_source"] == "flag"
     assert run.data.tags["cxrexp.train_run_id"] == trained.info.run_id
-    assert run.data.tags["mlflow.runName"] == f"evaluate-run-{trained.info.run_id[:8]}"
+    assert run.data.tags["mlflow.runName"] == f"evaluate run {trained.info.run_id[:8]} on {synthetic_prepared.digest[:8]}"
     assert "test_ppv_at_prevalence" not in run.data.metrics  # no --prevalence given
     # Same dataset, seed and calls: the same images are drawn for Grad-CAM and the audit, whatever the run.
     for artifact in ("audit/scores.csv", "gradcam/samples.csv"):

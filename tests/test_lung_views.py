@@ -139,12 +139,12 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
         assert cli.main(["segment", "--image-size", "64", "--epochs", "8", "--synthetic-count", "80"]) == 0
         assert cli.main(["preprocess", "--image-size", "48", "--synthetic-count", "120", "--lungs", "crop",
                          "--workers", "1"]) == 0
-        pre_run = mlflow.search_runs(filter_string="tags.`cxrexp.step` = 'preprocess'", output_format="list")[0]
+        pre_run = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cxrexp.step` = 'preprocess'", output_format="list")[0]
         assert pre_run.data.tags["cxrexp.lung_model"] == "models:/cxr-lung-seg/1"
         dataset = tracking.resolve_prepared(pre_run.info.run_id)
         assert dataset.manifest["lung_crop"].mean() > 0.8  # a segmenter trained 8 epochs finds most lungs
         assert cli.main(["train", "--data", pre_run.info.run_id, "--epochs", "1"]) == 0
-        train_run = mlflow.search_runs(filter_string="tags.`cxrexp.step` = 'train'", output_format="list")[0]
+        train_run = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cxrexp.step` = 'train'", output_format="list")[0]
         assert train_run.data.tags["cxrexp.lung_model"] == "models:/cxr-lung-seg/1"
         model = serving.load_pyfunc("models:/cxr-covid-cnn/1")
         rows = dataset.manifest.head(10)
@@ -185,6 +185,6 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
         assert cli.main(["evaluate", "--model-uri", "models:/cxr-covid-cnn/1", "--n-bootstrap", "20",
                          "--gradcam-per-cell", "0", "--external", str(external),
                          "--external-out-dir", str(root / "ext-prepared")]) == 0
-        (run,) = mlflow.search_runs(filter_string="tags.`cxrexp.step` = 'evaluate'", output_format="list")
+        (run,) = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cxrexp.step` = 'evaluate'", output_format="list")
         assert run.data.metrics["external_ext_lungs_n"] + run.data.metrics["external_ext_lungs_n_dropped_duplicates"] == 16
         assert "audit_lung_focus_lift_mean" in run.data.metrics or run.data.metrics["audit_n"] < 10

@@ -500,3 +500,53 @@ def test_cxr_mini(cxr_mini, tmp_path):
         assert abs(prevalence - 1 / 3) < 0.02, split
     assert (manifest.groupby("group")["split"].nunique() == 1).all()
     assert (manifest["width"] == 224).all() and not manifest["has_mask"].any()
+
+
+@pytest.mark.parametrize(
+    "name, patterns, expected",
+    [
+        ("Normal-63.png", ("Normal-6[3-9].png",), "Normal-6[3-9].png"),
+        ("Normal-62.png", ("Normal-6[3-9].png",), None),
+        ("Normal-1403.png", ("Normal-140[0-3].png", "Normal-1[0-3][0-9][0-9].png"), "Normal-140[0-3].png"),
+        ("normal-70.png", ("Normal-*.png",), None),  # case-sensitive on every platform
+        ("CHNCXR_0001_0.png", ("*_0.png",), "*_0.png"),
+        ("x.png", (), None),
+    ],
+)
+def test_excluded_by(name, patterns, expected):
+    from cxrexp.data.discovery import excluded_by
+
+    assert excluded_by(name, patterns) == expected
+
+
+def test_excluded_files_are_left_out_listed_with_the_pattern_and_change_the_key(tmp_path):
+    import pandas as pd
+
+    from cxrexp.errors import DatasetError
+
+    root = tmp_path / "data"
+    for i, class_name in enumerate(["COVID", "Normal"] * 4):
+        path = root / class_name / "images" / f"{class_name}-{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(smooth_image(i, 48, 48), "png8"))
+    plain = config(root, tmp_path / "out")
+    cut = config(root, tmp_path / "out", exclude=("Normal-[15].png",))
+    assert pipeline.prepared_key(cut) != pipeline.prepared_key(plain)
+    result = run_preprocess(cut, progress=False)
+    sources = {Path(s).name for s in result.dataset.manifest["source"]}
+    assert {"Normal-1.png", "Normal-5.png"}.isdisjoint(sources) and {"Normal-3.png", "Normal-7.png"} <= sources
+    skipped = pd.read_csv(result.dataset.root / "skipped.csv")
+    listed = dict(zip(skipped["path"].map(lambda s: Path(s).name), skipped["reason"]))
+    assert listed["Normal-1.png"] == listed["Normal-5.png"] == "excluded by -P exclude pattern 'Normal-[15].png'"
+    assert result.dataset.params["exclude"] == ["Normal-[15].png"]
+    with pytest.raises(DatasetError, match=r"class 'Normal': -P exclude=Normal-\* leaves none of the 4 files"):
+        run_preprocess(config(root, tmp_path / "out", exclude=("Normal-*",)), progress=False)
+
+
+def test_the_documented_paediatric_patterns_select_exactly_normal_63_to_1403():
+    from cxrexp.data.discovery import PAEDIATRIC_NORMALS, excluded_by
+
+    chosen = [n for n in range(1, 10193) if excluded_by(f"Normal-{n}.png", PAEDIATRIC_NORMALS)]
+    assert chosen == list(range(63, 1404))
+    usage = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text(encoding="utf-8")
+    assert f"-P exclude='{','.join(PAEDIATRIC_NORMALS)}'" in usage  # the docs give the same patterns

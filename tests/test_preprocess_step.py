@@ -123,8 +123,8 @@ def test_missing_data_dir_exits_2_and_marks_the_run_failed(store, tmp_path, caps
     assert message.startswith("cxrexp preprocess: error: data folder ")
     assert str(missing) in message and "does not exist" in message and "data_dir" in message
     assert "Traceback" not in err
-    runs = MlflowClient().search_runs([mlflow.tracking.fluent._get_experiment_id()])
-    assert [r.info.status for r in runs] == ["FAILED"]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [(r.info.status, mlflow.get_experiment(r.info.experiment_id).name) for r in runs] == [("FAILED", "cxrexp")]
     assert mlflow.active_run() is None
     assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())
 

@@ -49,8 +49,9 @@ def test_the_readme_sequence_reaches_a_served_champion(tmp_path):
         env.pop(name, None)
     mlflow = [sys.executable, "-m", "mlflow"]
 
-    _run([*mlflow, "run", str(PROJECT_ROOT), "--env-manager", "local"], env, tmp_path)
-    promoted = _run([*mlflow, "run", str(PROJECT_ROOT), "-e", "promote", "--env-manager", "local"], env, tmp_path)
+    _run([*mlflow, "run", str(PROJECT_ROOT), "--env-manager", "local", "--experiment-name", "cxrexp"], env, tmp_path)
+    promoted = _run([*mlflow, "run", str(PROJECT_ROOT), "-e", "promote", "--env-manager", "local",
+                     "--experiment-name", "cxrexp"], env, tmp_path)
     assert "PROMOTED" in promoted.stdout and "NOT PROMOTED" not in promoted.stdout, promoted.stdout[-3000:]
 
     images = tmp_path / "xrays"

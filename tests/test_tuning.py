@@ -241,11 +241,30 @@ def test_make_pruner_rejects_unknown_name():
         tuning.make_pruner("sometimes", 8)
 
 
-def test_sampler_seed_is_the_seed_for_a_fresh_study_and_distinct_otherwise():
-    assert tuning.sampler_seed(42, 0, 0) == 42
-    derived = {tuning.sampler_seed(42, n, w) for n, w in [(3, 0), (0, 1), (3, 1), (4, 0)]}
-    assert len(derived) == 4 and 42 not in derived
-    assert tuning.sampler_seed(42, 3, 1) == tuning.sampler_seed(42, 3, 1)
+def test_trials_are_seeded_by_their_number_reproducible_alone_and_distinct_across_machines():
+    """Two processes that start one study together used to draw the same first parameters."""
+    from cxrexp.tuning.sampling import TrialSeededTPE, trial_seed
+
+    def objective(trial):
+        return trial.suggest_float("x", 0, 1) + trial.suggest_categorical("c", [1, 2, 3])
+
+    assert trial_seed(42, 0) == 42 and len({trial_seed(42, n) for n in range(50)}) == 50
+    first = optuna.create_study(sampler=TrialSeededTPE(42))
+    first.optimize(objective, n_trials=12)  # past TPE's 10 random start-up trials
+    plain = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=42))
+    plain.optimize(objective, n_trials=1)
+    assert first.trials[0].params == plain.trials[0].params  # a fresh study alone: as TPESampler(seed)
+    again = optuna.create_study(sampler=TrialSeededTPE(42))
+    again.optimize(objective, n_trials=12)
+    assert [t.params for t in again.trials] == [t.params for t in first.trials]  # reproducible
+    # Two "machines" on one storage, each with its own sampler, interleaving their trials.
+    storage = optuna.storages.InMemoryStorage()
+    a = optuna.create_study(storage=storage, study_name="shared", sampler=TrialSeededTPE(42))
+    b = optuna.load_study(storage=storage, study_name="shared", sampler=TrialSeededTPE(42))
+    for _ in range(3):
+        a.optimize(objective, n_trials=1)
+        b.optimize(objective, n_trials=1)
+    assert len({tuple(sorted(t.params.items())) for t in a.trials}) == 6
 
 
 def test_redact_hides_the_password():
@@ -343,7 +362,7 @@ def test_study_is_a_parent_run_with_one_child_per_trial(shared_study, in_shared_
     study = load(cfg)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     parent = MlflowClient().get_run(parent_id)
-    assert parent.info.run_name == "study-shared" and parent.info.status == "FINISHED"
+    assert parent.info.run_name == "study shared 48px" and parent.info.status == "FINISHED"
     assert parent.data.tags[STEP_TAG] == "train"
     assert parent.data.params["n_trials"] == "3" and parent.data.params["epochs"] == "2"
 
@@ -436,6 +455,55 @@ def test_rerun_resumes_instead_of_redoing(shared_study, in_shared_store, synthet
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert [r.info.run_name for r in children(more)] == ["trial-003"]
     assert study.trials[3].params != study.trials[0].params  # the resumed sampler does not replay trial 0
+
+
+def _frozen(number: int, state: TrialState) -> optuna.trial.FrozenTrial:
+    return optuna.trial.FrozenTrial(number=number, state=state, value=None, datetime_start=None,
+                                    datetime_complete=None, params={}, distributions={}, user_attrs={},
+                                    system_attrs={}, intermediate_values={}, trial_id=number)
+
+
+C, P, R, W, F = TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL
+
+
+@pytest.mark.parametrize(
+    "states, number, n_trials, surplus",
+    [
+        ([], 0, 1, False),  # a fresh study's first trial
+        ([C, C], 2, 3, False),
+        ([C, C, C], 3, 3, True),  # done already
+        ([C, R], 2, 2, True),  # another machine runs the last one
+        ([C, W], 2, 2, True),  # a queued retry holds the last place
+        ([C, F], 2, 2, False),  # a failed trial holds none
+        ([C, P, R, C], 2, 3, False),  # only the trials numbered below count: trial 2 came before 3
+        ([C, P, R, C], 4, 3, True),
+    ],
+)
+def test_a_trial_beyond_the_studys_n_trials_is_surplus_on_every_machine(states, number, n_trials, surplus):
+    from cxrexp.tuning.trial import is_surplus
+
+    trials = [_frozen(i, state) for i, state in enumerate(states)]
+    assert is_surplus(trials, number, n_trials) == surplus
+
+
+def test_a_second_machine_does_not_overshoot_n_trials(shared_study, in_shared_store, synthetic_prepared, tmp_path):
+    """A copy of the 3-trial study plus a trial another machine is running: asked for 4, this
+    invocation's trial is the fifth, so it is not run (FAIL, marked surplus, no MLflow run)."""
+    from cxrexp.tags import SURPLUS_ATTR
+
+    cfg, _ = shared_study
+    copy = replace(cfg, study_name="copied", storage=f"sqlite:///{tmp_path / 'copy.db'}", n_trials=4,
+                   registered_model_name="m-copied")
+    optuna.copy_study(from_study_name=cfg.study_name, from_storage=tuning.make_storage(tuning.storage_url(cfg)),
+                      to_storage=tuning.make_storage(copy.storage), to_study_name=copy.study_name)
+    elsewhere = load(copy, copy.storage)
+    elsewhere.ask()  # trial 3, RUNNING on "another machine"
+    parent = tuning.run_study(copy, synthetic_prepared, verbose=0)
+    study = load(copy, copy.storage)
+    assert [t.state for t in study.trials] == [C, C, C, R, F]
+    assert study.trials[4].user_attrs[SURPLUS_ATTR] is True
+    assert children(parent) == []  # no run was started for it
+    assert tuning.count_done(study) == 3
 
 
 def test_resuming_with_other_base_settings_is_refused(shared_study, in_shared_store, synthetic_prepared):
@@ -685,3 +753,47 @@ def test_heartbeat_settings_leave_room_for_a_late_beat(heartbeat, stale_after, o
     else:
         with pytest.raises(ValueError, match="heartbeat"):
             study_cfg(heartbeat=heartbeat, stale_after=stale_after)
+
+
+# Opens the storage when told to, as a machine starting `-e train -P storage=...` would: every process
+# has imported cxrexp (seconds of TensorFlow) before the go file appears, so they really race.
+OPEN_STORAGE_ON_GO = """
+import os, sys, time
+from cxrexp.tuning.storage import make_storage
+url, go = sys.argv[1], sys.argv[2]
+print("ready", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.001)
+make_storage(url, heartbeat=20, stale_after=120)
+print("opened")
+"""
+
+
+@pytest.mark.postgres
+def test_machines_opening_a_fresh_postgresql_storage_at_once_all_succeed(tmp_path):
+    """Optuna's CREATE TABLE/TYPE on a fresh database used to kill all but one of them (UniqueViolation)."""
+    import subprocess
+    import sys
+
+    import sqlalchemy
+
+    postgres_or_skip(POSTGRES_URL)
+    name = f"cxrexp_race_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(tuning.rdb_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    go = tmp_path / "go"
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORAGE_ON_GO, url, str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-1500:]
+        go.touch()
+        outcomes = [proc.communicate(timeout=300) for proc in procs]
+        assert [proc.returncode for proc in procs] == [0] * 4, [err[-1500:] for _, err in outcomes]
+        assert all(out.strip().endswith("opened") for out, _ in outcomes)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

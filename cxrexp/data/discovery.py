@@ -21,6 +21,7 @@ class folders.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import math
 import os
 import re
@@ -63,12 +64,14 @@ class Discovery:
     """Records in class order (as requested), then natural file-name order; ``layout`` is
     ``"kaggle"``, ``"plain"`` or ``"mixed"``; ``notes`` are human sentences worth logging;
     ``unusable`` (path, reason) lists entries of the image and mask folders that cannot be images
-    (FIFOs, broken symlinks, symlink loops), to be reported as skipped."""
+    (FIFOs, broken symlinks, symlink loops), to be reported as skipped; ``excluded`` (path, reason)
+    the files the user's ``exclude`` patterns left out."""
 
     records: list[ImageRecord]
     layout: str
     notes: list[str]
     unusable: list[tuple[str, str]] = field(default_factory=list)
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, "excluded by ...") on request
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +169,18 @@ def list_files(folder: Path) -> Listing:
     return Listing(sorted(names, key=_natural_key), ignored, subfolders, sorted(unusable))
 
 
+# The COVID-19 Radiography Database's paediatric normals, Normal-63 .. Normal-1403 (1,341 films from a
+# children's hospital; the rest of Normal is adult): what `-P exclude` needs to leave them out.
+PAEDIATRIC_NORMALS = ("Normal-6[3-9].png", "Normal-[7-9][0-9].png", "Normal-[1-9][0-9][0-9].png",
+                      "Normal-1[0-3][0-9][0-9].png", "Normal-140[0-3].png")
+
+
+def excluded_by(name: str, patterns: Sequence[str]) -> str | None:
+    """The first of ``patterns`` (shell globs, case-sensitive: ``Normal-1[0-3][0-9][0-9].png``) that the
+    file name ``name`` matches, else None. The one rule for ``exclude`` in preprocess and segment."""
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
 def _match_folder(name: str, folders: Sequence[str]) -> tuple[str | None, list[str]]:
     """Exact match first, then case-insensitive; returns (match, ambiguous case-insensitive hits)."""
     if name in folders:
@@ -249,7 +264,8 @@ def _read_patient_ids(path: Path, notes: list[str]) -> dict[str, str]:
 
 
 def _class_records(
-    root: Path, folder: str, class_name: str, label: int, notes: list[str], unusable: list[tuple[str, str]]
+    root: Path, folder: str, class_name: str, label: int, notes: list[str], unusable: list[tuple[str, str]],
+    exclude: Sequence[str] = (), excluded: list[tuple[str, str]] | None = None,
 ) -> tuple[list[ImageRecord], str]:
     """(the records of one class folder, its layout ``kaggle`` or ``plain``); notes and unusable
     entries are appended.
@@ -282,6 +298,20 @@ def _class_records(
         notes.append(f"{class_name}: {len(bad_names)} file names are not valid UTF-8 (e.g. {display_name(bad_names[0])}): "
                      "kept, and written with \\x escapes in manifest.csv, skipped.csv and the logs")
 
+    if exclude:
+        kept = []
+        for name in names:
+            pattern = excluded_by(name, exclude)
+            if pattern is None:
+                kept.append(name)
+            elif excluded is not None:
+                excluded.append((str(image_dir / name), f"excluded by -P exclude pattern {pattern!r}"))
+        if len(kept) < len(names):
+            notes.append(f"{class_name}: {len(names) - len(kept)} files excluded by -P exclude (listed in skipped.csv)")
+        if names and not kept:
+            raise DatasetError(f"class {class_name!r}: -P exclude={','.join(exclude)} leaves none of the "
+                               f"{len(names)} files in {image_dir}; narrow the patterns")
+        names = kept
     n_images = sum(n.lower().endswith(IMAGE_EXTENSIONS) for n in names)
     if n_images == 0:
         others = f" (only {len(names)} other files)" if names else ""
@@ -329,8 +359,12 @@ def _class_records(
     return records, layout
 
 
-def discover(data_dir: str | Path, classes: Sequence[str], positive_class: str) -> Discovery:
+def discover(data_dir: str | Path, classes: Sequence[str], positive_class: str,
+             exclude: Sequence[str] = ()) -> Discovery:
     """List the image files of ``classes`` under ``data_dir`` (see the module docstring for layouts).
+
+    ``exclude``: file-name globs (``excluded_by``) whose files are left out and listed in
+    ``Discovery.excluded``, e.g. a source known to teach a shortcut (docs/lungs.md).
 
     Files without an image extension are listed too (preprocessing rejects them with a reason);
     hidden files, OS files (Thumbs.db) and spreadsheets are skipped and counted in ``notes``.
@@ -372,17 +406,18 @@ def discover(data_dir: str | Path, classes: Sequence[str], positive_class: str) 
 
     records: list[ImageRecord] = []
     unusable: list[tuple[str, str]] = []
+    excluded: list[tuple[str, str]] = []
     layouts: set[str] = set()
     for class_name, folder in matched.items():
         class_records, layout = _class_records(root, folder, class_name, int(class_name == positive_class), notes,
-                                               unusable)
+                                               unusable, exclude, excluded)
         records.extend(class_records)
         layouts.add(layout)
     layout = layouts.pop() if len(layouts) == 1 else "mixed"
     if layout == "mixed":
         notes.append("some classes use <Class>/images/, others hold images directly; both are read")
-    return Discovery(records=records, layout=layout, notes=notes, unusable=unusable)
+    return Discovery(records=records, layout=layout, notes=notes, unusable=unusable, excluded=excluded)
 
 
 __all__ = ["IMAGE_EXTENSIONS", "DatasetError", "Discovery", "ImageRecord", "Listing", "clean_id", "discover",
-           "display_name", "list_files"]
+           "display_name", "excluded_by", "list_files", "PAEDIATRIC_NORMALS"]

@@ -13,11 +13,10 @@ or a mask without an image, is listed with the reason, never silently dropped.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxrexp.data.discovery import IMAGE_EXTENSIONS, list_files
+from cxrexp.data.discovery import IMAGE_EXTENSIONS, excluded_by, list_files
 from cxrexp.errors import DatasetError
 
 # File-name prefixes that name a hospital (the NLM sets): more telling than the folder they sit in.
@@ -61,7 +60,7 @@ def _pair_folder(images_dir: Path, masks_dir: Path, folder_source: str, exclude:
     images = _images_in(images_dir)
     masks = _images_in(masks_dir) if masks_dir.is_dir() else {}
     for name in images:  # natural order
-        if any(fnmatch.fnmatch(name, pattern) for pattern in exclude):
+        if excluded_by(name, exclude):
             continue
         if name not in masks:
             unpaired.append((images[name], f"no mask {masks_dir / name}"))
@@ -69,7 +68,7 @@ def _pair_folder(images_dir: Path, masks_dir: Path, folder_source: str, exclude:
         pairs.append(MaskPair(str(Path(images[name]).absolute()), str(Path(masks[name]).absolute()),
                               source_of(name, folder_source)))
     for name in sorted(set(masks) - set(images)):
-        if not any(fnmatch.fnmatch(name, pattern) for pattern in exclude):
+        if not excluded_by(name, exclude):
             unpaired.append((masks[name], f"no image {images_dir / name}"))
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -197,7 +197,8 @@ def _common_params(cfg: PreprocessConfig) -> dict[str, Any]:
 class _Plan:
     """What a preprocess run will do: one task per row, the per-row input table (source as it can be
     written, class, label, patient), params, the cache key, the synthetic spec (or None), and the
-    listed entries that cannot be images (path, reason), reported as skipped."""
+    listed entries that cannot be images (path, reason) and the files ``exclude`` left out, both
+    reported as skipped."""
 
     tasks: list[_Task]
     inputs: pd.DataFrame
@@ -205,6 +206,7 @@ class _Plan:
     key: str
     synthetic: synthetic.SyntheticSpec | None
     unusable: list[tuple[str, str]]
+    excluded: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _plan(cfg: PreprocessConfig) -> _Plan:
@@ -240,7 +242,7 @@ def _plan(cfg: PreprocessConfig) -> _Plan:
         key = "synthetic-" + stable_hash(params)
         return _Plan(tasks, inputs, params, key, syn, [])
 
-    found = discovery.discover(cfg.data_dir, cfg.classes, cfg.positive_class)
+    found = discovery.discover(cfg.data_dir, cfg.classes, cfg.positive_class, cfg.exclude)
     inputs = pd.DataFrame(
         {
             # A file name that is not valid UTF-8 would crash to_csv after all the decoding: the table
@@ -261,8 +263,11 @@ def _plan(cfg: PreprocessConfig) -> _Plan:
         notes=list(found.notes),
     )
     unusable = [(discovery.display_name(path), reason) for path, reason in found.unusable]
+    excluded = [(discovery.display_name(path), reason) for path, reason in found.excluded]
+    if cfg.exclude:  # only then: the keys of datasets prepared before exclude existed stay valid
+        params["exclude"] = list(cfg.exclude)
     key = "data-" + stable_hash({**params, "files": _file_fingerprint(found.records), "unusable": unusable})
-    return _Plan(tasks, inputs, params, key, None, unusable)
+    return _Plan(tasks, inputs, params, key, None, unusable, excluded)
 
 
 def _refuse_out_dir_inside_data(cfg: PreprocessConfig) -> None:
@@ -415,9 +420,11 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True, lung_masks: 
     width = np.zeros(n, dtype=np.int64)
     height = np.zeros(n, dtype=np.int64)
     lungs = _LungColumns(n)
-    skipped: list[tuple[str, str]] = list(plan.unusable)
+    skipped: list[tuple[str, str]] = list(plan.unusable) + list(plan.excluded)
     for path, reason in plan.unusable:
         log.warning("skipped %s: %s", path, reason)
+    if plan.excluded:  # asked for: one line, not one per file
+        log.info("%d files excluded by -P exclude=%s (listed in skipped.csv)", len(plan.excluded), ",".join(cfg.exclude))
 
     with DatasetWriter(cfg.out_dir, key, n, spec.image_size) as writer:
         pending: list[_Pending] = []

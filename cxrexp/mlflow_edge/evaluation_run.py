@@ -59,7 +59,7 @@ from cxrexp.evaluation.test_evaluation import (
     summary_text,
     training_overlap,
 )
-from cxrexp.mlflow_edge import evaluation_logging, tracking
+from cxrexp.mlflow_edge import evaluation_logging, run_names, tracking
 from cxrexp.mlflow_edge.model_uri import ModelSource, describe_model
 from cxrexp.tags import (
     AUDIT_REASON_TAG,
@@ -154,7 +154,7 @@ def run(cfg: EvaluateConfig) -> str:
         discover(folder, (dataset.positive_class, dataset.negative_label), dataset.positive_class)
 
     with tracking.step_run(
-        EVALUATE_STEP, cfg, run_name=source.run_name(),
+        EVALUATE_STEP, cfg, run_name=run_names.evaluate_name(source.label(), dataset.digest),
         extra_params={"image_size": dataset.image_size, "model_threshold": model_threshold},
     ) as active:
         run_id = active.info.run_id
@@ -298,7 +298,6 @@ def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dat
 def _tag_model(cfg: EvaluateConfig, source: ModelSource, training_digest: str) -> None:
     """The tags that say which model was judged and what it was trained on."""
     mlflow.set_tags({
-        "mlflow.runName": source.run_name(),  # also when resumed under `mlflow run`
         MODEL_URI_TAG: cfg.model_uri,
         MODEL_ID_TAG: source.model_id,
         REGISTERED_MODEL_TAG: source.registered_name,

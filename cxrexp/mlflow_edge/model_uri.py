@@ -155,12 +155,13 @@ class ModelSource:
     registered_name: str = ""
     version: str = ""
 
-    def run_name(self) -> str:
+    def label(self) -> str:
+        """A short human name: ``cxr-covid-cnn v3``, ``run 01234567`` or the logged model's id."""
         if self.registered_name:
-            return f"evaluate-{self.registered_name}" + (f"-v{self.version}" if self.version else "")
+            return self.registered_name + (f" v{self.version}" if self.version else "")
         if self.train_run_id or self.source_run_id:
-            return f"evaluate-run-{(self.train_run_id or self.source_run_id)[:8]}"
-        return f"evaluate-{self.model_id or 'model'}"
+            return f"run {(self.train_run_id or self.source_run_id)[:8]}"
+        return self.model_id or "model"
 
 
 def describe_model(model_uri: str) -> ModelSource:

@@ -23,7 +23,7 @@ from cxrexp.data.store import PreparedDataset
 from cxrexp.errors import ModelNotFound, PreparedDataError
 from cxrexp.evaluation.metrics import metric_key
 from cxrexp.images import decode, synthetic, transforms
-from cxrexp.mlflow_edge import tracking
+from cxrexp.mlflow_edge import run_names, tracking
 from cxrexp.mlflow_edge.model_uri import (
     parse_model_uri,
     registered_version,
@@ -191,7 +191,7 @@ def report(result: PreprocessResult) -> str:
 
 def run(cfg: PreprocessConfig) -> str:
     """Preprocess as one MLflow run (tagged ``cxrexp.step=preprocess``); returns the run id."""
-    with tracking.step_run("preprocess", cfg) as active:
+    with tracking.step_run("preprocess", cfg, run_name=run_names.preprocess_name(cfg)) as active:
         result = prepare(cfg)
         log_result(cfg, result)
         print(report(result))

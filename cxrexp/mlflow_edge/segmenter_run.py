@@ -41,7 +41,7 @@ from cxrexp.images.decode import (
     read_grey,
 )
 from cxrexp.lungs.masks import dice, iou, mask_for_image, overlay
-from cxrexp.mlflow_edge import registry, tracking
+from cxrexp.mlflow_edge import registry, run_names, tracking
 from cxrexp.mlflow_edge.epoch_logging import MlflowEpochLogger
 from cxrexp.promotion import segmenter_champion
 from cxrexp.tags import (
@@ -149,7 +149,8 @@ def run(cfg: SegmentConfig) -> str:
     split_digest = stable_hash({"test": sorted(samples.sha256[i] for i in test_rows)})
     for path, reason in samples.skipped[:20]:
         print(f"skipped {path}: {reason}")
-    with tracking.step_run(SEGMENT_STEP, cfg, extra_params={"n_pairs": len(samples.images)}) as active:
+    with tracking.step_run(SEGMENT_STEP, cfg, run_name=run_names.segment_name(cfg),
+                           extra_params={"n_pairs": len(samples.images)}) as active:
         run_id = active.info.run_id
         table = pd.DataFrame({"image": samples.names, "mask": samples.mask_names, "source": samples.sources,
                               "split": splits})

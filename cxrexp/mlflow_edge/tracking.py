@@ -56,6 +56,8 @@ def step_run(step: str, cfg: Any, *, run_name: str | None = None, nested: bool =
         signals.die_with_parent()
     with signals.sigterm_as_interrupt(), mlflow.start_run(run_name=run_name, nested=nested) as run:
         tags = {STEP_TAG: step}
+        if run_name:
+            tags["mlflow.runName"] = run_name  # also a run `mlflow run` created under a random name
         commit = git_commit()
         if commit:
             tags[GIT_TAG] = commit

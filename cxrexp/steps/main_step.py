@@ -77,7 +77,7 @@ def run(cfg: MainConfig) -> int:
             version = mlflow.get_run(seg_run).data.tags[SEGMENTER_VERSION_TAG]
             image = ImageSpec(image_size=cfg.image_size, lungs=cfg.lungs,
                               lung_model=version_uri(seg_cfg.registered_model_name, version))
-        pre_cfg = PreprocessConfig(data_dir=cfg.data_dir, image=image)
+        pre_cfg = PreprocessConfig(data_dir=cfg.data_dir, exclude=cfg.exclude, image=image)
         pre_run = _get_or_run("preprocess", pre_cfg)
         mlflow.set_tag(PREPROCESS_RUN_TAG, pre_run)
         train_cfg = TrainConfig(

@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from cxrexp.config import EvaluateConfig, PromoteConfig
 from cxrexp.data.store import PreparedDataError
-from cxrexp.mlflow_edge import evaluation_run, registry, tracking
+from cxrexp.mlflow_edge import evaluation_run, registry, run_names, tracking
 from cxrexp.mlflow_edge.model_uri import version_uri
 from cxrexp.promotion import CasePredictions, Decision, Evidence, Gates, decide
 from cxrexp.tags import (
@@ -332,7 +332,7 @@ def run(cfg: PromoteConfig) -> int:
         return _fail(f"cannot decide: {err}")
 
     decision = decide(challenger.evidence, champion.evidence if champion else None, gates)
-    with tracking.step_run("promote", cfg) as active:
+    with tracking.step_run("promote", cfg, run_name=run_names.promote_name(cfg)) as active:
         moved: list[str] = []
         if decision.promote and not cfg.dry_run:
             try:

@@ -9,7 +9,7 @@ import numpy as np
 
 from cxrexp.config import SEED_IMAGE_SPEC, PreprocessConfig, TrainConfig, apply_preset
 from cxrexp.data.store import PreparedDataError, PreparedDataset
-from cxrexp.mlflow_edge import preprocess_run, tracking
+from cxrexp.mlflow_edge import preprocess_run, run_names, tracking
 from cxrexp.mlflow_edge.training_run import register_model, train_and_log
 from cxrexp.tags import REGISTERED_VERSION_TAG
 
@@ -61,8 +61,8 @@ def run(cfg: TrainConfig, explicitly_set: set[str] | None = None) -> str:
         from cxrexp import tuning
 
         return tuning.run_study(cfg, dataset)
-    with tracking.step_run("train", cfg, extra_params={"image_size": dataset.image_size,
-                                                       "dataset_digest": dataset.digest}) as active:
+    with tracking.step_run("train", cfg, run_name=run_names.train_name(cfg, dataset.image_size),
+                           extra_params={"image_size": dataset.image_size, "dataset_digest": dataset.digest}) as active:
         trained = train_and_log(cfg, dataset, active.info.run_id)
         version = register_model(trained, cfg, dataset)
         mlflow.set_tag(REGISTERED_VERSION_TAG, version)

@@ -4,8 +4,8 @@ Only this package imports ``optuna``. The layout it leaves behind:
 
 - an Optuna study ``cfg.study_name`` in ``cfg.storage`` (default ``sqlite:///optuna.db`` in the
   current folder, beside MLflow's default ``sqlite:///mlflow.db``; any Optuna RDB URL otherwise);
-- one parent MLflow run per invocation, ``study-<study_name>``, tagged ``cxrexp.step=train``, with
-  the base config as params, and at the end the best params (``best_<name>``), ``best_value``, the
+- one parent MLflow run per invocation, ``study <study_name> <size>px``, tagged
+  ``cxrexp.step=train``, with the base config as params, and at the end the best params (``best_<name>``), ``best_value``, the
   trial table, the optimisation-history and parameter-importance figures, and the tag
   ``cxrexp.model_uri`` of the best model (what the main pipeline evaluates);
 - one nested run per trial, ``trial-007``, tagged ``cxrexp.step=trial``, ``optuna.trial_number``,
@@ -59,7 +59,6 @@ from cxrexp.tuning.storage import (
     open_study,
     rdb_url,
     redact,
-    sampler_seed,
     storage_url,
 )
 from cxrexp.tuning.study import run_study, validation_noise_note
@@ -96,7 +95,6 @@ __all__ = [
     "register_best",
     "run_study",
     "validation_noise_note",
-    "sampler_seed",
     "storage_url",
     "study_figures",
     "suggest_config",

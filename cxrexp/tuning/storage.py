@@ -6,11 +6,12 @@ other data or settings fails instead of mixing incomparable trials.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import warnings
-from typing import Any
+from typing import Any, Callable, Iterator
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -19,6 +20,7 @@ from cxrexp.config import TrainConfig, flat_params
 from cxrexp.credentials import redact
 from cxrexp.data.store import PreparedDataError, PreparedDataset
 from cxrexp.tuning.pruning import make_pruner
+from cxrexp.tuning.sampling import TrialSeededTPE
 from cxrexp.tuning.space import SEARCHED_FIELDS
 from cxrexp.tuning.stale import RetryStaleTrial
 
@@ -89,9 +91,9 @@ def make_storage(url: str, heartbeat: int = 0, stale_after: int = 0) -> optuna.s
         beating = {"heartbeat_interval": int(heartbeat), "grace_period": int(stale_after),
                    "heartbeat_stale_trial_callback": RetryStaleTrial()}
     try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5 (since 2.9)
+        with _schema_lock(rdb_url(url)), warnings.catch_warnings():  # heartbeat: "experimental" in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(rdb_url(url), engine_kwargs=engine_kwargs, **beating)
+            return _created(lambda: optuna.storages.RDBStorage(rdb_url(url), engine_kwargs=engine_kwargs, **beating))
     except Exception as err:  # SQLAlchemy/driver errors: say which storage and what to do
         raise StorageError(
             f"cannot open the Optuna storage {redact(url)!r}: {type(err).__name__}: {err}. Pass --storage with an "
@@ -99,15 +101,49 @@ def make_storage(url: str, heartbeat: int = 0, stale_after: int = 0) -> optuna.s
         ) from err
 
 
-def sampler_seed(seed: int, n_existing_trials: int, worker: int) -> int:
-    """``seed`` for a fresh study's only worker; otherwise a value derived from all three.
+# Any fixed 64-bit number: every cxrexp process on any machine takes the same PostgreSQL advisory lock.
+SCHEMA_LOCK_KEY = 0x6378726578700001
+SCHEMA_RETRIES = 5
 
-    A resumed study or a second worker seeded with ``seed`` itself would redraw the very
-    parameters of the first trials (TPE's start-up trials are random draws from the seeded RNG).
+
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """On PostgreSQL, hold a session advisory lock while Optuna creates (or checks) its tables.
+
+    Why: RDBStorage runs ``CREATE TABLE`` / ``CREATE TYPE`` when the tables are missing, and two
+    machines doing so on a fresh database at the same moment collide (``UniqueViolation ...
+    pg_type_typname_nsp_index``): one of them died before its first trial. Under the lock the second
+    one finds the tables made. Other databases pass through (``_created`` retries there).
     """
-    if n_existing_trials == 0 and worker == 0:
-        return int(seed)
-    return int(np.random.SeedSequence([int(seed), int(n_existing_trials), int(worker)]).generate_state(1)[0])
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+def _created(make: Callable[[], optuna.storages.RDBStorage]) -> optuna.storages.RDBStorage:
+    """``make()``, again after a short wait when another process was creating the same tables."""
+    import sqlalchemy.exc
+
+    for attempt in range(SCHEMA_RETRIES):
+        try:
+            return make()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
+            if attempt == SCHEMA_RETRIES - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def defining_settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -115,8 +151,8 @@ def defining_settings(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in flat_params(cfg).items() if k not in SEARCHED_FIELDS + MANAGEMENT_FIELDS}
 
 
-def open_study(cfg: TrainConfig, dataset: PreparedDataset, *, worker: int = 0, create: bool = True) -> optuna.Study:
-    """Create or load ``cfg.study_name`` in ``storage_url(cfg)`` (maximising) with the seeded TPE sampler.
+def open_study(cfg: TrainConfig, dataset: PreparedDataset, *, create: bool = True) -> optuna.Study:
+    """Create or load ``cfg.study_name`` in ``storage_url(cfg)`` (maximising) with TPE seeded per trial.
 
     The first invocation records the dataset digest and the defining base settings in the study's
     user attrs; a later one with other values raises ``StudyMismatch`` (mixing them would compare
@@ -153,8 +189,7 @@ def open_study(cfg: TrainConfig, dataset: PreparedDataset, *, worker: int = 0, c
                 f"study {cfg.study_name!r} in {redact(url)} already holds trials run with other "
                 f"{', '.join(changed)}: resuming would compare trials that are not comparable; use a new --study-name"
             )
-    n_existing = len(study.get_trials(deepcopy=False))
-    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(cfg.seed, n_existing, worker))
+    study.sampler = TrialSeededTPE(cfg.seed)  # per trial: distinct on every worker and machine (sampling.py)
     return study
 
 

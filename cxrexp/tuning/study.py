@@ -11,7 +11,7 @@ import mlflow
 from cxrexp.config import TrainConfig
 from cxrexp.data.store import PreparedDataset
 from cxrexp.evaluation.metrics import auc_standard_error
-from cxrexp.mlflow_edge import tracking
+from cxrexp.mlflow_edge import run_names, tracking
 from cxrexp.mlflow_edge.signals import sigterm_as_interrupt
 from cxrexp.tags import (
     BEST_RUN_ID_TAG,
@@ -71,7 +71,7 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
     n_done = count_done(study)
     n_missing = max(0, cfg.n_trials - n_done)
     with tracking.step_run(
-        "train", cfg, run_name=f"study-{cfg.study_name}",
+        "train", cfg, run_name=run_names.study_name(cfg, dataset.image_size),
         extra_params={"image_size": dataset.image_size, "dataset_digest": dataset.digest},
     ) as parent:
         parent_id = parent.info.run_id

@@ -22,6 +22,7 @@ from cxrexp.tags import (
     STATE_TAG,
     STEP_TAG,
     STUDY_NAME_TAG,
+    SURPLUS_ATTR,
     TIMED_OUT_TAG,
     TRIAL_NUMBER_TAG,
     TRIAL_STEP,
@@ -31,6 +32,25 @@ from cxrexp.tuning.space import suggest_config
 from cxrexp.tuning.stale import retried_trial_number
 
 log = logging.getLogger(__name__)
+
+# Trials that hold a place in the study's n_trials: finished, running, or queued to run (a retry).
+CLAIMING_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                   optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+
+
+class SurplusTrial(RuntimeError):
+    """The study already had ``n_trials`` trials finished, running or queued when this one started."""
+
+
+def is_surplus(trials: list[optuna.trial.FrozenTrial], number: int, n_trials: int) -> bool:
+    """Whether trial ``number`` would exceed ``n_trials`` for the whole study, on every machine.
+
+    Trial numbers come from the shared storage in the order the trials were created, so counting
+    the claiming trials numbered below this one is the same answer on every machine, with no lock:
+    a per-process budget alone let two machines that started together each run ``n_trials``.
+    """
+    return sum(t.number < number and t.state in CLAIMING_STATES for t in trials) >= n_trials
+
 
 class TrialObjective:
     """The objective: one trial = one nested MLflow run around ``mlflow_edge.training_run.train_and_log``.
@@ -51,6 +71,11 @@ class TrialObjective:
     def __call__(self, trial: optuna.trial.Trial) -> float:
         # A fresh Keras state per trial (no layer-name drift); the costly garbage collection runs
         # once, at the end of the trial, when the trial's model can be freed.
+        if is_surplus(trial.study.get_trials(deepcopy=False), trial.number, self.base.n_trials):
+            trial.study.stop()  # this process is done; the trial is FAIL with the reason, and has no run
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise SurplusTrial(f"trial {trial.number} not run: study {trial.study.study_name!r} already has "
+                               f"{self.base.n_trials} trials finished, running or queued (n_trials counts every machine)")
         keras.backend.clear_session(free_memory=False)
         trial_cfg = suggest_config(trial, self.base, self.dataset.image_size)
         run = mlflow.start_run(

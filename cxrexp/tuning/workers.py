@@ -98,7 +98,7 @@ def worker_main(job: WorkerJob, worker: int, shared_count: Any) -> None:
 def _run_worker(job: WorkerJob, worker: int, shared_count: Any) -> None:
     try:
         dataset = open_prepared(job.dataset_root)
-        study = open_study(job.cfg, dataset, worker=worker, create=False)
+        study = open_study(job.cfg, dataset, create=False)
         objective = TrialObjective(job.cfg, dataset, job.parent_run_id, job.experiment_id, verbose=0)
         optimize(study, objective, TrialBudget(shared_count), job.cfg.n_trials)
     except KeyboardInterrupt:
