@@ -22,6 +22,7 @@ from cxrexp.config import (
     PreprocessConfig,
     PromoteConfig,
     SegmentConfig,
+    ServerConfig,
     TrainConfig,
     flat_fields,
     from_flat,
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("segment", SegmentConfig, "train the lung segmenter (U-Net) on image/mask folders and register it"),
     ):
         add_config_flags(sub.add_parser(name, help=text, description=text), cls)
+    server_text = "start one MLflow tracking server for a team (artifacts proxied) and print its MLFLOW_TRACKING_URI"
+    add_config_flags(sub.add_parser("server", help=server_text, description=server_text), ServerConfig)
     main_text = "the whole pipeline: preprocess -> train -> evaluate (reusing finished steps)"
     add_config_flags(sub.add_parser("run", help=main_text, description=main_text), MainConfig)
     predict = sub.add_parser("predict", help="score a folder of X-ray images to CSV")
@@ -143,6 +146,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg, _ = config_from_args(SegmentConfig, args)
         segment_step.run(cfg)
         return 0
+    if args.command == "server":
+        from cxrexp.mlflow_edge import tracking_server
+
+        cfg, _ = config_from_args(ServerConfig, args)
+        return tracking_server.serve(cfg)
     if args.command == "rollback":
         from cxrexp.steps import promote_step
 
@@ -216,7 +224,7 @@ def _experiment(args: argparse.Namespace) -> Iterator[None]:
         logging.getLogger(__name__).warning(
             "--experiment %r is ignored under `mlflow run`: its run exists already; pass --experiment-name to mlflow run",
             args.experiment)
-    if name is None or args.command == "predict":  # predict logs no run
+    if name is None or args.command in ("predict", "server"):  # they log no run
         yield
         return
     import mlflow

@@ -413,6 +413,32 @@ class PredictConfig:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    """Flags of ``server``: one MLflow tracking server for a team (docs/team.md).
+
+    ``backend_store_uri``: where runs and the registry live (PostgreSQL for a team; keep its password
+    in PGPASSWORD or ~/.pgpass, not in the URL). ``artifacts_destination``: where the server keeps
+    artifacts (a folder, ``s3://bucket/prefix``, ...); clients send and fetch them through the server
+    (``mlflow-artifacts:``), so a model logged on one machine loads on any other. ``host`` is loopback
+    unless told otherwise; ``basic_auth`` turns on MLflow's ``--app-name basic-auth``.
+    """
+
+    backend_store_uri: str = "sqlite:///mlflow.db"
+    artifacts_destination: str = "./mlartifacts"
+    host: str = "127.0.0.1"
+    port: int = 5000
+    workers: int = 2
+    basic_auth: bool = False
+    wait: int = 120  # seconds to wait for the server to answer before giving up
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port={self.port} must be in 1..65535")
+        if self.workers < 1 or self.wait < 1:
+            raise ValueError(f"workers={self.workers} and wait={self.wait} must be at least 1")
+
+
 def field_names(cls: type) -> list[str]:
     """The flag names of a config class, nested configs flattened (see ``flat_fields``)."""
     return [name for name, _ in flat_fields(cls)]
