@@ -550,3 +550,12 @@ def test_the_documented_paediatric_patterns_select_exactly_normal_63_to_1403():
     assert chosen == list(range(63, 1404))
     usage = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text(encoding="utf-8")
     assert f"-P exclude='{','.join(PAEDIATRIC_NORMALS)}'" in usage  # the docs give the same patterns
+
+
+def test_a_named_exclude_set_expands_and_an_unknown_one_is_an_error():
+    from cxrexp.data.discovery import PAEDIATRIC_NORMALS, expand_exclude
+    from cxrexp.errors import DatasetError
+
+    assert expand_exclude(["*_0.png", "@paediatric-normals"]) == ("*_0.png", *PAEDIATRIC_NORMALS)
+    with pytest.raises(DatasetError, match="'@pediatric' is not a known set; known: @paediatric-normals"):
+        expand_exclude(["@pediatric"])

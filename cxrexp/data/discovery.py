@@ -175,6 +175,24 @@ PAEDIATRIC_NORMALS = ("Normal-6[3-9].png", "Normal-[7-9][0-9].png", "Normal-[1-9
                       "Normal-1[0-3][0-9][0-9].png", "Normal-140[0-3].png")
 
 
+# Names for pattern sets, usable inside -P exclude: `-P exclude=@paediatric-normals`.
+EXCLUDE_SETS = {"@paediatric-normals": PAEDIATRIC_NORMALS}
+
+
+def expand_exclude(patterns: Sequence[str]) -> tuple[str, ...]:
+    """``patterns`` with each named set (``EXCLUDE_SETS``) replaced by its globs; an unknown ``@name``
+    is an error that lists the known ones (a typo must not silently exclude nothing)."""
+    out: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith("@"):
+            if pattern not in EXCLUDE_SETS:
+                raise DatasetError(f"-P exclude: {pattern!r} is not a known set; known: {', '.join(EXCLUDE_SETS)}")
+            out.extend(EXCLUDE_SETS[pattern])
+        else:
+            out.append(pattern)
+    return tuple(out)
+
+
 def excluded_by(name: str, patterns: Sequence[str]) -> str | None:
     """The first of ``patterns`` (shell globs, case-sensitive: ``Normal-1[0-3][0-9][0-9].png``) that the
     file name ``name`` matches, else None. The one rule for ``exclude`` in preprocess and segment."""
@@ -404,6 +422,7 @@ def discover(data_dir: str | Path, classes: Sequence[str], positive_class: str,
             notes.append(f"class {class_name!r} matched folder {folder!r} ignoring case")
         matched[class_name] = folder
 
+    exclude = expand_exclude(exclude)
     records: list[ImageRecord] = []
     unusable: list[tuple[str, str]] = []
     excluded: list[tuple[str, str]] = []
@@ -420,4 +439,4 @@ def discover(data_dir: str | Path, classes: Sequence[str], positive_class: str,
 
 
 __all__ = ["IMAGE_EXTENSIONS", "DatasetError", "Discovery", "ImageRecord", "Listing", "clean_id", "discover",
-           "display_name", "excluded_by", "list_files", "PAEDIATRIC_NORMALS"]
+           "display_name", "excluded_by", "expand_exclude", "list_files", "EXCLUDE_SETS", "PAEDIATRIC_NORMALS"]
