@@ -49,39 +49,20 @@ def as_the_database_stores_them(paths: list[Path], folder: Path, size: int) -> l
     return out
 
 
-# Normal-63 .. Normal-1403 of the database are paediatric films from another hospital (cxr-mini's README).
-PAEDIATRIC = range(63, 1404)
-
-
-def adult_only_tree(folder: Path) -> Path:
-    """A link tree of cxr-mini without its paediatric normals (the source folder is never written)."""
+def retrain_adult_only(work: Path, modes: list[str], seeds: list[int]) -> None:
+    """preprocess + train (each seed, defaults) per mode on cxr-mini without its paediatric normals
+    (``-P exclude=@paediatric-normals``), registered as ``mini-<mode>-adult`` in the same store (the
+    crop uses the store's ``cxr-lung-seg``)."""
+    import mlflow
     from lungs_compare import SHARED
 
-    mini = SHARED / "cxr-mini"
-    for cls in ("COVID", "Normal"):
-        (folder / cls / "images").mkdir(parents=True)
-        for path in sorted((mini / cls / "images").glob("*.png")):
-            number = int(path.stem.rsplit("-", 1)[-1])
-            if cls == "Normal" and number in PAEDIATRIC:
-                continue
-            (folder / cls / "images" / path.name).symlink_to(path)
-    return folder
-
-
-def retrain_adult_only(work: Path, modes: list[str], seeds: list[int]) -> None:
-    """preprocess + train (each seed, defaults) per mode on cxr-mini without its paediatric normals,
-    registered as ``mini-<mode>-adult`` in the same store (the crop uses the store's ``cxr-lung-seg``)."""
     from cxrexp import cli
 
-    tree = work / "mini-adult"
-    if not tree.exists():
-        adult_only_tree(tree)
     for mode in modes:
         out = work / f"prepared-{mode}-adult"
-        if cli.main(["preprocess", "--data-dir", str(tree), "--out-dir", str(out), "--lungs", mode, "--seed", "42"]):
+        if cli.main(["preprocess", "--data-dir", str(SHARED / "cxr-mini"), "--exclude", "@paediatric-normals",
+                     "--out-dir", str(out), "--lungs", mode, "--seed", "42"]):
             raise SystemExit(1)
-        import mlflow
-
         pre = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
                                  filter_string="tags.`cxrexp.step` = 'preprocess'",
                                  order_by=["attributes.start_time DESC"])[0]
