@@ -252,6 +252,9 @@ class TrainConfig:
     # failed and retried by the next trial any worker starts (cxrexp.tuning.stale). 0 turns it off.
     heartbeat: int = 20
     stale_after: int = 120
+    # MLflow's system metrics (CPU, memory, disk, network; GPU where there is one) on the train run,
+    # a study's parent and every trial: what a team compares when it sizes machines.
+    system_metrics: bool = False
     registered_model_name: str = REGISTERED_MODEL_NAME
 
     def __post_init__(self) -> None:

@@ -797,3 +797,23 @@ def test_machines_opening_a_fresh_postgresql_storage_at_once_all_succeed(tmp_pat
         with admin.connect() as connection:
             connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def test_system_metrics_are_logged_on_the_train_run_and_the_trials_when_asked(in_shared_store, synthetic_prepared,
+                                                                             monkeypatch):
+    from cxrexp.steps import train_step
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # a 1-epoch run lasts seconds
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    cfg = study_cfg(n_trials=0, data=str(synthetic_prepared.root), system_metrics=True, registered_model_name="m-system")
+    train_step.run(cfg)
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="tags.`cxrexp.step` = 'train' and params.registered_model_name = 'm-system'")
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), sorted(run.data.metrics)
+    parent = tuning.run_study(study_cfg(study_name="system", system_metrics=True, registered_model_name="m-sys-study"),
+                              synthetic_prepared, verbose=0)
+    (trial_run,) = children(parent)
+    assert any(key.startswith("system/") for key in trial_run.data.metrics)
+    quiet = study_cfg(study_name="quiet", registered_model_name="m-quiet")  # off by default
+    (quiet_trial,) = children(tuning.run_study(quiet, synthetic_prepared, verbose=0))
+    assert not any(key.startswith("system/") for key in quiet_trial.data.metrics)

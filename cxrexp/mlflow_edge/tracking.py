@@ -45,16 +45,19 @@ def git_commit() -> str | None:
 
 @contextlib.contextmanager
 def step_run(step: str, cfg: Any, *, run_name: str | None = None, nested: bool = False,
-             extra_params: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
+             extra_params: dict[str, Any] | None = None, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """One MLflow run for one pipeline step, with the config logged once and standard tags.
 
     Under ``mlflow run`` the run already exists (MLFLOW_RUN_ID) and is resumed. An exception ends
     the run FAILED; Ctrl-C and SIGTERM end it KILLED (``signals.sigterm_as_interrupt``), and so does
     killing the ``mlflow run`` process above it (``signals.die_with_parent``): never RUNNING.
+    ``system_metrics`` turns on MLflow's system-metrics monitor for the run (None leaves MLflow's
+    own setting, MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING).
     """
     if os.environ.get("MLFLOW_RUN_ID") and not nested:
         signals.die_with_parent()
-    with signals.sigterm_as_interrupt(), mlflow.start_run(run_name=run_name, nested=nested) as run:
+    with signals.sigterm_as_interrupt(), mlflow.start_run(run_name=run_name, nested=nested,
+                                                          log_system_metrics=system_metrics or None) as run:
         tags = {STEP_TAG: step}
         if run_name:
             tags["mlflow.runName"] = run_name  # also a run `mlflow run` created under a random name

@@ -62,7 +62,8 @@ def run(cfg: TrainConfig, explicitly_set: set[str] | None = None) -> str:
 
         return tuning.run_study(cfg, dataset)
     with tracking.step_run("train", cfg, run_name=run_names.train_name(cfg, dataset.image_size),
-                           extra_params={"image_size": dataset.image_size, "dataset_digest": dataset.digest}) as active:
+                           extra_params={"image_size": dataset.image_size, "dataset_digest": dataset.digest},
+                           system_metrics=cfg.system_metrics) as active:
         trained = train_and_log(cfg, dataset, active.info.run_id)
         version = register_model(trained, cfg, dataset)
         mlflow.set_tag(REGISTERED_VERSION_TAG, version)

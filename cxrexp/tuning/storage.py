@@ -32,6 +32,7 @@ DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # mix incomparable trials. (Searched fields and run management may differ between invocations.)
 MANAGEMENT_FIELDS = (
     "data", "n_trials", "study_name", "storage", "pruner", "n_jobs", "trial_timeout", "heartbeat", "stale_after",
+    "system_metrics",
     "registered_model_name",
 )
 

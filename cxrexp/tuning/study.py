@@ -73,6 +73,7 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
     with tracking.step_run(
         "train", cfg, run_name=run_names.study_name(cfg, dataset.image_size),
         extra_params={"image_size": dataset.image_size, "dataset_digest": dataset.digest},
+        system_metrics=cfg.system_metrics,
     ) as parent:
         parent_id = parent.info.run_id
         mlflow.set_tags(

@@ -83,6 +83,7 @@ class TrialObjective:
             experiment_id=self.experiment_id,
             parent_run_id=self.parent_run_id,
             nested=True,
+            log_system_metrics=self.base.system_metrics or None,
             tags={
                 STEP_TAG: TRIAL_STEP,
                 TRIAL_NUMBER_TAG: str(trial.number),
