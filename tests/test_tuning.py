@@ -817,3 +817,31 @@ def test_system_metrics_are_logged_on_the_train_run_and_the_trials_when_asked(in
     quiet = study_cfg(study_name="quiet", registered_model_name="m-quiet")  # off by default
     (quiet_trial,) = children(tuning.run_study(quiet, synthetic_prepared, verbose=0))
     assert not any(key.startswith("system/") for key in quiet_trial.data.metrics)
+
+
+@pytest.mark.parametrize("current, new, forward", [(None, "1", True), ("3", "3", True), ("3", "5", True),
+                                                   ("5", "3", False), ("10", "9", False)])
+def test_an_alias_only_moves_forward(current, new, forward):
+    from cxrexp.mlflow_edge.registry import alias_moves_forward
+
+    assert alias_moves_forward(current, new) == forward
+
+
+def test_an_old_study_never_takes_challenger_back_and_a_twice_registered_best_is_kept_once(
+        shared_study, in_shared_store, synthetic_prepared):
+    from cxrexp.mlflow_edge import registry
+
+    cfg, _ = shared_study
+    name = cfg.registered_model_name
+    client = MlflowClient()
+    old = client.get_model_version_by_alias(name, CHALLENGER)
+    tuning.run_study(study_cfg(study_name="newer", registered_model_name=name), synthetic_prepared, verbose=0)
+    newest = client.get_model_version_by_alias(name, CHALLENGER).version
+    assert int(newest) > int(old.version)
+    tuning.run_study(cfg, synthetic_prepared, verbose=0)  # the old study again: nothing to train
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == newest  # not taken back
+    # Another machine registered the same best trial at the same moment: one version stays, the first.
+    registry.register(old.source, name, alias=None, tags={"train_run_id": old.tags["train_run_id"]})
+    tuning.run_study(cfg, synthetic_prepared, verbose=0)
+    same = client.search_model_versions(f"name = '{name}' and tags.train_run_id = '{old.tags['train_run_id']}'")
+    assert [v.version for v in same] == [old.version]

@@ -100,6 +100,42 @@ def register(model_uri: str, name: str, *, alias: str | None = CHALLENGER, tags:
     return str(version.version)
 
 
+def alias_moves_forward(current: str | None, new: str) -> bool:
+    """Whether pointing an alias now at ``current`` to version ``new`` moves it forward (or nowhere).
+
+    Versions are numbered in registration order, so a lower one is an older model: a re-run of an
+    old study, or a late worker, must not take ``@challenger`` back from a newer model.
+    """
+    return current is None or int(new) >= int(current)
+
+
+def point_alias_forward(name: str, alias: str, version: str) -> bool:
+    """Point ``alias`` of ``name`` at ``version`` unless that moves it back; returns whether it now does."""
+    client = MlflowClient()
+    try:
+        current: str | None = str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        current = None
+    if not alias_moves_forward(current, version):
+        return False
+    client.set_registered_model_alias(name, alias, version)
+    return True
+
+
+def keep_first_version(name: str, versions: list[str]) -> str:
+    """Of several versions registered for the same model (two machines at once), keep the first and
+    delete the others; returns the one kept. Every racer computes the same answer, so they converge."""
+    keep = str(min(int(v) for v in versions))
+    client = MlflowClient()
+    for version in versions:
+        if version != keep:
+            try:
+                client.delete_model_version(name, version)
+            except MlflowException:  # the other machine deleted it first
+                pass
+    return keep
+
+
 def aliases(name: str) -> dict[str, str]:
     """``{alias: version}`` of the registered model ``name``; ``RegistryError`` when there is no such model."""
     client = MlflowClient()

@@ -104,12 +104,13 @@ def _segmenter_of(dataset: PreparedDataset):
     return load_segmenter(spec.lung_model)[0]
 
 
-def register_model(trained: TrainedRun, cfg: TrainConfig, dataset: PreparedDataset, **tags: Any) -> str:
-    """Register ``trained``'s model as ``cfg.registered_model_name`` and point ``@challenger`` at it."""
+def register_model(trained: TrainedRun, cfg: TrainConfig, dataset: PreparedDataset, *,
+                   alias: str | None = CHALLENGER, **tags: Any) -> str:
+    """Register ``trained``'s model as ``cfg.registered_model_name`` and point ``alias`` at it (None: no alias)."""
     version = registry.register(
         trained.model_uri,
         cfg.registered_model_name,
-        alias=CHALLENGER,
+        alias=alias,
         tags={
             VERSION_DIGEST_TAG: dataset.digest,
             VERSION_TRAIN_RUN_TAG: trained.run_id,
@@ -117,7 +118,7 @@ def register_model(trained: TrainedRun, cfg: TrainConfig, dataset: PreparedDatas
             **tags,
         },
     )
-    print(f"registered {cfg.registered_model_name} version {version} as @{CHALLENGER}")
+    print(f"registered {cfg.registered_model_name} version {version}" + (f" as @{alias}" if alias else ""))
     return version
 
 

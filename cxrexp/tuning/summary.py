@@ -16,7 +16,7 @@ from cxrexp.config import TrainConfig
 from cxrexp.credentials import redact
 from cxrexp.data.store import PreparedDataset
 from cxrexp.errors import StudyFailed
-from cxrexp.mlflow_edge import tracking, training_run
+from cxrexp.mlflow_edge import registry, tracking, training_run
 from cxrexp.tags import (
     CHALLENGER,
     EPOCHS_ATTR,
@@ -115,25 +115,22 @@ def best_trained_run(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, tra
 
 
 def register_best(study: optuna.Study, cfg: TrainConfig, dataset: PreparedDataset) -> tuple[str, str]:
-    """Register the best trial's model as ``challenger`` (reusing its version if already registered).
+    """Register the best trial's model exactly once per study and point ``@challenger`` at it, forward only.
 
-    Returns ``(model_uri, version)``.
+    A model already registered (a re-run of a finished study, or the other machine of two that
+    finished together) is reused. Two machines registering at the same moment both keep the first
+    version and delete the other (``registry.keep_first_version``). ``@challenger`` never moves back
+    to an older version (``registry.alias_moves_forward``): re-running an old study leaves a newer
+    challenger alone. Returns ``(model_uri, version)``.
     """
     best, trained = best_trained_run(study)
-    client = MlflowClient()
-    try:
-        existing = client.search_model_versions(
-            f"name = '{cfg.registered_model_name}' and tags.train_run_id = '{trained.run_id}'"
-        )
-    except mlflow.exceptions.MlflowException:
-        existing = []
-    if existing:  # a re-run of a finished study: the same model, no duplicate version
-        version = str(max(int(v.version) for v in existing))
-        client.set_registered_model_alias(cfg.registered_model_name, CHALLENGER, version)
-        print(f"{cfg.registered_model_name} version {version} (trial {best.number}) is @{CHALLENGER} again")
+    name = cfg.registered_model_name
+    existing = _versions_of(name, trained.run_id)
+    if existing:
+        version = registry.keep_first_version(name, existing)
     else:
-        version = training_run.register_model(
-            trained, cfg, dataset,
+        training_run.register_model(
+            trained, cfg, dataset, alias=None,
             **{
                 STUDY_NAME_TAG: study.study_name,
                 TRIAL_NUMBER_TAG: best.number,
@@ -141,4 +138,18 @@ def register_best(study: optuna.Study, cfg: TrainConfig, dataset: PreparedDatase
                 "objective_value": round(float(best.value), 6),
             },
         )
+        version = registry.keep_first_version(name, _versions_of(name, trained.run_id))
+    if registry.point_alias_forward(name, CHALLENGER, version):
+        print(f"{name} version {version} (trial {best.number}) is @{CHALLENGER}")
+    else:
+        print(f"{name} version {version} (trial {best.number}) left as it is: @{CHALLENGER} holds a newer version")
     return trained.model_uri, version
+
+
+def _versions_of(name: str, train_run_id: str) -> list[str]:
+    """The versions of ``name`` registered from the run ``train_run_id``."""
+    try:
+        found = MlflowClient().search_model_versions(f"name = '{name}' and tags.train_run_id = '{train_run_id}'")
+    except mlflow.exceptions.MlflowException:
+        return []
+    return [str(v.version) for v in found]
