@@ -45,6 +45,7 @@ MIN_AUDIT_HEATMAPS = 10
 # The classifier's name in the Model Registry, the default of train, evaluate, promote and main.
 REGISTERED_MODEL_NAME = "cxr-covid-cnn"
 DEFAULT_EXPERIMENT = "cxrexp"  # the MLflow experiment of runs cxrexp starts itself (cli --experiment)
+STRATEGIES = ("default", "mirrored")  # TrainConfig.strategy (cxrexp.learn.devices)
 # The lung segmenter's name in the Model Registry (segment registers it, preprocess's lung_model reads it).
 SEGMENTER_MODEL_NAME = "cxr-lung-seg"
 DEFAULT_LUNG_MODEL = f"models:/{SEGMENTER_MODEL_NAME}@champion"
@@ -255,6 +256,10 @@ class TrainConfig:
     # MLflow's system metrics (CPU, memory, disk, network; GPU where there is one) on the train run,
     # a study's parent and every trial: what a team compares when it sizes machines.
     system_metrics: bool = False
+    # tf.distribute: "mirrored" trains on every local GPU (one replica on a CPU); batch_size is per
+    # replica. mixed_precision: float16 compute on a GPU (ignored on a CPU). cxrexp/learn/devices.py.
+    strategy: str = "default"
+    mixed_precision: bool = False
     registered_model_name: str = REGISTERED_MODEL_NAME
 
     def __post_init__(self) -> None:
@@ -272,6 +277,8 @@ class TrainConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is not one of {STRATEGIES}")
         if self.heartbeat < 0 or (self.heartbeat and self.stale_after <= 2 * self.heartbeat):
             raise ValueError(f"heartbeat={self.heartbeat} and stale_after={self.stale_after}: the heartbeat is >= 0 "
                              "seconds (0: off) and stale_after more than twice it, so that one late beat of a live "

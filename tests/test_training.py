@@ -254,3 +254,31 @@ def test_validation_metrics_at_the_models_threshold(threshold, sensitivity, spec
     assert found.get("val_sensitivity") == (pytest.approx(sensitivity) if sensitivity is not None else None)
     assert found.get("val_specificity") == (pytest.approx(specificity) if specificity is not None else None)
     assert found["val_roc_auc"] == pytest.approx(8 / 12)
+
+
+def test_the_mirrored_strategy_on_a_cpu_gives_the_default_strategys_model(toy):
+    """-P strategy=mirrored on a machine without GPUs: one replica, and the same run as the default."""
+    import tensorflow as tf
+
+    from cxrexp.learn.devices import strategy_for
+
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        pytest.skip("several GPUs: mirrored runs several replicas here, with a larger global batch")
+    assert strategy_for("mirrored").num_replicas_in_sync == 1
+    cfg = replace(TOY_CONFIG, epochs=2)
+    default, mirrored = _train(toy, cfg), _train(toy, replace(cfg, strategy="mirrored"))
+    np.testing.assert_allclose(mirrored.history["loss"], default.history["loss"], rtol=1e-4)
+    np.testing.assert_allclose(mirrored.val_probabilities, default.val_probabilities, atol=1e-4)
+    for a, b in zip(mirrored.model.get_weights(), default.model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_mixed_precision_is_not_turned_on_without_a_gpu(toy, caplog):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("GPUs present")
+    result = _train(toy, replace(TOY_CONFIG, epochs=1, mixed_precision=True))
+    assert all(w.dtype == np.float32 for w in result.model.get_weights())
+    assert "mixed_precision=true ignored: no GPU here" in caplog.text
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # nothing leaks into later models

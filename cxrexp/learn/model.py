@@ -109,7 +109,8 @@ def build_cnn(
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed + _LOGIT_SEED_OFFSET),
         name=LOGIT_NAME,
     )(x)
-    probability = keras.layers.Activation("sigmoid", name=PROBABILITY_NAME)(logit)
+    # float32 even under mixed precision: a probability in float16 saturates near 0 and 1.
+    probability = keras.layers.Activation("sigmoid", dtype="float32", name=PROBABILITY_NAME)(logit)
     return keras.Model(inputs, probability, name="cxr_cnn")
 
 

@@ -24,6 +24,7 @@ from cxrexp.evaluation.metrics import (
     roc_auc,
     sensitivity_at_specificity,
 )
+from cxrexp.learn.devices import mixed_precision, strategy_for
 from cxrexp.learn.losses import class_weights as compute_class_weights
 from cxrexp.learn.model import build_cnn_from_config
 
@@ -133,22 +134,25 @@ def train_model(
     val_labels = _check_split("val", val_rows, val_labels)
 
     keras.utils.set_random_seed(cfg.seed)
+    strategy = strategy_for(cfg.strategy)
+    batch_size = cfg.batch_size * strategy.num_replicas_in_sync  # cfg.batch_size is per replica
     weights = compute_class_weights(train_labels, cfg.class_weight, cfg.effective_beta)
     train_data = make_dataset(
-        images, train_rows, train_labels, cfg.batch_size,
+        images, train_rows, train_labels, batch_size,
         shuffle=True, seed=cfg.seed, augment=cfg.augment, weights=weights,
     )
     # Validation is unweighted: val_loss is the plain BCE at the split's own prevalence (as with
     # Keras' class_weight=, which only touches the training data). AUC is a plain (unweighted)
     # metric either way, and per-class constant weights would not change it.
-    val_data = make_dataset(images, val_rows, val_labels, cfg.batch_size, shuffle=False, seed=cfg.seed)
+    val_data = make_dataset(images, val_rows, val_labels, batch_size, shuffle=False, seed=cfg.seed)
 
-    model = build_cnn_from_config(cfg, image_size)
-    model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.AUC(name="auc")],
-    )
+    with strategy.scope(), mixed_precision(cfg.mixed_precision):
+        model = build_cnn_from_config(cfg, image_size)
+        model.compile(
+            optimizer=keras.optimizers.Adam(cfg.learning_rate),
+            loss=keras.losses.BinaryCrossentropy(),
+            metrics=[keras.metrics.AUC(name="auc")],
+        )
     early_stopping = keras.callbacks.EarlyStopping(
         monitor="val_auc", mode="max", patience=cfg.patience, min_delta=0.0,
         restore_best_weights=True, verbose=int(verbose > 0),
