@@ -52,7 +52,12 @@ from cxrexp.images.request_images import (
     with_served_limits,
 )
 from cxrexp.mlflow_edge.served_errors import guarded_predict
-from cxrexp.mlflow_edge.serving import load_pyfunc, pinned_requirements, served_deadline
+from cxrexp.mlflow_edge.serving import (
+    load_pyfunc,
+    pinned_requirements,
+    request_schema,
+    served_deadline,
+)
 
 KERAS_ARTIFACT = "segmenter"
 SPEC_ARTIFACT = "segmenter_spec"
@@ -137,7 +142,7 @@ class LungSegmenterModel(mlflow.pyfunc.PythonModel):
 
 
 def segmenter_signature() -> ModelSignature:
-    return ModelSignature(inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
+    return ModelSignature(inputs=request_schema(),
                           outputs=Schema([ColSpec("string", "mask"), ColSpec("double", "lung_area")]))
 
 

@@ -12,9 +12,10 @@ this only stops the work.
 MLflow's server then rewrites the message of any ``MlflowException`` from ``predict`` as
 ``Failed to predict data '<str(request DataFrame)>'. \nError: <message>``, echoing the start of every
 shown cell (the images' base64) into the body. Every exception leaving :func:`guarded_predict` is
-therefore a :class:`ServedError`, whose message keeps the first value it was given. MLflow's own
-schema errors (a request without an ``image`` column) are raised before the model runs and keep the
-echo: docs/serving.md.
+therefore a :class:`ServedError`, whose message keeps the first value it was given. MLflow's schema
+check, which runs before the model and would echo the request too, has nothing to refuse: the
+signature's ``image`` is of any type and optional (``serving.request_schema``), and the model checks
+each row itself.
 """
 
 from __future__ import annotations

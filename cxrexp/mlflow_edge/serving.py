@@ -55,7 +55,7 @@ from mlflow.protos.databricks_pb2 import (
     INTERNAL_ERROR,
     INVALID_PARAMETER_VALUE,
 )
-from mlflow.types.schema import ColSpec, Schema, TensorSpec
+from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
 
 import cxrexp
 from cxrexp.config import ImageSpec
@@ -241,11 +241,18 @@ class RawImageClassifier(mlflow.pyfunc.PythonModel):
 # ---------------------------------------------------------------------------------------------
 
 
+def request_schema() -> Schema:
+    """``image``: any type, optional. The model checks every row itself (bytes or base64 text, with
+    the row's number and reason); MLflow's own enforcement would refuse a bad request first with
+    ``Failed to enforce schema of data '<the request>'``, echoing it back in the error body."""
+    return Schema([ColSpec(AnyType(), INPUT_COLUMN, required=False)])
+
+
 def serving_signature() -> ModelSignature:
-    """``image`` string (bytes pass schema enforcement too) -> ``probability`` double, ``label`` string,
-    ``lung_crop`` boolean."""
+    """``image`` (PNG/JPEG bytes or base64 text, checked by the model) -> ``probability`` double,
+    ``label`` string, ``lung_crop`` boolean."""
     return ModelSignature(
-        inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
+        inputs=request_schema(),
         outputs=Schema([ColSpec("double", "probability"), ColSpec("string", "label"), ColSpec("boolean", "lung_crop")]),
     )
 
