@@ -55,7 +55,9 @@ def _get_or_run(entry_point: str, cfg: Any) -> str:
         submitted = mlflow.projects.run(
             PROJECT_URI,
             entry_point=entry_point,
-            parameters={k: str(v) for k, v in flat_params(cfg).items()},
+            # Booleans as MLproject's own defaults are typed ("false"), so a run main started and one
+            # started by hand show the same value side by side in the UI's comparison view.
+            parameters={k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in flat_params(cfg).items()},
             env_manager="local",
             synchronous=True,
         )
