@@ -102,3 +102,20 @@ def test_main_with_a_lung_view_runs_segment_first_and_preprocesses_with_that_ver
         assert loaded.lung_masks is not None
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize(
+    "logged, wanted, same",
+    [
+        ("false", False, True),  # main passes booleans as MLproject types them
+        ("False", False, True),  # runs main started before that
+        ("true", False, False),
+        ("''", "", True),  # `mlflow run` logs an empty string shell-quoted
+        ("1e-3", 0.001, True),
+        ("16,32", "16,32,64", False),
+    ],
+)
+def test_a_finished_step_is_reused_only_with_the_same_parameters(logged, wanted, same):
+    from cxrexp.mlflow_edge.tracking import _same_params
+
+    assert _same_params({"p": logged}, {"p": wanted}) == same

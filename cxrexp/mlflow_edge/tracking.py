@@ -85,6 +85,8 @@ def log_new_params(run: mlflow.ActiveRun, params: dict[str, Any]) -> None:
 
 def _param_text(value: Any) -> str:
     text = str(value)
+    if text in ("True", "False"):  # a bool as Python prints it; MLproject's own values are "true"/"false"
+        return text.lower()
     return "" if text in ("''", '""') else text  # `mlflow run` logs an empty string shell-quoted
 
 
