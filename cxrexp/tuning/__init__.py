@@ -5,8 +5,8 @@ Only this package imports ``optuna``. The layout it leaves behind:
 - an Optuna study ``cfg.study_name`` in ``cfg.storage`` (default ``sqlite:///optuna.db`` in the
   current folder, beside MLflow's default ``sqlite:///mlflow.db``; any Optuna RDB URL otherwise);
 - one parent MLflow run per invocation, ``study <study_name> <size>px``, tagged
-  ``cxrexp.step=train``, with the base config as params, and at the end the best params (``best_<name>``), ``best_value``, the
-  trial table, the optimisation-history and parameter-importance figures, and the tag
+  ``cxrexp.step=train``, with the base config as params, and at the end the best params
+  (``best_<name>``), ``best_value``, the trial table, the optimisation-history and parameter-importance figures, and the tag
   ``cxrexp.model_uri`` of the best model (what the main pipeline evaluates);
 - one nested run per trial, ``trial-007``, tagged ``cxrexp.step=trial``, ``optuna.trial_number``,
   ``optuna.study_name`` and finally ``optuna.state`` (COMPLETE / PRUNED / FAIL); its run status is
@@ -22,8 +22,8 @@ missing slots, so a setting that always fails cannot loop forever.
 The package, one module per job: ``space`` (the search space), ``pruning`` (pruner and per-epoch
 callback), ``storage`` (Optuna storages; opening and resuming a study), ``trial`` (one trial's
 nested run), ``workers`` (trial budget and worker processes), ``stale`` (trials whose process died:
-failed by Optuna's heartbeat and retried), ``summary`` (trial table, figures,
-registration of the best model) and ``study`` (``run_study``, which ties them together). The names
+failed by Optuna's heartbeat and retried), ``sampling`` (TPE seeded per trial), ``summary`` (trial
+table, figures, registration of the best model) and ``study`` (``run_study``, which ties them together). The names
 the rest of the project uses are re-exported here.
 
 May import: ``cxrexp.mlflow_edge`` (a trial's body is ``training_run.train_and_log``), the core and

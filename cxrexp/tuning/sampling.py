@@ -61,9 +61,8 @@ class TrialSeededTPE(BaseSampler):
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: list[float] | None) -> None:
-        sampler = self._per_trial.pop(trial.number, None) or self._for(trial)
-        sampler.after_trial(study, trial, state, values)
-        self._per_trial.pop(trial.number, None)
+        self._for(trial).after_trial(study, trial, state, values)
+        del self._per_trial[trial.number]  # the trial is over: its sampler is not needed again
 
     def reseed_rng(self) -> None:  # Optuna calls this for n_jobs threads; each trial has its own seed anyway
         pass

@@ -32,8 +32,7 @@ DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # mix incomparable trials. (Searched fields and run management may differ between invocations.)
 MANAGEMENT_FIELDS = (
     "data", "n_trials", "study_name", "storage", "pruner", "n_jobs", "trial_timeout", "heartbeat", "stale_after",
-    "system_metrics",
-    "registered_model_name",
+    "system_metrics", "registered_model_name",
 )
 
 
@@ -91,10 +90,11 @@ def make_storage(url: str, heartbeat: int = 0, stale_after: int = 0) -> optuna.s
     if heartbeat:
         beating = {"heartbeat_interval": int(heartbeat), "grace_period": int(stale_after),
                    "heartbeat_stale_trial_callback": RetryStaleTrial()}
+    driver_url = rdb_url(url)
     try:
-        with _schema_lock(rdb_url(url)), warnings.catch_warnings():  # heartbeat: "experimental" in Optuna 5
+        with _schema_lock(driver_url), warnings.catch_warnings():  # heartbeat: "experimental" in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return _created(lambda: optuna.storages.RDBStorage(rdb_url(url), engine_kwargs=engine_kwargs, **beating))
+            return _created(lambda: optuna.storages.RDBStorage(driver_url, engine_kwargs=engine_kwargs, **beating))
     except Exception as err:  # SQLAlchemy/driver errors: say which storage and what to do
         raise StorageError(
             f"cannot open the Optuna storage {redact(url)!r}: {type(err).__name__}: {err}. Pass --storage with an "

@@ -69,13 +69,13 @@ class TrialObjective:
         self.verbose = verbose
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
-        # A fresh Keras state per trial (no layer-name drift); the costly garbage collection runs
-        # once, at the end of the trial, when the trial's model can be freed.
         if is_surplus(trial.study.get_trials(deepcopy=False), trial.number, self.base.n_trials):
             trial.study.stop()  # this process is done; the trial is FAIL with the reason, and has no run
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial(f"trial {trial.number} not run: study {trial.study.study_name!r} already has "
                                f"{self.base.n_trials} trials finished, running or queued (n_trials counts every machine)")
+        # A fresh Keras state per trial (no layer-name drift); the costly garbage collection runs
+        # once, at the end of the trial, when the trial's model can be freed.
         keras.backend.clear_session(free_memory=False)
         trial_cfg = suggest_config(trial, self.base, self.dataset.image_size)
         run = mlflow.start_run(

@@ -84,7 +84,7 @@ def _limit_threads(threads: int) -> None:
         pass
 
 
-def worker_main(job: WorkerJob, worker: int, shared_count: Any) -> None:
+def worker_main(job: WorkerJob, shared_count: Any) -> None:
     """Entry point of one spawned worker: load the study, run trials until the budget is spent."""
     os.environ.pop("MLFLOW_RUN_ID", None)  # never resume the project run of `mlflow run` as a trial
     os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
@@ -92,10 +92,10 @@ def worker_main(job: WorkerJob, worker: int, shared_count: Any) -> None:
     load_tensorflow()  # a spawned process: TensorFlow's start-up lines again, once per worker
     _limit_threads(job.threads)
     with sigterm_as_interrupt():
-        _run_worker(job, worker, shared_count)
+        _run_worker(job, shared_count)
 
 
-def _run_worker(job: WorkerJob, worker: int, shared_count: Any) -> None:
+def _run_worker(job: WorkerJob, shared_count: Any) -> None:
     try:
         dataset = open_prepared(job.dataset_root)
         study = open_study(job.cfg, dataset, create=False)
@@ -143,7 +143,7 @@ def run_workers(cfg: TrainConfig, dataset: PreparedDataset, parent: mlflow.Activ
         threads=max(1, (os.cpu_count() or 1) // n_workers),
     )
     workers = [
-        ctx.Process(target=worker_main, args=(job, i, shared_count), name=f"cxrexp-trial-worker-{i}")
+        ctx.Process(target=worker_main, args=(job, shared_count), name=f"cxrexp-trial-worker-{i}")
         for i in range(n_workers)
     ]
     for proc in workers:
