@@ -17,7 +17,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
@@ -100,8 +100,7 @@ class RequestLimits:
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> RequestLimits:
         """The limits stored in a model's metadata; a key that is absent (an older model) takes its default."""
-        return cls(**{name: int(raw[name]) for name in ("max_pixels", "max_bytes", "max_rows", "max_request_pixels")
-                      if name in raw})
+        return cls(**{f.name: int(raw[f.name]) for f in fields(cls) if f.name in raw})
 
 
 @dataclass(frozen=True)
@@ -140,10 +139,7 @@ class ServingSpec:
             "threshold": float(self.threshold),
             "positive_label": self.positive_label,
             "negative_label": self.negative_label,
-            "max_pixels": int(self.max_pixels),
-            "max_bytes": int(self.max_bytes),
-            "max_rows": int(self.max_rows),
-            "max_request_pixels": int(self.max_request_pixels),
+            **asdict(self.limits),
         }
         out.update(self.extra)
         return out
@@ -162,10 +158,7 @@ class ServingSpec:
             threshold=float(raw["threshold"]),
             positive_label=str(raw.get("positive_label", "COVID")),
             negative_label=str(raw.get("negative_label", "Normal")),
-            max_pixels=int(raw.get("max_pixels", DEFAULT_MAX_PIXELS)),
-            max_bytes=int(raw.get("max_bytes", DEFAULT_MAX_BYTES)),
-            max_rows=int(raw.get("max_rows", DEFAULT_MAX_ROWS)),
-            max_request_pixels=int(raw.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS)),
+            **asdict(RequestLimits.from_json_dict(raw)),
             extra={k: v for k, v in raw.items() if k not in _SPEC_KEYS},
         )
 
@@ -257,8 +250,8 @@ _Limited = TypeVar("_Limited", ServingSpec, RequestLimits)
 
 
 def with_served_limits(spec: _Limited, environ: dict[str, str] | None = None) -> _Limited:
-    """``spec`` (a ``ServingSpec`` or ``RequestLimits``) with the request limits set where the model is served (``CXREXP_MAX_ROWS``,
-    ``CXREXP_MAX_REQUEST_PIXELS``), else as logged. A value that is not a positive integer is an error
+    """``spec`` (a ``ServingSpec`` or ``RequestLimits``) with the request limits set where the model is
+    served (``CXREXP_MAX_ROWS``, ``CXREXP_MAX_REQUEST_PIXELS``), else as logged. A value that is not a positive integer is an error
     naming the variable: a typo must not silently lift a limit."""
     from dataclasses import replace
 

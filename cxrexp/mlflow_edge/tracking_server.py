@@ -24,6 +24,7 @@ from cxrexp.credentials import redact
 from cxrexp.errors import UserError
 
 HEALTH_PATH = "/health"
+ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"  # MLflow's auth app: the first admin's password
 
 
 class ServerDidNotStart(UserError):
@@ -57,9 +58,6 @@ def _answers(uri: str) -> bool:
         return False
 
 
-ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
-
-
 def check_basic_auth(cfg: ServerConfig, environ: dict[str, str] | None = None) -> None:
     """With ``basic_auth``: MLflow's auth app must be installed and given the first admin password.
 
@@ -87,8 +85,8 @@ def start(cfg: ServerConfig, log_path: Path) -> subprocess.Popen:
     seconds pass first (the process is stopped then).
     """
     check_basic_auth(cfg)
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(server_command(cfg), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "ab") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(server_command(cfg), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = tracking_uri(cfg)
     deadline = time.monotonic() + cfg.wait
     while time.monotonic() < deadline:
