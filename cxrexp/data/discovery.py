@@ -283,10 +283,10 @@ def _read_patient_ids(path: Path, notes: list[str]) -> dict[str, str]:
 
 def _class_records(
     root: Path, folder: str, class_name: str, label: int, notes: list[str], unusable: list[tuple[str, str]],
-    exclude: Sequence[str] = (), excluded: list[tuple[str, str]] | None = None,
+    exclude: Sequence[str], excluded: list[tuple[str, str]],
 ) -> tuple[list[ImageRecord], str]:
-    """(the records of one class folder, its layout ``kaggle`` or ``plain``); notes and unusable
-    entries are appended.
+    """(the records of one class folder, its layout ``kaggle`` or ``plain``); notes, unusable entries
+    and the files ``exclude`` leaves out are appended.
 
     Long: one pass over the folder decides layout, masks and patient ids together, because each depends
     on what the folder holds.
@@ -322,7 +322,7 @@ def _class_records(
             pattern = excluded_by(name, exclude)
             if pattern is None:
                 kept.append(name)
-            elif excluded is not None:
+            else:
                 excluded.append((str(image_dir / name), f"excluded by -P exclude pattern {pattern!r}"))
         if len(kept) < len(names):
             notes.append(f"{class_name}: {len(names) - len(kept)} files excluded by -P exclude (listed in skipped.csv)")

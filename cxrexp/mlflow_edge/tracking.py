@@ -83,9 +83,14 @@ def log_new_params(run: mlflow.ActiveRun, params: dict[str, Any]) -> None:
     mlflow.log_params({k: v for k, v in params.items() if k not in already})
 
 
+def mlproject_text(value: Any) -> str:
+    """A config value as an MLproject parameter: booleans as MLproject types its defaults (``false``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _param_text(value: Any) -> str:
-    text = str(value)
-    if text in ("True", "False"):  # a bool as Python prints it; MLproject's own values are "true"/"false"
+    text = mlproject_text(value)
+    if text in ("True", "False"):  # a bool as Python printed it (runs `main` started before mlproject_text)
         return text.lower()
     return "" if text in ("''", '""') else text  # `mlflow run` logs an empty string shell-quoted
 

@@ -55,9 +55,9 @@ def _get_or_run(entry_point: str, cfg: Any) -> str:
         submitted = mlflow.projects.run(
             PROJECT_URI,
             entry_point=entry_point,
-            # Booleans as MLproject's own defaults are typed ("false"), so a run main started and one
-            # started by hand show the same value side by side in the UI's comparison view.
-            parameters={k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in flat_params(cfg).items()},
+            # As MLproject types its own defaults ("false"), so a run main started and one started by
+            # hand show the same value side by side in the UI's comparison view.
+            parameters={k: tracking.mlproject_text(v) for k, v in flat_params(cfg).items()},
             env_manager="local",
             synchronous=True,
         )
