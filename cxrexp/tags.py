@@ -84,9 +84,15 @@ TRIALS_DONE_BEFORE_TAG = "optuna.trials_done_before"
 WORKER_EXIT_CODES_TAG = "optuna.worker_exit_codes"
 BEST_TRIAL_NUMBER_TAG = "optuna.best_trial_number"
 BEST_RUN_ID_TAG = "optuna.best_run_id"
+BEST_PARAM_TAG_PREFIX = "optuna.best."  # + a searched parameter: the best trial's value (a tag: it changes)
+STUDY_RUN_TAG = "optuna.study_run_id"  # on an invocation that joined a study: the study's one parent run
+INVOCATION_TAG = "optuna.invocation_run_id"  # on a trial run: the invocation (train run) that ran it
 RETRY_OF_TAG = "optuna.retry_of"  # on a trial run: the number of the stale trial it runs again
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow run
 EPOCHS_ATTR = "epochs_trained"  # trial user attr: epochs it trained (pruned trials too)
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the study's one parent run, found or created once
+WORKER_ATTR = "worker"  # trial user attr: host:pid of the process that ran it
+HEARTBEAT_ATTR = "heartbeat_s"  # trial user attr: it beats this often (so a silent one is found dead)
 SURPLUS_ATTR = "surplus"  # trial user attr: not run, the study's n_trials was reached on other machines
 
 # --- the logged model ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ point allows.
 from __future__ import annotations
 
 import math
+import os
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -386,7 +387,7 @@ def test_parent_logs_best_trial_table_and_figures(shared_study, in_shared_store)
     study = load(cfg)
     parent = MlflowClient().get_run(parent_id)
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
-    assert parent.data.params["best_n_blocks"] == str(study.best_params["n_blocks"])
+    assert parent.data.tags["optuna.best.n_blocks"] == str(study.best_params["n_blocks"])  # a tag: it may change
     assert parent.data.tags["optuna.best_trial_number"] == str(study.best_trial.number)
     artifacts = mlflow.artifacts.download_artifacts(run_id=parent_id)
     table = (Path(artifacts) / "study" / "trials.csv").read_text().splitlines()
@@ -439,7 +440,9 @@ def test_best_trial_model_is_registered_as_challenger(shared_study, in_shared_st
     assert version.source == model_uri or version.model_id in model_uri
 
 
-def test_rerun_resumes_instead_of_redoing(shared_study, in_shared_store, synthetic_prepared):
+def test_rerun_resumes_instead_of_redoing_under_the_studys_one_parent(shared_study, in_shared_store, synthetic_prepared):
+    from cxrexp.tags import INVOCATION_TAG, PARENT_RUN_ATTR, STUDY_RUN_TAG
+
     cfg, first_parent = shared_study
     client = MlflowClient()
     versions_before = len(client.search_model_versions(f"name = '{cfg.registered_model_name}'"))
@@ -447,14 +450,23 @@ def test_rerun_resumes_instead_of_redoing(shared_study, in_shared_store, synthet
     again = tuning.run_study(cfg, synthetic_prepared, verbose=0)  # asks for 3 again: nothing to do
     assert again != first_parent and children(again) == []
     assert len(load(cfg).trials) == 3
-    assert client.get_run(again).data.tags["optuna.trials_done_before"] == "3"
+    joined = client.get_run(again)
+    assert joined.data.tags["optuna.trials_done_before"] == "3"
+    assert joined.data.tags[STUDY_RUN_TAG] == first_parent and joined.info.run_name == "study shared 48px (joined)"
+    assert joined.data.tags[MODEL_URI_TAG] == client.get_run(first_parent).data.tags[MODEL_URI_TAG]  # main reads it
     assert len(client.search_model_versions(f"name = '{cfg.registered_model_name}'")) == versions_before
 
     more = tuning.run_study(replace(cfg, n_trials=4), synthetic_prepared, verbose=0)
     study = load(cfg)
+    assert study.user_attrs[PARENT_RUN_ATTR] == first_parent
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
-    assert [r.info.run_name for r in children(more)] == ["trial-003"]
+    assert children(more) == []
+    kids = children(first_parent)  # the study's trials under its one parent, whichever invocation ran them
+    assert [r.info.run_name for r in kids] == ["trial-000", "trial-001", "trial-002", "trial-003"]
+    assert kids[3].data.tags[INVOCATION_TAG] == more and kids[0].data.tags[INVOCATION_TAG] == first_parent
+    assert client.get_run(first_parent).data.metrics["n_trials_complete"] == 4  # its summary refreshed
     assert study.trials[3].params != study.trials[0].params  # the resumed sampler does not replay trial 0
+    assert study.trials[3].user_attrs["worker"].endswith(f":{os.getpid()}")
 
 
 def _frozen(number: int, state: TrialState) -> optuna.trial.FrozenTrial:
@@ -492,7 +504,7 @@ def test_a_second_machine_does_not_overshoot_n_trials(shared_study, in_shared_st
     from cxrexp.tags import SURPLUS_ATTR
 
     cfg, _ = shared_study
-    done = len(load(cfg).trials)  # 3, or 4 once test_rerun_resumes_instead_of_redoing has run
+    done = len(load(cfg).trials)  # 3, or 4 once test_rerun_resumes_instead_of_redoing_under_the_studys_one_parent has run
     copy = replace(cfg, study_name="copied", storage=f"sqlite:///{tmp_path / 'copy.db'}", n_trials=done + 1,
                    registered_model_name="m-copied")
     optuna.copy_study(from_study_name=cfg.study_name, from_storage=tuning.make_storage(tuning.storage_url(cfg)),
@@ -505,6 +517,86 @@ def test_a_second_machine_does_not_overshoot_n_trials(shared_study, in_shared_st
     assert study.trials[-1].user_attrs[SURPLUS_ATTR] is True
     assert children(parent) == []  # no run was started for it
     assert tuning.count_done(study) == done
+
+
+class _FakeStudy:
+    """The states of a study's trials, one list per poll: what another machine does in between."""
+
+    study_name = "fake"
+
+    def __init__(self, polls: list[list[TrialState]], silent: bool = False):
+        self.polls = polls
+        self.seen = 0
+        self.silent = silent  # trials without a heartbeat
+
+    def get_trials(self, deepcopy=False):
+        states = self.polls[min(self.seen, len(self.polls) - 1)]
+        self.seen += 1
+        trials = [_frozen(i, state) for i, state in enumerate(states)]
+        for trial in trials:
+            trial.user_attrs["heartbeat_s"] = 0 if self.silent else 1
+        return trials
+
+
+@pytest.mark.parametrize(
+    "polls, rerun, waits, silent",
+    [
+        ([[C, C, C]], False, 0, False),  # the study is done
+        ([[C, R, C], [C, R, C], [C, F, C, W]], True, 2, False),  # the other machine died: its retry is queued here
+        ([[C, R, C], [C, C, C]], False, 1, False),  # the other machine finished its trial
+        ([[C, F, C]], False, 0, False),  # nothing running or queued: a failure is a re-run's to retry, not ours
+        ([[C, R, R], [C, P, R], [C, P, C]], False, 2, False),  # pruned counts as done
+        ([[C, R, C]], False, 0, True),  # the running trial has no heartbeat: it could never be found dead
+    ],
+)
+def test_an_invocation_waits_while_other_machines_hold_the_last_places(monkeypatch, polls, rerun, waits, silent):
+    from cxrexp.tuning import workers
+
+    monkeypatch.setattr(workers, "fail_stale", lambda study: None)  # the storage's heartbeat: the fake's polls
+    sleeps = []
+    study = _FakeStudy(polls, silent)
+    assert workers.wait_for_trials_elsewhere(study, 3, poll_s=1.0, sleep=sleeps.append) is rerun
+    assert sleeps == [1.0] * waits
+
+
+@pytest.mark.parametrize(
+    "url, lock",
+    [
+        ("sqlite:///optuna.db", ".optuna.db.lock"),
+        ("sqlite:////srv/studies/a.db", "/srv/studies/.a.db.lock"),
+        ("sqlite://", None),  # in memory: one process
+        ("postgresql://u@h/db", None),  # an advisory lock instead
+    ],
+)
+def test_the_sqlite_study_lock_is_a_hidden_file_beside_the_database_never_the_database(url, lock):
+    from cxrexp.tuning.locks import sqlite_lock_path
+
+    assert sqlite_lock_path(url) == (None if lock is None else Path(lock))
+
+
+def test_study_lock_keys_are_postgresql_bigints_the_same_on_every_machine():
+    from cxrexp.tuning.locks import study_lock_key
+
+    keys = {study_lock_key(name) for name in ("cxrexp", "cnn-search", "a" * 200)}
+    assert len(keys) == 3 and all(-(2**63) <= key < 2**63 for key in keys)
+    assert study_lock_key("cxrexp") == study_lock_key("cxrexp")
+
+
+def test_a_recorded_parent_that_is_deleted_or_another_studys_is_replaced(in_shared_store):
+    from cxrexp.tuning.parent import usable_parent
+
+    client = MlflowClient()
+    mine = client.create_run("0", tags={STUDY_NAME_TAG: "mine"}).info.run_id
+    other = client.create_run("0", tags={STUDY_NAME_TAG: "other"}).info.run_id
+    gone = client.create_run("0", tags={STUDY_NAME_TAG: "mine"}).info.run_id
+    client.delete_run(gone)
+    assert usable_parent(mine, "mine") is None
+    assert "belongs to study 'other'" in usable_parent(other, "mine")
+    assert "was deleted" in usable_parent(gone, "mine")
+    assert "not in this tracking store" in usable_parent("0" * 32, "mine")
+    assert usable_parent(None, "mine") == "no parent run recorded yet"
+    for run_id in (mine, other):
+        client.set_terminated(run_id)
 
 
 def test_resuming_with_other_base_settings_is_refused(shared_study, in_shared_store, synthetic_prepared):

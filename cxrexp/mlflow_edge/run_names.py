@@ -36,6 +36,11 @@ def study_name(cfg: TrainConfig, image_size: int) -> str:
     return f"study {cfg.study_name} {image_size}px"
 
 
+def joined_study_name(cfg: TrainConfig, image_size: int) -> str:
+    """``study cnn-search 128px (joined)``: an invocation whose trials sit under the study's existing parent."""
+    return f"{study_name(cfg, image_size)} (joined)"
+
+
 def evaluate_name(model: str, dataset_digest: str) -> str:
     """``evaluate cxr-covid-cnn v3 on 6cf9af66``: which model, on which prepared data."""
     return f"evaluate {model} on {dataset_digest[:8]}" if dataset_digest else f"evaluate {model}"

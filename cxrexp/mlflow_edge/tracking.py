@@ -111,32 +111,40 @@ def outside_project_run() -> Iterator[None]:
 
 
 def log_metrics(
-    metrics: dict[str, float], *, prefix: str = "", step: int | None = None, model_id: str = "", dataset: Any = None
+    metrics: dict[str, float], *, prefix: str = "", step: int | None = None, model_id: str = "", dataset: Any = None,
+    run_id: str | None = None,
 ) -> None:
     """Log finite and NaN values alike (MLflow stores NaN); None is left out.
 
     ``model_id`` (an MLflow 3 LoggedModel id) and ``dataset`` (an ``mlflow.data`` dataset) link the
-    values to that model and dataset as well: the model's page in the UI then lists them.
+    values to that model and dataset as well: the model's page in the UI then lists them. ``run_id``
+    logs to that run instead of the active one (as do the helpers below).
     """
     clean = {f"{prefix}{k}": float(v) for k, v in metrics.items() if v is not None}
     if clean:
-        mlflow.log_metrics(clean, step=step, model_id=model_id or None, dataset=dataset)
+        mlflow.log_metrics(clean, step=step, model_id=model_id or None, dataset=dataset, run_id=run_id)
 
 
-def log_figure(fig: Any, artifact_file: str) -> None:
+def log_figure(fig: Any, artifact_file: str, *, run_ids: tuple[str, ...] = ()) -> None:
+    """Log ``fig`` to the active run (or to each of ``run_ids``), then close it."""
     import matplotlib.pyplot as plt
 
-    mlflow.log_figure(fig, artifact_file)
+    if run_ids:
+        client = mlflow.MlflowClient()
+        for run_id in run_ids:
+            client.log_figure(run_id, fig, artifact_file)
+    else:
+        mlflow.log_figure(fig, artifact_file)
     plt.close(fig)
 
 
-def log_frame(frame: pd.DataFrame, artifact_file: str) -> None:
+def log_frame(frame: pd.DataFrame, artifact_file: str, *, run_id: str | None = None) -> None:
     """A DataFrame as a CSV artifact (readable in the UI and by pandas)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         frame.to_csv(path, index=False)
         parent = str(Path(artifact_file).parent)
-        mlflow.log_artifact(str(path), artifact_path=None if parent == "." else parent)
+        mlflow.log_artifact(str(path), artifact_path=None if parent == "." else parent, run_id=run_id)
 
 
 def load_frame(run_id: str, artifact_file: str) -> pd.DataFrame | None:
@@ -149,8 +157,8 @@ def load_frame(run_id: str, artifact_file: str) -> pd.DataFrame | None:
         return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
-def log_text(text: str, artifact_file: str) -> None:
-    mlflow.log_text(text, artifact_file)
+def log_text(text: str, artifact_file: str, *, run_id: str | None = None) -> None:
+    mlflow.log_text(text, artifact_file, run_id=run_id)
 
 
 def log_prepared_dataset(dataset: PreparedDataset, context: str) -> Any:

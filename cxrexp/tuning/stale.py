@@ -6,8 +6,7 @@ RUNNING in Optuna and its nested run RUNNING in MLflow for good. With a heartbea
 trial that starts anywhere on that storage fails the trials silent for ``stale_after`` seconds
 (``optuna.storages.fail_stale_trials``) and calls ``RetryStaleTrial`` for each, which ends the dead
 trial's MLflow run and queues its parameters again. A live trial on another machine keeps beating,
-so it is never touched, which ``close_orphans``' "runs of my parent" rule could not promise across
-machines.
+so it is never touched; ``close_orphans`` only ever ends the trials of its own invocation.
 """
 
 from __future__ import annotations
@@ -89,3 +88,4 @@ def fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+

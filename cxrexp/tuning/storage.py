@@ -19,6 +19,7 @@ from cxrexp import credentials
 from cxrexp.config import TrainConfig, flat_params
 from cxrexp.credentials import redact
 from cxrexp.data.store import PreparedDataError, PreparedDataset
+from cxrexp.tuning.locks import SCHEMA_LOCK_KEY, advisory_lock
 from cxrexp.tuning.pruning import make_pruner
 from cxrexp.tuning.sampling import TrialSeededTPE
 from cxrexp.tuning.space import SEARCHED_FIELDS
@@ -102,8 +103,6 @@ def make_storage(url: str, heartbeat: int = 0, stale_after: int = 0) -> optuna.s
         ) from err
 
 
-# Any fixed 64-bit number: every cxrexp process on any machine takes the same PostgreSQL advisory lock.
-SCHEMA_LOCK_KEY = 0x6378726578700001
 SCHEMA_RETRIES = 5
 
 
@@ -119,18 +118,8 @@ def _schema_lock(url: str) -> Iterator[None]:
     if not url.startswith("postgresql"):
         yield
         return
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
-    finally:
-        engine.dispose()
+    with advisory_lock(url, SCHEMA_LOCK_KEY):
+        yield
 
 
 def _created(make: Callable[[], optuna.storages.RDBStorage]) -> optuna.storages.RDBStorage:

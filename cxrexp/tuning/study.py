@@ -1,4 +1,4 @@
-"""The study as a whole: one parent MLflow run around the trials, the summary and the registration."""
+"""The study as a whole: one invocation's run, the study's one parent run above the trials, the summary and the registration."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import multiprocessing
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
 from cxrexp.config import TrainConfig
 from cxrexp.data.store import PreparedDataset
@@ -21,11 +22,13 @@ from cxrexp.tags import (
     RUN_ID_ATTR,
     STORAGE_TAG,
     STUDY_NAME_TAG,
+    STUDY_RUN_TAG,
     TRIALS_DONE_BEFORE_TAG,
     WORKER_EXIT_CODES_TAG,
 )
+from cxrexp.tuning.parent import claim_parent_run
 from cxrexp.tuning.stale import fail_stale
-from cxrexp.tuning.storage import count_done, open_study, redact, storage_url
+from cxrexp.tuning.storage import count_done, open_study, rdb_url, redact, storage_url
 from cxrexp.tuning.summary import log_study_summary, register_best
 from cxrexp.tuning.trial import TrialObjective
 from cxrexp.tuning.workers import (
@@ -33,6 +36,7 @@ from cxrexp.tuning.workers import (
     close_orphans,
     optimize,
     run_workers,
+    wait_for_trials_elsewhere,
 )
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ NOISY_VALIDATION_SE = 0.02
 
 
 def run_study(cfg: TrainConfig, dataset: PreparedDataset, *, verbose: int = 2) -> str:
-    """Run (or resume) the study up to ``cfg.n_trials`` COMPLETE+PRUNED trials; returns the parent run id.
+    """Run (or resume) the study up to ``cfg.n_trials`` COMPLETE+PRUNED trials; returns this invocation's run id.
 
     ``cfg.n_jobs`` > 1 runs trials in that many spawned processes sharing the storage. Raises
     ``StudyFailed`` when no trial completed (the parent run ends FAILED), ``StudyMismatch`` when
@@ -60,25 +64,30 @@ def run_study(cfg: TrainConfig, dataset: PreparedDataset, *, verbose: int = 2) -
 
 
 def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
-    """The study's parent run: open or resume the study, run the missing trials, summarise, register.
+    """This invocation's run: open or resume the study, run the missing trials, summarise, register.
 
-    Long: the parent run's script (worker processes or in-process trials, then the summary and the
-    registration), with the interrupt handling around it.
+    Long: the invocation run's script (find or become the study's parent run, worker processes or
+    in-process trials, waiting for other machines' trials, then the summary and the registration),
+    with the interrupt handling around it.
     """
     url = storage_url(cfg)
     study = open_study(cfg, dataset)
     fail_stale(study)  # trials a dead process left RUNNING: FAIL, queued again, before counting
     n_done = count_done(study)
-    n_missing = max(0, cfg.n_trials - n_done)
     with tracking.step_run(
         "train", cfg, run_name=run_names.study_name(cfg, dataset.image_size),
         extra_params={"image_size": dataset.image_size, "dataset_digest": dataset.digest},
         system_metrics=cfg.system_metrics,
-    ) as parent:
-        parent_id = parent.info.run_id
+    ) as own:
+        own_id = own.info.run_id
         mlflow.set_tags(
             {STUDY_NAME_TAG: cfg.study_name, STORAGE_TAG: redact(url), TRIALS_DONE_BEFORE_TAG: str(n_done)}
         )
+        parent_id = claim_parent_run(study, rdb_url(url), own_id)
+        experiment_id = MlflowClient().get_run(parent_id).info.experiment_id  # the trials sit beside their parent
+        if parent_id != own_id:
+            mlflow.set_tags({STUDY_RUN_TAG: parent_id,
+                             "mlflow.runName": run_names.joined_study_name(cfg, dataset.image_size)})
         tracking.log_prepared_dataset(dataset, context="train")
         n_positive, n_negative = _validation_counts(dataset)
         mlflow.log_params({"val_positives": n_positive, "val_negatives": n_negative})
@@ -88,46 +97,63 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
         note = validation_noise_note(n_positive, n_negative)
         if note:
             print(note)
+        n_missing = max(0, cfg.n_trials - n_done)
+        joined = "" if parent_id == own_id else f", under the study's parent run {parent_id}"
         print(
             f"study {cfg.study_name!r} in {redact(url)}: {n_done} of {cfg.n_trials} trials done, "
-            f"running {n_missing} (parent run {parent_id})"
+            f"running {n_missing} (run {own_id}{joined})"
         )
-        if n_missing:
-            try:
-                if cfg.n_jobs == 1:
-                    budget = TrialBudget(multiprocessing.Value("i", n_missing))
-                    objective = TrialObjective(cfg, dataset, parent_id, parent.info.experiment_id, verbose=verbose)
-                    optimize(study, objective, budget, cfg.n_trials)
-                else:
-                    exit_codes = run_workers(cfg, dataset, parent, n_missing)
-                    if any(exit_codes):
-                        log.warning("trial workers exited with codes %s", exit_codes)
-                        mlflow.set_tag(WORKER_EXIT_CODES_TAG, ",".join(map(str, exit_codes)))
-            finally:
-                if close_orphans(study, parent_id):
-                    log.warning("ended trial runs a dead worker left RUNNING (marked KILLED / FAIL)")
-        counts = log_study_summary(study, cfg, dataset.image_size)
+        while n_missing:
+            _run_trials(cfg, dataset, study, parent_id, own_id, experiment_id, n_missing, verbose)
+            # Other machines' trials may hold the last places: stay until they end, so a dead one is rerun here.
+            if not (cfg.heartbeat and wait_for_trials_elsewhere(study, cfg.n_trials, poll_s=cfg.heartbeat)):
+                break
+            n_missing = max(0, cfg.n_trials - count_done(study))
+        summary_runs = tuple(dict.fromkeys((own_id, parent_id)))  # the parent shows the study as it now stands
+        counts = log_study_summary(study, cfg, dataset.image_size, summary_runs)
         model_uri, version = register_best(study, cfg, dataset)
         best = study.best_trial
-        mlflow.set_tags(
-            {
+        client = MlflowClient()
+        for run_id in summary_runs:
+            for key, value in {
                 MODEL_URI_TAG: model_uri,
                 REGISTERED_VERSION_TAG: version,
                 BEST_TRIAL_NUMBER_TAG: str(best.number),
                 BEST_RUN_ID_TAG: str(best.user_attrs.get(RUN_ID_ATTR)),
-            }
-        )
+            }.items():
+                client.set_tag(run_id, key, value)
+        if parent_id != own_id and client.get_run(parent_id).info.status in ("FAILED", "KILLED"):
+            client.set_terminated(parent_id, "FINISHED")  # its invocation ended badly; the study now has a model
         precision = ""
         if cfg.objective == "roc_auc" and reference_se is not None and math.isfinite(best.value):
             best_se = auc_standard_error(min(max(best.value, 0.0), 1.0), n_positive, n_negative)
-            mlflow.log_metric("best_value_se", best_se)
+            for run_id in summary_runs:
+                tracking.log_metrics({"best_value_se": best_se}, run_id=run_id)
             precision = f" +-{best_se:.3f} (1 SE)"
         print(
             f"study {cfg.study_name!r}: {counts['complete']} complete, {counts['pruned']} pruned, "
             f"{counts['fail']} failed; best trial {best.number} {cfg.objective}={best.value:.4f}{precision} "
             f"(validation split, {n_positive}/{n_negative} images); model {model_uri}"
         )
-        return parent_id
+        return own_id
+
+
+def _run_trials(cfg: TrainConfig, dataset: PreparedDataset, study, parent_id: str, own_id: str,
+                experiment_id: str, n_missing: int, verbose: int) -> None:
+    """Up to ``n_missing`` trials, in this process or in ``cfg.n_jobs`` workers; then end what dead workers left."""
+    try:
+        if cfg.n_jobs == 1:
+            budget = TrialBudget(multiprocessing.Value("i", n_missing))
+            objective = TrialObjective(cfg, dataset, parent_id, experiment_id, verbose=verbose, invocation_run_id=own_id)
+            optimize(study, objective, budget, cfg.n_trials)
+        else:
+            exit_codes = run_workers(cfg, dataset, parent_id, own_id, experiment_id, n_missing)
+            if any(exit_codes):
+                log.warning("trial workers exited with codes %s", exit_codes)
+                mlflow.set_tag(WORKER_EXIT_CODES_TAG, ",".join(map(str, exit_codes)))
+    finally:
+        if close_orphans(study, own_id, experiment_id):
+            log.warning("ended trial runs a dead worker left RUNNING (marked KILLED / FAIL)")
 
 
 def reference_auc_se(n_positive: int, n_negative: int) -> float | None:

@@ -18,6 +18,7 @@ from cxrexp.data.store import PreparedDataset
 from cxrexp.errors import StudyFailed
 from cxrexp.mlflow_edge import registry, tracking, training_run
 from cxrexp.tags import (
+    BEST_PARAM_TAG_PREFIX,
     CHALLENGER,
     EPOCHS_ATTR,
     MODEL_URI_TAG,
@@ -54,36 +55,48 @@ def study_figures(study: optuna.Study, objective: str, seed: int) -> tuple[dict[
     return figures, notes
 
 
-def log_study_summary(study: optuna.Study, cfg: TrainConfig, image_size: int) -> dict[str, int]:
-    """Log the trial table, counts, figures and (when there is one) the best trial to the active run."""
+def log_study_summary(study: optuna.Study, cfg: TrainConfig, image_size: int, run_ids: tuple[str, ...]) -> dict[str, int]:
+    """Log the trial table, counts, figures and (when there is one) the best trial to each of ``run_ids``.
+
+    The invocation's own run and the study's parent run (``parent``), when they differ: the parent
+    then shows the study as it stands after every machine's trials so far. The best trial's values
+    are tags (``optuna.best.<name>``), not params: MLflow never lets a param change, and a later
+    invocation may find a better trial.
+    """
     trials = study.get_trials(deepcopy=False)
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
-    tracking.log_metrics(
-        {
-            "n_trials_complete": counts["complete"],
-            "n_trials_pruned": counts["pruned"],
-            "n_trials_failed": counts["fail"],
-            "study_epochs_trained": sum(int(t.user_attrs.get(EPOCHS_ATTR, 0)) for t in trials),
-        }
-    )
-    if trials:
-        tracking.log_frame(study.trials_dataframe(), "study/trials.csv")
     figures, notes = study_figures(study, cfg.objective, cfg.seed)
     for artifact_file, fig in figures.items():
-        tracking.log_figure(fig, artifact_file)
-    if notes:
-        tracking.log_text("\n".join(notes) + "\n", "study/notes.txt")
+        tracking.log_figure(fig, artifact_file, run_ids=run_ids)
+    best_params: dict[str, Any] = {}
     if counts["complete"]:
         best = study.best_trial
         # Replaying the best params through the search space gives the filters they stand for.
         best_cfg = suggest_config(optuna.trial.FixedTrial(best.params, best.number), cfg, image_size)
         best_params = {**best.params, "filters": ",".join(map(str, best_cfg.filters))}
-        mlflow.log_params({f"best_{k}": v for k, v in best_params.items()})
-        tracking.log_text(
-            json.dumps({"trial": best.number, "value": best.value, "params": best_params}, indent=2),
-            "study/best_params.json",
+    for run_id in run_ids:
+        tracking.log_metrics(
+            {
+                "n_trials_complete": counts["complete"],
+                "n_trials_pruned": counts["pruned"],
+                "n_trials_failed": counts["fail"],
+                "study_epochs_trained": sum(int(t.user_attrs.get(EPOCHS_ATTR, 0)) for t in trials),
+            },
+            run_id=run_id,
         )
-        tracking.log_metrics({"best_value": best.value})
+        if trials:
+            tracking.log_frame(study.trials_dataframe(), "study/trials.csv", run_id=run_id)
+        if notes:
+            tracking.log_text("\n".join(notes) + "\n", "study/notes.txt", run_id=run_id)
+        if best_params:
+            client = MlflowClient()
+            for key, value in best_params.items():
+                client.set_tag(run_id, f"{BEST_PARAM_TAG_PREFIX}{key}", str(value))
+            tracking.log_text(
+                json.dumps({"trial": best.number, "value": best.value, "params": best_params}, indent=2),
+                "study/best_params.json", run_id=run_id,
+            )
+            tracking.log_metrics({"best_value": best.value}, run_id=run_id)
     return counts
 
 

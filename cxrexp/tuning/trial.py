@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 
 import keras
 import mlflow
 import optuna
+from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from cxrexp.config import TrainConfig, flat_params
 from cxrexp.data.store import PreparedDataset
@@ -16,6 +21,8 @@ from cxrexp.mlflow_edge import tracking, training_run
 from cxrexp.tags import (
     EPOCHS_ATTR,
     FAIL_REASON_TAG,
+    HEARTBEAT_ATTR,
+    INVOCATION_TAG,
     PRUNED_AT_TAG,
     RETRY_OF_TAG,
     RUN_ID_ATTR,
@@ -26,6 +33,7 @@ from cxrexp.tags import (
     TIMED_OUT_TAG,
     TRIAL_NUMBER_TAG,
     TRIAL_STEP,
+    WORKER_ATTR,
 )
 from cxrexp.tuning.pruning import PruningCallback
 from cxrexp.tuning.space import suggest_config
@@ -61,10 +69,11 @@ class TrialObjective:
     """
 
     def __init__(self, base: TrainConfig, dataset: PreparedDataset, parent_run_id: str, experiment_id: str,
-                 *, verbose: int = 2):
+                 *, verbose: int = 2, invocation_run_id: str = ""):
         self.base = base
         self.dataset = dataset
-        self.parent_run_id = parent_run_id
+        self.parent_run_id = parent_run_id  # the study's one parent run (``parent``)
+        self.invocation_run_id = invocation_run_id or parent_run_id  # the train run that runs this trial
         self.experiment_id = experiment_id
         self.verbose = verbose
 
@@ -78,19 +87,26 @@ class TrialObjective:
         # once, at the end of the trial, when the trial's model can be freed.
         keras.backend.clear_session(free_memory=False)
         trial_cfg = suggest_config(trial, self.base, self.dataset.image_size)
-        run = mlflow.start_run(
+        # Created through the client, then made active: its parent is the study's one parent run,
+        # which under fluent start_run(parent_run_id=...) would have to be this process's active run
+        # (it is not when this invocation joined another's study).
+        created = MlflowClient().create_run(
+            self.experiment_id,
             run_name=f"trial-{trial.number:03d}",
-            experiment_id=self.experiment_id,
-            parent_run_id=self.parent_run_id,
-            nested=True,
-            log_system_metrics=self.base.system_metrics or None,
-            tags={
+            tags=resolve_tags({
+                MLFLOW_PARENT_RUN_ID: self.parent_run_id,
                 STEP_TAG: TRIAL_STEP,
                 TRIAL_NUMBER_TAG: str(trial.number),
                 STUDY_NAME_TAG: trial.study.study_name,
-            },
+                INVOCATION_TAG: self.invocation_run_id,
+            }),
         )
+        run = mlflow.start_run(run_id=created.info.run_id, nested=True,
+                               log_system_metrics=self.base.system_metrics or None)
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")  # which machine ran it
+        if self.base.heartbeat:  # other machines wait for a beating trial (workers.wait_for_trials_elsewhere)
+            trial.set_user_attr(HEARTBEAT_ATTR, self.base.heartbeat)
         retry_of = retried_trial_number(trial)
         if retry_of is not None:
             mlflow.set_tag(RETRY_OF_TAG, str(retry_of))

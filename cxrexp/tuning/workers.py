@@ -2,16 +2,19 @@
 
 One process or several, trials run through ``optimize``; the budget makes the workers start exactly
 the missing number of trials between them. SIGTERM acts as Ctrl-C so an interrupted trial's run
-ends KILLED rather than staying RUNNING; ``close_orphans`` ends what a killed worker left behind.
+ends KILLED rather than staying RUNNING; ``close_orphans`` ends what a killed worker left behind, and
+``wait_for_trials_elsewhere`` keeps an invocation alive while other machines' trials hold the study's
+last places, so that one of them dying is retried.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import optuna
@@ -22,11 +25,13 @@ from optuna.trial import TrialState
 from cxrexp.config import TrainConfig
 from cxrexp.data.store import PreparedDataset, open_prepared
 from cxrexp.mlflow_edge.signals import sigterm_as_interrupt
-from cxrexp.tags import RUN_ID_ATTR, STATE_TAG
+from cxrexp.tags import HEARTBEAT_ATTR, INVOCATION_TAG, RUN_ID_ATTR, STATE_TAG
 from cxrexp.tf_logs import load_tensorflow
-from cxrexp.tuning.stale import retry
+from cxrexp.tuning.stale import fail_stale, retry
 from cxrexp.tuning.storage import DONE_STATES, open_study
 from cxrexp.tuning.trial import TrialObjective
+
+log = logging.getLogger(__name__)
 
 
 class TrialBudget:
@@ -69,6 +74,7 @@ class WorkerJob:
     dataset_root: str
     tracking_uri: str
     parent_run_id: str
+    invocation_run_id: str
     experiment_id: str
     threads: int
 
@@ -99,7 +105,8 @@ def _run_worker(job: WorkerJob, shared_count: Any) -> None:
     try:
         dataset = open_prepared(job.dataset_root)
         study = open_study(job.cfg, dataset, create=False)
-        objective = TrialObjective(job.cfg, dataset, job.parent_run_id, job.experiment_id, verbose=0)
+        objective = TrialObjective(job.cfg, dataset, job.parent_run_id, job.experiment_id, verbose=0,
+                                   invocation_run_id=job.invocation_run_id)
         optimize(study, objective, TrialBudget(shared_count), job.cfg.n_trials)
     except KeyboardInterrupt:
         raise SystemExit(130)  # the trial is FAIL in Optuna and KILLED in MLflow already
@@ -129,7 +136,8 @@ def _stop_workers(workers: list[multiprocessing.process.BaseProcess]) -> None:
             proc.join(timeout=10)
 
 
-def run_workers(cfg: TrainConfig, dataset: PreparedDataset, parent: mlflow.ActiveRun, n_missing: int) -> list[int]:
+def run_workers(cfg: TrainConfig, dataset: PreparedDataset, parent_run_id: str, invocation_run_id: str,
+                experiment_id: str, n_missing: int) -> list[int]:
     """Run the missing trials in ``min(n_jobs, n_missing)`` spawned processes; returns their exit codes."""
     ctx = multiprocessing.get_context("spawn")  # fork after TensorFlow started is unsafe; threads share one graph
     n_workers = max(1, min(cfg.n_jobs, n_missing))
@@ -138,8 +146,9 @@ def run_workers(cfg: TrainConfig, dataset: PreparedDataset, parent: mlflow.Activ
         cfg=cfg,
         dataset_root=str(dataset.root),
         tracking_uri=mlflow.get_tracking_uri(),
-        parent_run_id=parent.info.run_id,
-        experiment_id=parent.info.experiment_id,
+        parent_run_id=parent_run_id,
+        invocation_run_id=invocation_run_id,
+        experiment_id=experiment_id,
         threads=max(1, (os.cpu_count() or 1) // n_workers),
     )
     workers = [
@@ -157,18 +166,17 @@ def run_workers(cfg: TrainConfig, dataset: PreparedDataset, parent: mlflow.Activ
     return [int(proc.exitcode or 0) for proc in workers]
 
 
-def close_orphans(study: optuna.Study, parent_run_id: str) -> int:
+def close_orphans(study: optuna.Study, invocation_run_id: str, experiment_id: str) -> int:
     """End child runs (and their Optuna trials) left RUNNING by a worker that died; returns how many.
 
-    Only trials whose run belongs to ``parent_run_id`` are touched: another invocation's live
-    trials on the same storage are left alone (a dead one there is the heartbeat's: ``stale``).
-    The failed trials' parameters are queued again, as ``stale.RetryStaleTrial`` does.
+    Only this invocation's trials (tag ``optuna.invocation_run_id``) are touched: other machines'
+    live trials under the same parent run are left alone (a dead one there is the heartbeat's:
+    ``stale``). The failed trials' parameters are queued again, as ``stale.RetryStaleTrial`` does.
     """
     client = MlflowClient()
-    parent = client.get_run(parent_run_id)
     stuck = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        [experiment_id],
+        filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation_run_id}' and attributes.status = 'RUNNING'",
     )
     stuck_ids = {run.info.run_id for run in stuck}
     for run in stuck:
@@ -179,3 +187,36 @@ def close_orphans(study: optuna.Study, parent_run_id: str) -> int:
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             retry(study, trial)  # as the heartbeat would: the same parameters run again next time
     return len(stuck_ids)
+
+
+def wait_for_trials_elsewhere(study: optuna.Study, n_trials: int, poll_s: float,
+                              sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Wait while other processes' trials hold the study's last places; True when one died and was requeued.
+
+    Why: ``n_trials`` counts every machine, so an invocation whose remaining places are all held by
+    trials RUNNING elsewhere has nothing to start. Were it to end there and the other machine then
+    die, nobody would be left to notice: the study would stay short of ``n_trials`` until someone
+    ran it again. So it waits, failing stale trials every ``poll_s`` seconds; when a dead trial's
+    retry is queued (WAITING) it returns True and the caller runs it. It returns False once the
+    study has ``n_trials`` done trials, or nothing is running or queued any more (the other
+    machines ended; their failures are not retried here, as a re-run would) or the trials still
+    running have no heartbeat.
+    """
+    told = False
+    while True:
+        fail_stale(study)
+        trials = study.get_trials(deepcopy=False)
+        if sum(t.state in DONE_STATES for t in trials) >= n_trials:
+            return False
+        if any(t.state == TrialState.WAITING for t in trials):
+            return True
+        # Only trials that beat: one without a heartbeat (another invocation's with heartbeat=0, a hand-made
+        # study.ask()) can never be found dead, so waiting for it could last for ever.
+        running = [t.number for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get(HEARTBEAT_ATTR)]
+        if not running:
+            return False
+        if not told:
+            log.warning("study %r: trials %s are running in other processes and hold its last places; waiting for "
+                        "them (one whose heartbeat stops is failed and run again here)", study.study_name, running)
+            told = True
+        sleep(poll_s)
