@@ -1,9 +1,10 @@
 """`cxrexp server`: one MLflow tracking server on PostgreSQL with proxied artifacts, as a team runs it.
 
 The pure half (the command line, the URI clients set) is table-driven; the PostgreSQL test starts a
-real server on a free loopback port with a throw-away database and a temporary artifact folder,
-trains and registers a tiny model from one process in one folder, and loads and scores it from a
-second process in another folder: its artifacts can only have come through the server.
+real server on a free loopback port with throw-away databases and a temporary artifact folder, runs
+one search from two `mlflow run` processes in two folders at once and SIGKILLs one of them, then
+loads and scores the registered model from a third folder: its artifacts can only have come through
+the server.
 """
 
 from __future__ import annotations
@@ -89,49 +90,146 @@ print("probability", float(out["probability"].iloc[0]))
 """
 
 
-@pytest.mark.postgres
-def test_a_model_logged_through_the_server_loads_on_another_machine(tmp_path):
+PLANTED_PASSWORD = "planted-Pa55word-9f3c"  # in PGPASSWORD on both machines: it must surface nowhere
+
+
+def _fresh_database(admin, prefix: str) -> str:
     import sqlalchemy
 
-    postgres_or_skip()
-    name = f"cxrexp_server_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine("postgresql+psycopg2://postgres@127.0.0.1:5432/test", isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with admin.connect() as connection:
         connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    cfg = ServerConfig(backend_store_uri=f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}",
+    return name
+
+
+def _trial_pids(study, running_only: bool = True) -> dict[int, int]:
+    """{pid: trial number} of the trials running now (the pid is the step process that runs it)."""
+    from optuna.trial import TrialState
+
+    from cxrexp.tags import WORKER_ATTR
+
+    return {int(t.user_attrs[WORKER_ATTR].rsplit(":", 1)[1]): t.number for t in study.get_trials(deepcopy=False)
+            if WORKER_ATTR in t.user_attrs and (t.state == TrialState.RUNNING or not running_only)}
+
+
+@pytest.mark.postgres
+def test_two_machines_search_one_study_through_the_server_and_survive_one_of_them_killed(tmp_path):
+    """The team setup end to end: one `mlflow server` on PostgreSQL with proxied artifacts, one
+    Optuna storage on PostgreSQL, two `mlflow run . -e train` started at once from two folders (two
+    machines), one SIGKILLed mid-trial. Then: exactly N finished trials and N finished child runs
+    under one parent, the killed trial failed and retried, one registered version @challenger that
+    a third folder loads through the server, and the planted password nowhere."""
+    import signal
+    import time
+
+    import mlflow
+    import optuna
+    import psutil
+    import sqlalchemy
+    from optuna.trial import TrialState
+
+    from cxrexp import tuning
+    from cxrexp.tags import CHALLENGER, PARENT_RUN_ATTR, STUDY_RUN_TAG
+
+    postgres_or_skip()
+    n_trials = 4
+    admin = sqlalchemy.create_engine("postgresql+psycopg2://postgres@127.0.0.1:5432/test", isolation_level="AUTOCOMMIT")
+    tracking_db, optuna_db = _fresh_database(admin, "cxrexp_server"), _fresh_database(admin, "cxrexp_optuna")
+    cfg = ServerConfig(backend_store_uri=f"postgresql+psycopg2://postgres@127.0.0.1:5432/{tracking_db}",
                        artifacts_destination=str(tmp_path / "artifacts"), port=_free_port(), workers=1)
+    storage = f"postgresql://postgres@127.0.0.1:5432/{optuna_db}"
     server = tracking_server.start(cfg, tmp_path / "server.log")
+    machines: list[subprocess.Popen] = []
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env.update(MLFLOW_TRACKING_URI=tracking_server.tracking_uri(cfg), PYTHONPATH=str(PROJECT_ROOT))
-        machine_a, machine_b = tmp_path / "machine-a", tmp_path / "machine-b"
-        machine_a.mkdir()
-        machine_b.mkdir()
+        env.update(MLFLOW_TRACKING_URI=tracking_server.tracking_uri(cfg), PYTHONPATH=str(PROJECT_ROOT),
+                   PGPASSWORD=PLANTED_PASSWORD)
+        folders = [tmp_path / name for name in ("machine-a", "machine-b", "machine-c")]
+        for folder in folders:
+            folder.mkdir()
         cli = [sys.executable, "-m", "cxrexp.cli"]
         pre = subprocess.run([*cli, "preprocess", "--synthetic-count", "80", "--synthetic-size", "64", "--image-size",
-                              "32", "--workers", "1", "--out-dir", str(machine_a / "prepared")],
-                             cwd=machine_a, env=env, capture_output=True, text=True, timeout=600)
+                              "32", "--workers", "1", "--out-dir", str(folders[0] / "prepared")],
+                             cwd=folders[0], env=env, capture_output=True, text=True, timeout=600)
         assert pre.returncode == 0, pre.stderr[-3000:]
-        run_id = next(line.split()[-1] for line in pre.stdout.splitlines() if line.startswith("preprocess run id:"))
-        train = subprocess.run([*cli, "train", "--data", run_id, "--filters", "8,16", "--dense", "8", "--epochs", "1",
-                                "--registered-model-name", "e2e-server"],
-                               cwd=machine_a, env=env, capture_output=True, text=True, timeout=600)
-        assert train.returncode == 0, train.stderr[-3000:]
-        assert not (machine_a / "mlruns").exists() and not (machine_a / "mlartifacts").exists()  # nothing local
-        assert any((tmp_path / "artifacts").rglob("MLmodel"))  # the server stored the model
-        scored = subprocess.run([sys.executable, "-c", SCORE_FROM_ELSEWHERE, "models:/e2e-server@challenger"],
-                                cwd=machine_b, env=env, capture_output=True, text=True, timeout=600)
-        assert scored.returncode == 0, scored.stderr[-3000:]
-        probability = float(scored.stdout.strip().splitlines()[-1].split()[-1])
-        assert 0.0 <= probability <= 1.0
-        import mlflow
+        data_run = next(line.split()[-1] for line in pre.stdout.splitlines() if line.startswith("preprocess run id:"))
+        train = [sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "-e", "train", "--env-manager", "local",
+                 "--experiment-name", "cxrexp"]
+        for key, value in {"data": data_run, "n_trials": n_trials, "storage": storage, "study_name": "two-machines",
+                           "heartbeat": 1, "stale_after": 3, "pruner": "none", "filters": "8,16", "dense": "8",
+                           "epochs": 2, "patience": 2, "lr_patience": 0, "registered_model_name": "e2e-two"}.items():
+            train += ["-P", f"{key}={value}"]
+        logs = [(folder / "train.out", folder / "train.err") for folder in folders[:2]]
+        for folder, (out, err) in zip(folders[:2], logs):  # at once, as two machines of a Kubernetes Job would
+            machines.append(subprocess.Popen(train, cwd=folder, env=env, stdout=out.open("w"), stderr=err.open("w"),
+                                             start_new_session=True))
+
+        def descendants(proc: subprocess.Popen) -> set[int]:
+            try:
+                return {child.pid for child in psutil.Process(proc.pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                return set()
+
+        doomed = machines[1]
+        deadline = time.monotonic() + 600
+        killed_trial = None
+        while killed_trial is None:
+            assert time.monotonic() < deadline, "machine B never ran a trial"
+            assert doomed.poll() is None, f"machine B exited with {doomed.returncode}: {logs[1][1].read_text()[-3000:]}"
+            try:
+                study = optuna.load_study(study_name="two-machines", storage=tuning.make_storage(storage))
+                held = {pid: number for pid, number in _trial_pids(study).items() if pid in descendants(doomed)}
+            except KeyError:  # the study is not created yet
+                held = {}
+            if held:
+                os.killpg(doomed.pid, signal.SIGKILL)  # mid-trial, with no chance to tidy up
+                doomed.wait()
+                killed_trial = next(iter(held.values()))
+            time.sleep(0.2)
+        assert machines[0].wait(timeout=900) == 0, logs[0][1].read_text()[-3000:]
+
+        study = optuna.load_study(study_name="two-machines", storage=tuning.make_storage(storage))
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        assert len(complete) == n_trials  # the study's total, over both machines
+        assert trials[killed_trial].state == TrialState.FAIL
+        assert any(t.system_attrs.get("failed_trial") == killed_trial for t in complete)  # retried, and finished
 
         client = mlflow.MlflowClient(tracking_server.tracking_uri(cfg))
-        (run,) = client.search_runs([client.get_experiment_by_name("cxrexp").experiment_id],
-                                    filter_string="tags.`cxrexp.step` = 'train'")
-        assert run.info.run_name == "train 32px default" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+        experiment = client.get_experiment_by_name("cxrexp")
+        parent_id = study.user_attrs[PARENT_RUN_ATTR]
+        runs = client.search_runs([experiment.experiment_id])
+        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+        assert sum(r.info.status == "FINISHED" for r in kids) == n_trials
+        assert {r.info.run_id for r in runs if r.data.tags.get("cxrexp.step") == "trial"} == {r.info.run_id for r in kids}
+        killed_run = client.get_run(trials[killed_trial].user_attrs["mlflow_run_id"])
+        assert killed_run.info.status == "KILLED"  # ended by the heartbeat's retry, not left RUNNING
+        studies = [r for r in runs if r.data.tags.get("cxrexp.step") == "train"]
+        assert len(studies) == 2 and {r.data.tags.get(STUDY_RUN_TAG) for r in studies} == {None, parent_id}
+        assert client.get_run(parent_id).info.run_name == "study two-machines 32px"
+        assert sorted(r.info.run_name for r in kids)[0] == "trial-000"
+
+        versions = client.search_model_versions("name = 'e2e-two'")
+        assert len(versions) == 1 and client.get_model_version_by_alias("e2e-two", CHALLENGER).version == versions[0].version
+        scored = subprocess.run([sys.executable, "-c", SCORE_FROM_ELSEWHERE, "models:/e2e-two@challenger"],
+                                cwd=folders[2], env=env, capture_output=True, text=True, timeout=600)
+        assert scored.returncode == 0, scored.stderr[-3000:]
+        assert 0.0 <= float(scored.stdout.strip().splitlines()[-1].split()[-1]) <= 1.0
+        for folder in folders:
+            assert not (folder / "mlruns").exists() and not (folder / "mlartifacts").exists()  # all through the server
+        assert any((tmp_path / "artifacts").rglob("MLmodel"))
+
+        everything = [(tmp_path / "server.log").read_text()] + [path.read_text() for pair in logs for path in pair]
+        for run in runs:
+            everything += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
+        assert not [text for text in everything if PLANTED_PASSWORD in text]
     finally:
+        for proc in machines:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         tracking_server.stop(server)
         with admin.connect() as connection:
-            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            for name in (tracking_db, optuna_db):
+                connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
