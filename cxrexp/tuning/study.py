@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # value, and the error above which the user is told that pruning and the winner are decided in noise.
 REFERENCE_AUC = 0.9
 NOISY_VALIDATION_SE = 0.02
+# How often a waiting invocation looks at the other machines' last trials: a trial that ends is
+# seen within this, not a whole heartbeat later (20 s, which cost a two-worker search 10 s in bench_team).
+WAIT_POLL_S = 1.0
 
 
 def run_study(cfg: TrainConfig, dataset: PreparedDataset, *, verbose: int = 2) -> str:
@@ -106,7 +109,7 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
         while n_missing:
             _run_trials(cfg, dataset, study, parent_id, own_id, experiment_id, n_missing, verbose)
             # Other machines' trials may hold the last places: stay until they end, so a dead one is rerun here.
-            if not (cfg.heartbeat and wait_for_trials_elsewhere(study, cfg.n_trials, poll_s=cfg.heartbeat)):
+            if not (cfg.heartbeat and wait_for_trials_elsewhere(study, cfg.n_trials, poll_s=min(cfg.heartbeat, WAIT_POLL_S))):
                 break
             n_missing = max(0, cfg.n_trials - count_done(study))
         summary_runs = tuple(dict.fromkeys((own_id, parent_id)))  # the parent shows the study as it now stands
