@@ -3,6 +3,13 @@
 Run from the project root (needs ../shared/data: cxr-mini, cxr-masks, lung-seg-nlm, cxr-external-dev):
 
     python benchmarks/lungs_compare.py [--seeds 42,1,2] [--modes none,crop,mask] [--seg-size 64] [--seg-epochs 10]
+    python benchmarks/lungs_compare.py --modes crop,crop/margin=0.10,crop/aspect=stretch --exclude @paediatric-normals
+
+A mode is a ``lungs`` setting, optionally with lung-view settings after slashes
+(``crop/margin=0.10/aspect=stretch/fill=128``: preprocess's ``--lung-margin``, ``--lung-aspect``,
+``--lung-fill``). ``--exclude`` is passed to every preprocess (``-P exclude``). Each row also shows
+the train run's validation ROC-AUC: with the dev pairings, that is what a choice between modes may
+be made on (the internal column is the test split: reported, never chosen on).
 
 Everything goes through the product (a temporary MLflow store): one ``segment`` run (cxr-masks plus
 the lung-seg-nlm tuberculosis films; the ``_0`` normals are left out because they are external
@@ -23,7 +30,7 @@ same internal cases), then per mode and training seed ``train`` with its default
 Printed: per mode and seed ROC-AUC (with its bootstrap CI) and specificity at the model's own
 threshold on each pairing, the COVID-call shares, the audit's lung focus; then per seed the paired
 bootstrap CI of the AUC difference of each mode against ``none`` on the same cases
-(``metrics.paired_difference``). Predictions are kept in the work folder (``predictions.csv``).
+(``metrics.paired_difference``; against ``none``, or the first mode when ``none`` is not run). Predictions are kept in the work folder (``predictions.csv``).
 Nothing here is used to choose a default automatically: the README and docs/lungs.md say what was
 decided on which pairing.
 """
@@ -86,12 +93,33 @@ def served_probabilities(model_uri: str, paths: list[Path]) -> tuple[np.ndarray,
     return probability, called
 
 
+VIEW_FLAGS = {"margin": "--lung-margin", "aspect": "--lung-aspect", "fill": "--lung-fill"}
+
+
+def mode_flags(mode: str) -> tuple[str, list[str]]:
+    """``crop/margin=0.10/aspect=stretch`` -> ("crop", ["--lung-margin", "0.10", "--lung-aspect", "stretch"])."""
+    lungs, *settings = mode.split("/")
+    flags: list[str] = []
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key not in VIEW_FLAGS or not value:
+            raise SystemExit(f"mode {mode!r}: {setting!r} is not one of {', '.join(k + '=...' for k in VIEW_FLAGS)}")
+        flags += [VIEW_FLAGS[key], value]
+    return lungs, flags
+
+
+def safe_name(mode: str) -> str:
+    """A mode as a folder and registered-model name."""
+    return mode.replace("/", "-").replace("=", "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="42,1,2")
     parser.add_argument("--modes", default="none,crop,mask")
     parser.add_argument("--seg-size", type=int, default=64)
     parser.add_argument("--seg-epochs", type=int, default=10)
+    parser.add_argument("--exclude", default="", help="preprocess -P exclude for every mode (e.g. @paediatric-normals)")
     parser.add_argument("--work", default="", help="work folder (default: a new temporary one)")
     parser.add_argument("--report-only", action="store_true", help="only print the tables of --work's CSVs")
     args = parser.parse_args()
@@ -125,8 +153,11 @@ def main() -> int:
     audits = []
     internal: pd.DataFrame | None = None
     for mode in modes:
-        if cli.main(["preprocess", "--data-dir", str(SHARED / "cxr-mini"), "--out-dir", str(work / f"prepared-{mode}"),
-                     "--lungs", mode, "--seed", "42"]):
+        lungs, view_flags = mode_flags(mode)
+        if args.exclude:
+            view_flags += ["--exclude", args.exclude]
+        if cli.main(["preprocess", "--data-dir", str(SHARED / "cxr-mini"), "--out-dir",
+                     str(work / f"prepared-{safe_name(mode)}"), "--lungs", lungs, "--seed", "42", *view_flags]):
             return 1
         pre = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                  filter_string="tags.`cxrexp.step` = 'preprocess'",
@@ -137,9 +168,12 @@ def main() -> int:
             manifest = tracking.resolve_prepared(pre.info.run_id).manifest
             internal = manifest[manifest["split"] == "test"][["source", "label"]].reset_index(drop=True)
         for seed in seeds:
-            name = f"mini-{mode}"
+            name = f"mini-{safe_name(mode)}"
             if cli.main(["train", "--data", pre.info.run_id, "--seed", str(seed), "--registered-model-name", name]):
                 return 1
+            trained = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                         filter_string="tags.`cxrexp.step` = 'train'",
+                                         order_by=["attributes.start_time DESC"], max_results=1)[0]
             version = client.get_model_version_by_alias(name, "challenger").version
             uri = f"models:/{name}/{version}"
             cli.main(["evaluate", "--model-uri", uri, "--n-bootstrap", "200", "--gradcam-per-cell", "0"])
@@ -148,7 +182,8 @@ def main() -> int:
                                      order_by=["attributes.start_time DESC"], max_results=1)[0]
             m = run.data.metrics
             audits.append({"mode": mode, "seed": seed, "lung_focus": m.get("audit_lung_focus_mean", np.nan),
-                           "lift": m.get("audit_lung_focus_lift_mean", np.nan), "audit_n": m.get("audit_n", 0)})
+                           "lift": m.get("audit_lung_focus_lift_mean", np.nan), "audit_n": m.get("audit_n", 0),
+                           "val_roc_auc": trained.data.metrics.get("val_roc_auc", np.nan)})
             everything = {"internal": [(Path(s), int(lab)) for s, lab in zip(internal["source"], internal["label"])],
                           **sets}
             for set_name, items in everything.items():
@@ -170,9 +205,9 @@ def report(work: Path, modes: list[str], seeds: list[int]) -> None:
 
     frame = pd.read_csv(work / "predictions.csv").dropna(subset=["probability"])
     audit_frame = pd.read_csv(work / "audits.csv").set_index(["mode", "seed"])
-    print("\n| lungs | seed | internal AUC | NIH AUC [CI] | NIH spec | other AUC [CI] | other spec | VP called COVID | "
-          "TB called COVID | audit lung focus (lift) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| lungs | seed | val AUC | internal AUC (test) | NIH AUC [CI] | NIH spec | other AUC [CI] | other spec | "
+          "VP called COVID | TB called COVID | audit lung focus (lift) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (mode, seed), group in frame.groupby(["mode", "seed"], sort=False):
         cells = []
         for set_name in ("internal", "nih", "other"):
@@ -185,17 +220,19 @@ def report(work: Path, modes: list[str], seeds: list[int]) -> None:
         for set_name in ("vp", "tb"):
             cells.append(f"{group.loc[group['set'] == set_name, 'called_covid'].mean():.2f}")
         a = audit_frame.loc[(mode, seed)]
+        cells.insert(0, f"{a.get('val_roc_auc', np.nan):.3f}")
         cells.append(f"{a['lung_focus']:.2f} ({a['lift']:.2f}x, n={int(a['audit_n'])})")
         print(f"| {mode} | {seed} | " + " | ".join(cells) + " |")
 
-    print("\nPaired AUC difference against lungs=none (same cases, 2,000 resamples):")
+    baseline = "none" if "none" in modes else modes[0]
+    print(f"\nPaired AUC difference against lungs={baseline} (same cases, 2,000 resamples):")
     print("| lungs | seed | internal | NIH | other |")
     print("|---|---|---|---|---|")
-    for mode in [m for m in modes if m != "none"]:
+    for mode in [m for m in modes if m != baseline]:
         for seed in seeds:
             cells = []
             for set_name in ("internal", "nih", "other"):
-                base = frame[(frame["mode"] == "none") & (frame["seed"] == seed) & (frame["set"] == set_name)]
+                base = frame[(frame["mode"] == baseline) & (frame["seed"] == seed) & (frame["set"] == set_name)]
                 this = frame[(frame["mode"] == mode) & (frame["seed"] == seed) & (frame["set"] == set_name)]
                 both = base.merge(this, on=["file", "label"], suffixes=("_a", "_b"))
                 d = paired_difference(both["label"].to_numpy(), both["probability_a"].to_numpy(),
