@@ -42,6 +42,7 @@ def test_train_name(cfg, size, expected):
 
 def test_study_evaluate_segment_and_promote_names():
     assert run_names.study_name(TrainConfig(study_name="cnn-search"), 128) == "study cnn-search 128px"
+    assert run_names.joined_study_name(TrainConfig(study_name="cnn-search"), 128) == "study cnn-search 128px (joined)"
     assert run_names.evaluate_name("cxr-covid-cnn v3", "6cf9af66c98aecd3") == "evaluate cxr-covid-cnn v3 on 6cf9af66"
     assert run_names.evaluate_name("model", "") == "evaluate model"
     assert run_names.segment_name(SegmentConfig()) == "segment synthetic 128px"
