@@ -188,3 +188,28 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
         (run,) = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cxrexp.step` = 'evaluate'", output_format="list")
         assert run.data.metrics["external_ext_lungs_n"] + run.data.metrics["external_ext_lungs_n_dropped_duplicates"] == 16
         assert "audit_lung_focus_lift_mean" in run.data.metrics or run.data.metrics["audit_n"] < 10
+
+
+def test_a_segmenter_loaded_in_the_background_is_loaded_once_when_started_and_its_error_reaches_the_caller():
+    from cxrexp.data.pipeline import BackgroundLungMasks
+    from cxrexp.errors import ModelNotFound
+
+    loads = []
+
+    def load():
+        loads.append(1)
+        return lambda images: [image > 0 for image in images]
+
+    masks = BackgroundLungMasks(load)
+    assert loads == []  # nothing is loaded before run_preprocess has started its workers
+    masks.start()
+    first = masks([np.ones((4, 4), np.uint8)])
+    second = masks([np.zeros((4, 4), np.uint8)])
+    assert loads == [1] and first[0].all() and not second[0].any()
+
+    def broken():
+        raise ModelNotFound("models:/cxr-lung-seg/9 is not in the registry")
+
+    failing = BackgroundLungMasks(broken)
+    with pytest.raises(ModelNotFound, match="cxr-lung-seg/9"):  # the same error as a load in the caller's thread
+        failing([np.ones((4, 4), np.uint8)])

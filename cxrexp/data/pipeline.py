@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -46,6 +47,42 @@ from cxrexp.lungs.masks import dice
 LungMasks = Callable[[list[np.ndarray]], list[np.ndarray]]
 # Images per segmenter call: a batch amortises the forward pass; 32 working images are ~2 MiB.
 SEGMENT_BATCH = 32
+
+
+class BackgroundLungMasks:
+    """A segmenter loaded in a thread of its own while the workers decode; the first call waits for it.
+
+    Why: loading it (TensorFlow's import, then the model) took 7 s of a 21 s cxr-mini preprocess with
+    the workers idle, and once TensorFlow is in the parent the workers must be spawned (seconds of
+    imports each) instead of forked. ``run_preprocess`` starts the load once its workers exist, so
+    they are forked before TensorFlow's threads do. A load that fails raises at the first call.
+    """
+
+    def __init__(self, load: Callable[[], LungMasks]):
+        self._load = load
+        self._thread: threading.Thread | None = None
+        self._masks: LungMasks | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cxrexp-segmenter-load", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._masks = self._load()
+        except BaseException as err:  # noqa: BLE001 (raised in the caller's thread at the first call)
+            self._error = err
+
+    def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        self.start()
+        assert self._thread is not None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._masks is not None
+        return self._masks(images)
 
 log = logging.getLogger(__name__)
 
@@ -337,9 +374,17 @@ def _in_any_order(pool: ProcessPoolExecutor, tasks: list[_Task], chunksize: int)
     """Worker results as chunks finish. A worker that dies abruptly (the kernel's OOM killer, a
     SIGKILL) breaks the pool, and every unfinished chunk then raises BrokenProcessPool at once: that
     is why this is a ProcessPoolExecutor and not multiprocessing.Pool, whose imap_unordered waits
-    forever for the lost chunk. It becomes a WorkerDied that names what was in flight."""
+    forever for the lost chunk. It becomes a WorkerDied that names what was in flight.
+
+    Every chunk is submitted before this returns (not at the first ``next``), so the workers exist
+    by then: a forking pool forks them all at the first submit.
+    """
     chunks = [tasks[i : i + chunksize] for i in range(0, len(tasks), chunksize)]
     futures = {pool.submit(_process_chunk, chunk): chunk for chunk in chunks}
+    return _results(futures, len(tasks))
+
+
+def _results(futures: dict, n_tasks: int) -> Iterator[tuple]:
     finished = 0
     for future in as_completed(futures):
         try:
@@ -348,7 +393,7 @@ def _in_any_order(pool: ProcessPoolExecutor, tasks: list[_Task], chunksize: int)
             lost = [task for f, chunk in futures.items() if not (f.done() and f.exception() is None) for task in chunk]
             raise WorkerDied(
                 f"a preprocess worker process died abruptly (killed by the system, most often for lack of "
-                f"memory, or by a signal) after {finished} of {len(tasks)} images; {len(lost)} were not "
+                f"memory, or by a signal) after {finished} of {n_tasks} images; {len(lost)} were not "
                 f"finished, the first of them {lost[0].path or lost[0].synthetic_index!r}. Nothing was kept. "
                 "Try fewer workers (-P workers=1), a smaller -P max_pixels, or more memory"
             ) from None
@@ -435,6 +480,8 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = True, lung_masks: 
 
         with _processed(tasks, workers, (spec, cfg.max_pixels, syn, writer.rows)) as results, \
                 tqdm(total=n, desc="preprocess", unit="img", disable=not progress, file=sys.stderr) as bar:
+            if isinstance(lung_masks, BackgroundLungMasks):
+                lung_masks.start()  # the workers exist now: TensorFlow may start its threads
             for row, item, reason, waiting in results:
                 bar.update(1)
                 if item is None:

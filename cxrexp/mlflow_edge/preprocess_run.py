@@ -14,6 +14,7 @@ import numpy as np
 
 from cxrexp.config import ImageSpec, PreprocessConfig
 from cxrexp.data.pipeline import (
+    BackgroundLungMasks,
     LungMasks,
     PreprocessResult,
     prepared_key,
@@ -67,9 +68,10 @@ def lung_masks_for(spec: ImageSpec) -> LungMasks | None:
 
 
 def prepare(cfg: PreprocessConfig, *, progress: bool = True) -> PreprocessResult:
-    """``run_preprocess`` with the segmenter resolved and loaded (no MLflow run of its own)."""
+    """``run_preprocess`` with the segmenter resolved, and loaded while the workers decode (no MLflow run of its own)."""
     resolved = resolve_lungs(cfg)
-    return run_preprocess(resolved, progress=progress, lung_masks=lung_masks_for(resolved.image))
+    masks = None if resolved.image.lungs == "none" else BackgroundLungMasks(lambda: lung_masks_for(resolved.image))
+    return run_preprocess(resolved, progress=progress, lung_masks=masks)
 
 
 def lung_metrics(dataset: PreparedDataset) -> dict[str, float]:
