@@ -96,7 +96,7 @@ def register(model_uri: str, name: str, *, alias: str | None = CHALLENGER, tags:
     version = mlflow.register_model(model_uri, name, tags=clean_tags)
     if alias is not None:
         MlflowClient().set_registered_model_alias(name, alias, version.version)
-    log.info("registered %s as %s version %s (@%s)", model_uri, name, version.version, alias)
+    log.info("registered %s as %s version %s%s", model_uri, name, version.version, f" (@{alias})" if alias else "")
     return str(version.version)
 
 
