@@ -235,6 +235,9 @@ def report(work: Path, modes: list[str], seeds: list[int]) -> None:
                 base = frame[(frame["mode"] == baseline) & (frame["seed"] == seed) & (frame["set"] == set_name)]
                 this = frame[(frame["mode"] == mode) & (frame["seed"] == seed) & (frame["set"] == set_name)]
                 both = base.merge(this, on=["file", "label"], suffixes=("_a", "_b"))
+                if both.empty:  # that mode or seed was not run (a report over merged CSVs)
+                    cells.append("not run")
+                    continue
                 d = paired_difference(both["label"].to_numpy(), both["probability_a"].to_numpy(),
                                       both["probability_b"].to_numpy(), seed=42)
                 cells.append(f"{d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
