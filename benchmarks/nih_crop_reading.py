@@ -8,7 +8,7 @@ for the segmenter and its ``predictions.csv`` for the served probabilities):
 For every film of cxr-mini (the training database: COVID and Normal), the Hannover COVID films, the
 NIH normals and the Montgomery/Shenzhen normals (``lung-seg-nlm`` ``_0``), it runs the product's own
 lung view (``lungs.view``: working image, the registered segmenter, ``lung_view`` with the default
-margin and aspect) and measures what a crop carries besides the lungs' texture:
+margin and aspect; cxr-mini's normals without ``@paediatric-normals``, as lungs_compare trains) and measures what a crop carries besides the lungs' texture:
 
 - ``lung_area``: the mask's share of the working image; ``box_aspect``: the crop box's height over
   width; ``box_top``: where the box starts, as a share of the image height (a low box_top reaches up
@@ -40,12 +40,18 @@ FEATURES = ("lung_area", "box_aspect", "box_top", "side_ratio", "lung_grey", "lu
 
 
 def sources() -> dict[str, list[Path]]:
+    """The films by source; cxr-mini's normals without the paediatric ones (as the models were trained)."""
+    from cxrexp.data.discovery import excluded_by, expand_exclude
+
+    children = expand_exclude(["@paediatric-normals"])
+
     def files(folder: Path, pattern: str = "*") -> list[Path]:
-        return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+                      and not excluded_by(p.name, children))
 
     return {
         "train COVID (cxr-mini)": files(SHARED / "cxr-mini" / "COVID" / "images"),
-        "train Normal (cxr-mini)": files(SHARED / "cxr-mini" / "Normal" / "images"),
+        "train Normal (cxr-mini, adults)": files(SHARED / "cxr-mini" / "Normal" / "images"),
         "Hannover COVID": files(SHARED / "cxr-external-dev" / "COVID" / "images"),
         "NIH normal": files(SHARED / "cxr-external-dev" / "Normal" / "images"),
         "Montgomery/Shenzhen normal": files(SHARED / "lung-seg-nlm" / "images", "*_0.png"),
@@ -129,6 +135,9 @@ def main() -> int:
     print("| feature | rho | p |\n|---|---|---|")
     for feature in FEATURES:
         part = normals[[feature, "probability"]].dropna()
+        if part[feature].nunique() < 2:  # e.g. every film square
+            print(f"| {feature} | constant | |")
+            continue
         rho, p = spearmanr(part[feature], part["probability"])
         print(f"| {feature} | {rho:+.2f} | {p:.3g} |")
     nih = merged[merged["source"] == "NIH normal"]
