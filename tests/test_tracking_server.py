@@ -206,7 +206,10 @@ def test_two_machines_search_one_study_through_the_server_and_survive_one_of_the
         assert killed_run.info.status == "KILLED"  # ended by the heartbeat's retry, not left RUNNING
         studies = [r for r in runs if r.data.tags.get("cxrexp.step") == "train"]
         assert len(studies) == 2 and {r.data.tags.get(STUDY_RUN_TAG) for r in studies} == {None, parent_id}
-        assert client.get_run(parent_id).info.run_name == "study two-machines 32px"
+        parent = client.get_run(parent_id)
+        assert parent.info.run_name == "study two-machines 32px"
+        assert parent.info.status == "FINISHED"  # even when the killed machine was the one whose run it is
+        assert parent.data.metrics["n_trials_complete"] == n_trials  # its summary covers both machines
         assert sorted(r.info.run_name for r in kids)[0] == "trial-000"
 
         versions = client.search_model_versions("name = 'e2e-two'")

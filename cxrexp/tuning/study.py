@@ -8,6 +8,7 @@ import multiprocessing
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from cxrexp.config import TrainConfig
 from cxrexp.data.store import PreparedDataset
@@ -125,8 +126,11 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
                 BEST_RUN_ID_TAG: str(best.user_attrs.get(RUN_ID_ATTR)),
             }.items():
                 client.set_tag(run_id, key, value)
-        if parent_id != own_id and client.get_run(parent_id).info.status in ("FAILED", "KILLED"):
-            client.set_terminated(parent_id, "FINISHED")  # its invocation ended badly; the study now has a model
+        if parent_id != own_id and client.get_run(parent_id).info.status != "FINISHED" \
+                and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            # The parent stands for the study, which now has a model and no trial running: its own
+            # invocation ended FAILED or KILLED, or was killed hard and left it RUNNING for good.
+            client.set_terminated(parent_id, "FINISHED")
         precision = ""
         if cfg.objective == "roc_auc" and reference_se is not None and math.isfinite(best.value):
             best_se = auc_standard_error(min(max(best.value, 0.0), 1.0), n_positive, n_negative)
