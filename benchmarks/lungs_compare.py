@@ -7,7 +7,8 @@ Run from the project root (needs ../shared/data: cxr-mini, cxr-masks, lung-seg-n
 
 A mode is a ``lungs`` setting, optionally with image settings after slashes
 (``crop/margin=0.10/aspect=stretch/fill=128/clip=4.0``: preprocess's ``--lung-margin``, ``--lung-aspect``,
-``--lung-fill``, ``--clip-limit``). ``--exclude`` is passed to every preprocess (``-P exclude``). Each row also shows
+``--lung-fill``, ``--clip-limit``) or train settings (``bn=true``: ``--batch-norm``;
+``filters=32-64-128-256``: ``--filters``). ``--exclude`` is passed to every preprocess (``-P exclude``). Each row also shows
 the train run's validation ROC-AUC: with the dev pairings, that is what a choice between modes may
 be made on (the internal column is the test split: reported, never chosen on).
 
@@ -94,18 +95,24 @@ def served_probabilities(model_uri: str, paths: list[Path]) -> tuple[np.ndarray,
 
 
 IMAGE_FLAGS = {"margin": "--lung-margin", "aspect": "--lung-aspect", "fill": "--lung-fill", "clip": "--clip-limit"}
+TRAIN_FLAGS = {"bn": "--batch-norm", "filters": "--filters"}  # filters written with dashes: 32-64-128-256
 
 
-def mode_flags(mode: str) -> tuple[str, list[str]]:
-    """``crop/margin=0.10/aspect=stretch`` -> ("crop", ["--lung-margin", "0.10", "--lung-aspect", "stretch"])."""
+def mode_flags(mode: str) -> tuple[str, list[str], list[str]]:
+    """``crop/margin=0.10/bn=true`` -> ("crop", preprocess ["--lung-margin", "0.10"], train ["--batch-norm", "true"])."""
     lungs, *settings = mode.split("/")
     flags: list[str] = []
+    train_flags: list[str] = []
     for setting in settings:
         key, _, value = setting.partition("=")
-        if key not in IMAGE_FLAGS or not value:
-            raise SystemExit(f"mode {mode!r}: {setting!r} is not one of {', '.join(k + '=...' for k in IMAGE_FLAGS)}")
-        flags += [IMAGE_FLAGS[key], value]
-    return lungs, flags
+        if key in IMAGE_FLAGS and value:
+            flags += [IMAGE_FLAGS[key], value]
+        elif key in TRAIN_FLAGS and value:
+            train_flags += [TRAIN_FLAGS[key], value.replace("-", ",")]
+        else:
+            known = ", ".join(k + "=..." for k in (*IMAGE_FLAGS, *TRAIN_FLAGS))
+            raise SystemExit(f"mode {mode!r}: {setting!r} is not one of {known}")
+    return lungs, flags, train_flags
 
 
 def safe_name(mode: str) -> str:
@@ -153,7 +160,7 @@ def main() -> int:
     audits = []
     internal: pd.DataFrame | None = None
     for mode in modes:
-        lungs, view_flags = mode_flags(mode)
+        lungs, view_flags, train_flags = mode_flags(mode)
         if args.exclude:
             view_flags += ["--exclude", args.exclude]
         if cli.main(["preprocess", "--data-dir", str(SHARED / "cxr-mini"), "--out-dir",
@@ -169,7 +176,8 @@ def main() -> int:
             internal = manifest[manifest["split"] == "test"][["source", "label"]].reset_index(drop=True)
         for seed in seeds:
             name = f"mini-{safe_name(mode)}"
-            if cli.main(["train", "--data", pre.info.run_id, "--seed", str(seed), "--registered-model-name", name]):
+            if cli.main(["train", "--data", pre.info.run_id, "--seed", str(seed), "--registered-model-name", name,
+                         *train_flags]):
                 return 1
             trained = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                          filter_string="tags.`cxrexp.step` = 'train'",
