@@ -141,6 +141,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {work}; load average at start: {load_average()}")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    os.chdir(work)  # MLflow puts a SQLite store's artifacts in ./mlruns: keep them with the store, not in the checkout
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import mlflow
 
