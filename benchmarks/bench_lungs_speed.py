@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CXR_MINI, PROJECT_ROOT, has_cxr_mini, load_average  # noqa: E402  (benchmarks/common.py)
+from common import CXR_MINI, PROJECT_ROOT, has_cxr_mini, load_average, use_store  # noqa: E402  (benchmarks/common.py)
 
 MASKS = PROJECT_ROOT.parent / "shared" / "data" / "cxr-masks"
 
@@ -68,7 +68,7 @@ def main() -> int:
         print(f"needs {CXR_MINI} and {MASKS}", file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="bench-lungs-speed-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    use_store(work)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     print(f"work folder {work}; load average at start: {load_average()}")
     import mlflow

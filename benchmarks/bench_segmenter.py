@@ -20,13 +20,13 @@ lung-seg-nlm tuberculosis films (``_1``); the lung-seg-nlm normals (``_0``) are 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
-from common import PROJECT_ROOT, load_average  # noqa: E402  (benchmarks/common.py)
+from common import PROJECT_ROOT, load_average, use_store  # noqa: E402  (benchmarks/common.py)
 
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 
@@ -44,7 +44,7 @@ def main() -> int:
         print(f"mask sets not found: {missing} (../shared/data beside the project)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-segmenter-") as tmp:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        use_store(Path(tmp))
         import mlflow
 
         from cxrexp.config import SegmentConfig, TrainConfig

@@ -22,3 +22,16 @@ def has_cxr_mini(data_dir: Path) -> bool:
 def load_average() -> str:
     """The 1/5/15-minute load averages: benchmarks on shared cores report what they ran under."""
     return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def use_store(work: Path) -> str:
+    """Point MLflow at a SQLite store in ``work`` and run from there; returns the tracking URI.
+
+    Why the chdir: MLflow puts a SQLite store's artifacts in ``./mlruns`` of the current folder, so
+    a benchmark started from the checkout left them there, apart from their store (and lost them
+    with a removed worktree). Paths the caller holds must already be absolute.
+    """
+    uri = f"sqlite:///{work}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.chdir(work)
+    return uri

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import load_average  # noqa: E402  (benchmarks/common.py)
+from common import load_average, use_store  # noqa: E402  (benchmarks/common.py)
 from lungs_compare import SHARED, collections, served_probabilities  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="decide-bn-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {work}; load average at start: {load_average()}", flush=True)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    use_store(work)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import mlflow
 

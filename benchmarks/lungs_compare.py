@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import PROJECT_ROOT, load_average  # noqa: E402  (benchmarks/common.py)
+from common import PROJECT_ROOT, load_average, use_store  # noqa: E402  (benchmarks/common.py)
 
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -140,8 +140,7 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="lungs-compare-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {work}; load average at start: {load_average()}")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
-    os.chdir(work)  # MLflow puts a SQLite store's artifacts in ./mlruns: keep them with the store, not in the checkout
+    use_store(work)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import mlflow
 

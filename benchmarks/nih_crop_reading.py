@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import PROJECT_ROOT  # noqa: E402  (benchmarks/common.py)
+from common import PROJECT_ROOT, use_store  # noqa: E402  (benchmarks/common.py)
 
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 FEATURES = ("lung_area", "box_aspect", "box_top", "side_ratio", "lung_grey", "lung_contrast", "image_aspect")
@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("--mode", default="crop", help="the lungs_compare mode whose probabilities to read")
     args = parser.parse_args()
     work = Path(args.work).resolve()
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    use_store(work)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from scipy.stats import spearmanr
 

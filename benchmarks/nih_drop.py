@@ -24,14 +24,13 @@ chosen here.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
-from common import load_average  # noqa: E402  (benchmarks/common.py)
+from common import load_average, use_store  # noqa: E402  (benchmarks/common.py)
 from lungs_compare import collections, served_probabilities  # noqa: E402
 
 
@@ -82,7 +81,7 @@ def main() -> int:
                         help="first train mini-<mode>-adult on cxr-mini without its paediatric normals, then score those too")
     args = parser.parse_args()
     work = Path(args.work).resolve()
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    use_store(work)
     import mlflow
 
     from cxrexp.evaluation.metrics import roc_auc
