@@ -102,14 +102,14 @@ def _fresh_database(admin, prefix: str) -> str:
     return name
 
 
-def _trial_pids(study, running_only: bool = True) -> dict[int, int]:
+def _trial_pids(study) -> dict[int, int]:
     """{pid: trial number} of the trials running now (the pid is the step process that runs it)."""
     from optuna.trial import TrialState
 
     from cxrexp.tags import WORKER_ATTR
 
     return {int(t.user_attrs[WORKER_ATTR].rsplit(":", 1)[1]): t.number for t in study.get_trials(deepcopy=False)
-            if WORKER_ATTR in t.user_attrs and (t.state == TrialState.RUNNING or not running_only)}
+            if WORKER_ATTR in t.user_attrs and t.state == TrialState.RUNNING}
 
 
 @pytest.mark.postgres

@@ -118,13 +118,14 @@ def _run_study(cfg: TrainConfig, dataset: PreparedDataset, verbose: int) -> str:
         model_uri, version = register_best(study, cfg, dataset)
         best = study.best_trial
         client = MlflowClient()
+        model_tags = {
+            MODEL_URI_TAG: model_uri,
+            REGISTERED_VERSION_TAG: version,
+            BEST_TRIAL_NUMBER_TAG: str(best.number),
+            BEST_RUN_ID_TAG: str(best.user_attrs.get(RUN_ID_ATTR)),
+        }
         for run_id in summary_runs:
-            for key, value in {
-                MODEL_URI_TAG: model_uri,
-                REGISTERED_VERSION_TAG: version,
-                BEST_TRIAL_NUMBER_TAG: str(best.number),
-                BEST_RUN_ID_TAG: str(best.user_attrs.get(RUN_ID_ATTR)),
-            }.items():
+            for key, value in model_tags.items():
                 client.set_tag(run_id, key, value)
         if parent_id != own_id and client.get_run(parent_id).info.status != "FINISHED" \
                 and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -151,7 +152,7 @@ def _run_trials(cfg: TrainConfig, dataset: PreparedDataset, study, parent_id: st
     try:
         if cfg.n_jobs == 1:
             budget = TrialBudget(multiprocessing.Value("i", n_missing))
-            objective = TrialObjective(cfg, dataset, parent_id, experiment_id, verbose=verbose, invocation_run_id=own_id)
+            objective = TrialObjective(cfg, dataset, parent_id, own_id, experiment_id, verbose=verbose)
             optimize(study, objective, budget, cfg.n_trials)
         else:
             exit_codes = run_workers(cfg, dataset, parent_id, own_id, experiment_id, n_missing)

@@ -68,35 +68,33 @@ def log_study_summary(study: optuna.Study, cfg: TrainConfig, image_size: int, ru
     figures, notes = study_figures(study, cfg.objective, cfg.seed)
     for artifact_file, fig in figures.items():
         tracking.log_figure(fig, artifact_file, run_ids=run_ids)
-    best_params: dict[str, Any] = {}
+    metrics = {
+        "n_trials_complete": counts["complete"],
+        "n_trials_pruned": counts["pruned"],
+        "n_trials_failed": counts["fail"],
+        "study_epochs_trained": sum(int(t.user_attrs.get(EPOCHS_ATTR, 0)) for t in trials),
+    }
+    table = study.trials_dataframe() if trials else None
+    texts = {"study/notes.txt": "\n".join(notes) + "\n"} if notes else {}
+    best_tags: dict[str, str] = {}
     if counts["complete"]:
         best = study.best_trial
         # Replaying the best params through the search space gives the filters they stand for.
         best_cfg = suggest_config(optuna.trial.FixedTrial(best.params, best.number), cfg, image_size)
         best_params = {**best.params, "filters": ",".join(map(str, best_cfg.filters))}
+        best_tags = {f"{BEST_PARAM_TAG_PREFIX}{k}": str(v) for k, v in best_params.items()}
+        texts["study/best_params.json"] = json.dumps(
+            {"trial": best.number, "value": best.value, "params": best_params}, indent=2)
+        metrics["best_value"] = best.value
+    client = MlflowClient()
     for run_id in run_ids:
-        tracking.log_metrics(
-            {
-                "n_trials_complete": counts["complete"],
-                "n_trials_pruned": counts["pruned"],
-                "n_trials_failed": counts["fail"],
-                "study_epochs_trained": sum(int(t.user_attrs.get(EPOCHS_ATTR, 0)) for t in trials),
-            },
-            run_id=run_id,
-        )
-        if trials:
-            tracking.log_frame(study.trials_dataframe(), "study/trials.csv", run_id=run_id)
-        if notes:
-            tracking.log_text("\n".join(notes) + "\n", "study/notes.txt", run_id=run_id)
-        if best_params:
-            client = MlflowClient()
-            for key, value in best_params.items():
-                client.set_tag(run_id, f"{BEST_PARAM_TAG_PREFIX}{key}", str(value))
-            tracking.log_text(
-                json.dumps({"trial": best.number, "value": best.value, "params": best_params}, indent=2),
-                "study/best_params.json", run_id=run_id,
-            )
-            tracking.log_metrics({"best_value": best.value}, run_id=run_id)
+        tracking.log_metrics(metrics, run_id=run_id)
+        if table is not None:
+            tracking.log_frame(table, "study/trials.csv", run_id=run_id)
+        for artifact_file, text in texts.items():
+            tracking.log_text(text, artifact_file, run_id=run_id)
+        for key, value in best_tags.items():
+            client.set_tag(run_id, key, value)
     return counts
 
 

@@ -68,12 +68,12 @@ class TrialObjective:
     lets every other exception through for Optuna to record as FAIL.
     """
 
-    def __init__(self, base: TrainConfig, dataset: PreparedDataset, parent_run_id: str, experiment_id: str,
-                 *, verbose: int = 2, invocation_run_id: str = ""):
+    def __init__(self, base: TrainConfig, dataset: PreparedDataset, parent_run_id: str, invocation_run_id: str,
+                 experiment_id: str, *, verbose: int = 2):
         self.base = base
         self.dataset = dataset
         self.parent_run_id = parent_run_id  # the study's one parent run (``parent``)
-        self.invocation_run_id = invocation_run_id or parent_run_id  # the train run that runs this trial
+        self.invocation_run_id = invocation_run_id  # the train run that runs this trial (the parent, or a joiner)
         self.experiment_id = experiment_id
         self.verbose = verbose
 

@@ -105,8 +105,8 @@ def _run_worker(job: WorkerJob, shared_count: Any) -> None:
     try:
         dataset = open_prepared(job.dataset_root)
         study = open_study(job.cfg, dataset, create=False)
-        objective = TrialObjective(job.cfg, dataset, job.parent_run_id, job.experiment_id, verbose=0,
-                                   invocation_run_id=job.invocation_run_id)
+        objective = TrialObjective(job.cfg, dataset, job.parent_run_id, job.invocation_run_id, job.experiment_id,
+                                   verbose=0)
         optimize(study, objective, TrialBudget(shared_count), job.cfg.n_trials)
     except KeyboardInterrupt:
         raise SystemExit(130)  # the trial is FAIL in Optuna and KILLED in MLflow already
