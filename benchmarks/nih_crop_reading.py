@@ -33,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import PROJECT_ROOT, use_store  # noqa: E402  (benchmarks/common.py)
+from common import use_store  # noqa: E402  (benchmarks/common.py)
+from lungs_compare import SHARED  # noqa: E402  (the same shared sets, listed the same way)
+from lungs_compare import files as image_files  # noqa: E402
 
-SHARED = PROJECT_ROOT.parent / "shared" / "data"
 FEATURES = ("lung_area", "box_aspect", "box_top", "side_ratio", "lung_grey", "lung_contrast", "image_aspect")
 
 
@@ -46,8 +47,7 @@ def sources() -> dict[str, list[Path]]:
     children = expand_exclude(["@paediatric-normals"])
 
     def files(folder: Path, pattern: str = "*") -> list[Path]:
-        return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in (".png", ".jpg", ".jpeg")
-                      and not excluded_by(p.name, children))
+        return [p for p in image_files(folder, pattern) if not excluded_by(p.name, children)]
 
     return {
         "train COVID (cxr-mini)": files(SHARED / "cxr-mini" / "COVID" / "images"),
