@@ -6,16 +6,18 @@ Run from the project root (needs ../shared/data: cxr-mini, cxr-masks, lung-seg-n
     python benchmarks/lungs_compare.py --modes crop,crop/margin=0.10,crop/aspect=stretch --exclude @paediatric-normals
 
 A mode is a ``lungs`` setting, optionally with image settings after slashes
-(``crop/margin=0.10/aspect=stretch/fill=128/clip=4.0``: preprocess's ``--lung-margin``, ``--lung-aspect``,
-``--lung-fill``, ``--clip-limit``) or train settings (``bn=true``: ``--batch-norm``;
-``filters=32-64-128-256``: ``--filters``). ``--exclude`` is passed to every preprocess (``-P exclude``). Each row also shows
+(``crop/margin=0.10/aspect=stretch/fill=128/clip=4.0/exclude=``: preprocess's ``--lung-margin``, ``--lung-aspect``,
+``--lung-fill``, ``--clip-limit``, ``--exclude``, where ``exclude=`` keeps every file) or train settings (``bn=true``:
+``--batch-norm``; ``filters=32-64-128-256``: ``--filters``; ``rule=youden``: ``--threshold-rule``). Every other
+setting is the product's default. ``--exclude`` is passed to every preprocess whose mode does not set it. Each row also shows
 the train run's validation ROC-AUC: with the dev pairings, that is what a choice between modes may
 be made on (the internal column is the test split: reported, never chosen on).
 
 Everything goes through the product (a temporary MLflow store): one ``segment`` run (cxr-masks plus
 the lung-seg-nlm tuberculosis films; the ``_0`` normals are left out because they are external
 normals here), one ``preprocess`` per mode (split seed 42 for all, so every model is tested on the
-same internal cases), then per mode and training seed ``train`` with its defaults and ``evaluate``
+same internal cases, unless a mode keeps other files: each mode is scored on its own test split, and a
+paired difference on the cases both test splits share), then per mode and training seed ``train`` with its defaults and ``evaluate``
 (internal test split, for the audit's lung focus and lift). Every model is then asked, **as served**
 (the pyfunc model on raw file bytes, its own segmenter and threshold inside), about:
 
@@ -50,6 +52,7 @@ from common import PROJECT_ROOT, load_average, use_store  # noqa: E402  (benchma
 
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MIN_PAIRED_CASES = 50  # below this a paired AUC interval on shared test cases means nothing (12 gave [0, 0])
 
 
 def files(folder: Path, pattern: str = "*") -> list[Path]:
@@ -94,8 +97,10 @@ def served_probabilities(model_uri: str, paths: list[Path]) -> tuple[np.ndarray,
     return probability, called
 
 
-IMAGE_FLAGS = {"margin": "--lung-margin", "aspect": "--lung-aspect", "fill": "--lung-fill", "clip": "--clip-limit"}
-TRAIN_FLAGS = {"bn": "--batch-norm", "filters": "--filters"}  # filters written with dashes: 32-64-128-256
+IMAGE_FLAGS = {"margin": "--lung-margin", "aspect": "--lung-aspect", "fill": "--lung-fill", "clip": "--clip-limit",
+               "exclude": "--exclude"}  # exclude= (empty) keeps every file
+TRAIN_FLAGS = {"bn": "--batch-norm", "filters": "--filters",  # filters written with dashes: 32-64-128-256
+               "rule": "--threshold-rule"}
 
 
 def mode_flags(mode: str) -> tuple[str, list[str], list[str]]:
@@ -105,7 +110,9 @@ def mode_flags(mode: str) -> tuple[str, list[str], list[str]]:
     train_flags: list[str] = []
     for setting in settings:
         key, _, value = setting.partition("=")
-        if key in IMAGE_FLAGS and value:
+        if key == "exclude":
+            flags += [IMAGE_FLAGS[key], value]
+        elif key in IMAGE_FLAGS and value:
             flags += [IMAGE_FLAGS[key], value]
         elif key in TRAIN_FLAGS and value:
             train_flags += [TRAIN_FLAGS[key], value.replace("-", ",")]
@@ -129,9 +136,11 @@ def main() -> int:
     parser.add_argument("--exclude", default="", help="preprocess -P exclude for every mode (e.g. @paediatric-normals)")
     parser.add_argument("--work", default="", help="work folder (default: a new temporary one)")
     parser.add_argument("--report-only", action="store_true", help="only print the tables of --work's CSVs")
+    parser.add_argument("--baseline", default="", help="the mode paired differences are taken against "
+                                                       "(default: none when run, else the first mode)")
     args = parser.parse_args()
     if args.report_only:
-        report(Path(args.work), args.modes.split(","), [int(s) for s in args.seeds.split(",")])
+        report(Path(args.work), args.modes.split(","), [int(s) for s in args.seeds.split(",")], args.baseline)
         return 0
     needed = [SHARED / d for d in ("cxr-mini", "cxr-masks", "lung-seg-nlm", "cxr-external-dev")]
     if missing := [str(d) for d in needed if not d.is_dir()]:
@@ -158,10 +167,9 @@ def main() -> int:
     sets = collections()
     rows = []
     audits = []
-    internal: pd.DataFrame | None = None
     for mode in modes:
         lungs, view_flags, train_flags = mode_flags(mode)
-        if args.exclude:
+        if args.exclude and "--exclude" not in view_flags:
             view_flags += ["--exclude", args.exclude]
         if cli.main(["preprocess", "--data-dir", str(SHARED / "cxr-mini"), "--out-dir",
                      str(work / f"prepared-{safe_name(mode)}"), "--lungs", lungs, "--seed", "42", *view_flags]):
@@ -169,11 +177,11 @@ def main() -> int:
         pre = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                  filter_string="tags.`cxrexp.step` = 'preprocess'",
                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
-        if internal is None:
-            from cxrexp.mlflow_edge import tracking
+        # Each mode's own test split: a mode that keeps other files (exclude=) splits them differently.
+        from cxrexp.mlflow_edge import tracking
 
-            manifest = tracking.resolve_prepared(pre.info.run_id).manifest
-            internal = manifest[manifest["split"] == "test"][["source", "label"]].reset_index(drop=True)
+        manifest = tracking.resolve_prepared(pre.info.run_id).manifest
+        internal = manifest[manifest["split"] == "test"][["source", "label"]].reset_index(drop=True)
         for seed in seeds:
             name = f"mini-{safe_name(mode)}"
             if cli.main(["train", "--data", pre.info.run_id, "--seed", str(seed), "--registered-model-name", name,
@@ -203,11 +211,11 @@ def main() -> int:
             pd.DataFrame(audits).to_csv(work / "audits.csv", index=False)
             print(f"done: {mode} seed {seed}; load average {load_average()}", flush=True)
 
-    report(work, modes, seeds)
+    report(work, modes, seeds, args.baseline)
     return 0
 
 
-def report(work: Path, modes: list[str], seeds: list[int]) -> None:
+def report(work: Path, modes: list[str], seeds: list[int], baseline: str = "") -> None:
     """The tables, from ``predictions.csv`` and ``audits.csv`` in ``work`` (``--report-only`` reruns it)."""
     from cxrexp.evaluation.metrics import bootstrap_ci, paired_difference, roc_auc
 
@@ -232,7 +240,7 @@ def report(work: Path, modes: list[str], seeds: list[int]) -> None:
         cells.append(f"{a['lung_focus']:.2f} ({a['lift']:.2f}x, n={int(a['audit_n'])})")
         print(f"| {mode} | {seed} | " + " | ".join(cells) + " |")
 
-    baseline = "none" if "none" in modes else modes[0]
+    baseline = baseline or ("none" if "none" in modes else modes[0])
     print(f"\nPaired AUC difference against lungs={baseline} (same cases, 2,000 resamples):")
     print("| lungs | seed | internal | NIH | other |")
     print("|---|---|---|---|---|")
@@ -246,9 +254,13 @@ def report(work: Path, modes: list[str], seeds: list[int]) -> None:
                 if both.empty:  # that mode or seed was not run (a report over merged CSVs)
                     cells.append("not run")
                     continue
+                if len(both) < MIN_PAIRED_CASES:  # modes that keep different files share few test cases
+                    cells.append(f"n={len(both)} shared cases: too few")
+                    continue
                 d = paired_difference(both["label"].to_numpy(), both["probability_a"].to_numpy(),
                                       both["probability_b"].to_numpy(), seed=42)
-                cells.append(f"{d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+                cells.append(f"{d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+                             + ("" if set_name != "internal" else f" (n={len(both)})"))
             print(f"| {mode} | {seed} | " + " | ".join(cells) + " |")
     print(f"\nload average at the end: {load_average()}")
 
