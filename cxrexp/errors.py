@@ -35,6 +35,10 @@ class ModelNotFound(UserError, ValueError):
     """A model URI that resolves to nothing usable; the message names the URI and what exists."""
 
 
+class SegmenterUnavailable(UserError, ValueError):
+    """A lung view was asked for and no segmenter fits the data; the message lists what to pass."""
+
+
 class StudyFailed(UserError, RuntimeError):
     """The study has no COMPLETE trial, so there is no model to register."""
 
@@ -43,4 +47,4 @@ class RegistryError(UserError, ValueError):
     """A registry operation that cannot be done as asked (no such model, alias or version)."""
 
 
-__all__ = ["ConfigError", "DatasetError", "ModelNotFound", "PreparedDataError", "RegistryError", "StudyFailed", "UserError", "WorkerDied"]
+__all__ = ["ConfigError", "DatasetError", "ModelNotFound", "PreparedDataError", "RegistryError", "SegmenterUnavailable", "StudyFailed", "UserError", "WorkerDied"]

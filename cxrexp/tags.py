@@ -46,6 +46,7 @@ MLFLOW_EVALUATE_TAG = "cxrexp.mlflow_evaluate"
 # --- main -----------------------------------------------------------------------------------------
 PREPROCESS_RUN_TAG = "cxrexp.preprocess_run"
 SEGMENT_RUN_OF_MAIN_TAG = "cxrexp.segment_run"
+SEGMENTER_CHOICE_TAG = "cxrexp.segmenter_choice"  # which segmenter cuts main's lung views, and why
 TRAIN_RUN_OF_MAIN_TAG = "cxrexp.train_run"
 EVALUATE_RUN_TAG = "cxrexp.evaluate_run"
 

@@ -71,9 +71,10 @@ def session_store(tmp_path_factory):
 def tiny_preprocess_config(out_dir: Path, **overrides):
     from cxrexp.config import PreprocessConfig
 
+    # Whole images unless a test asks for a lung view: those need a segmenter (tests/test_lung_views.py).
     settings = dict(
         out_dir=str(out_dir), image_size=48, synthetic_count=240, synthetic_size=128,
-        synthetic_prevalence=0.4, workers=1,
+        synthetic_prevalence=0.4, workers=1, lungs="none",
     )
     settings.update(overrides)
     return PreprocessConfig.flat(**settings)

@@ -126,10 +126,10 @@ def test_a_step_started_by_cxrexp_logs_into_the_cxrexp_experiment_with_a_name_th
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(name, raising=False)
     assert main(["preprocess", "--out-dir", str(tmp_path / "prepared"), "--synthetic-count", "40", "--image-size",
-                 "32", "--synthetic-size", "64", "--workers", "1"]) == 0
+                 "32", "--synthetic-size", "64", "--workers", "1", "--lungs", "none"]) == 0
     try:
         experiment = mlflow.get_experiment_by_name("cxrexp")
         (run,) = mlflow.search_runs([experiment.experiment_id], output_format="list")
-        assert run.info.run_name == "preprocess synthetic 32px clahe"
+        assert run.info.run_name == "preprocess synthetic 32px clahe lungs=none"
     finally:
         mlflow.set_tracking_uri(None)

@@ -241,7 +241,7 @@ def process_file(path, *args, **kwargs):
     return real(path, *args, **kwargs)
 files.process_file = process_file
 pipeline._start_method = lambda: "fork"  # the patch reaches the workers; this process has no TensorFlow
-cfg = PreprocessConfig.flat(data_dir=sys.argv[1], out_dir=sys.argv[2], image_size=32, workers=2)
+cfg = PreprocessConfig.flat(data_dir=sys.argv[1], out_dir=sys.argv[2], image_size=32, workers=2, lungs="none")
 try:
     pipeline.run_preprocess(cfg, progress=False)
 except WorkerDied as err:

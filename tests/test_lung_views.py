@@ -56,7 +56,7 @@ def test_finish_falls_back_on_an_implausible_mask():
 
 
 def test_key_fields_leave_lung_settings_out_only_without_a_lung_view():
-    assert "lung_model" not in ImageSpec().key_fields()
+    assert "lung_model" not in ImageSpec(lungs="none").key_fields()
     assert ImageSpec(lungs="crop", lung_model="models:/s/2").key_fields()["lung_model"] == "models:/s/2"
     with pytest.raises(ValueError, match="needs a segmenter"):
         ImageSpec(lungs="mask", lung_model="")
@@ -117,9 +117,10 @@ def test_preprocess_without_a_registered_segmenter_says_how_to_make_one(tracking
     from cxrexp.errors import ModelNotFound
     from cxrexp.mlflow_edge.preprocess_run import resolve_lungs
 
-    with pytest.raises(ModelNotFound, match="-e segment"):
-        resolve_lungs(PreprocessConfig.flat(lungs="crop"))
-    assert resolve_lungs(PreprocessConfig.flat()).image.lung_model == ""
+    with pytest.raises(ModelNotFound, match="-e segment") as refused:
+        resolve_lungs(PreprocessConfig.flat())  # lungs=crop is the default
+    assert "-P lungs=none" in str(refused.value) and "mask_dirs" in str(refused.value)
+    assert resolve_lungs(PreprocessConfig.flat(lungs="none")).image.lung_model == ""
 
 
 def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
@@ -137,15 +138,18 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
         import mlflow
 
         assert cli.main(["segment", "--image-size", "64", "--epochs", "8", "--synthetic-count", "80"]) == 0
+        # Trained on synthetic masks: registered apart, so real preprocess runs never crop with it.
+        assert mlflow.MlflowClient().search_registered_models() and not mlflow.MlflowClient().search_registered_models(
+            "name='cxr-lung-seg'")
         assert cli.main(["preprocess", "--image-size", "48", "--synthetic-count", "120", "--lungs", "crop",
-                         "--workers", "1"]) == 0
+                         "--lung-model", "models:/cxr-lung-seg-synthetic@champion", "--workers", "1"]) == 0
         pre_run = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cxrexp.step` = 'preprocess'", output_format="list")[0]
-        assert pre_run.data.tags["cxrexp.lung_model"] == "models:/cxr-lung-seg/1"
+        assert pre_run.data.tags["cxrexp.lung_model"] == "models:/cxr-lung-seg-synthetic/1"
         dataset = tracking.resolve_prepared(pre_run.info.run_id)
         assert dataset.manifest["lung_crop"].mean() > 0.8  # a segmenter trained 8 epochs finds most lungs
         assert cli.main(["train", "--data", pre_run.info.run_id, "--epochs", "1"]) == 0
         train_run = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cxrexp.step` = 'train'", output_format="list")[0]
-        assert train_run.data.tags["cxrexp.lung_model"] == "models:/cxr-lung-seg/1"
+        assert train_run.data.tags["cxrexp.lung_model"] == "models:/cxr-lung-seg-synthetic/1"
         model = serving.load_pyfunc("models:/cxr-covid-cnn/1")
         rows = dataset.manifest.head(10)
         syn = synthetic.SyntheticSpec(**dataset.params["synthetic"])
@@ -170,15 +174,16 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
         from tests.test_external import _write_collection
 
         whole_image = serving.LoadedClassifier(None, dataset.spec, 0.5, None)
-        segment, name = audit_segmenter(EvaluateConfig(), whole_image)
-        assert name == "models:/cxr-lung-seg/1"
+        audit_cfg = EvaluateConfig(audit_lung_model="models:/cxr-lung-seg-synthetic@champion")
+        segment, name = audit_segmenter(audit_cfg, whole_image)
+        assert name == "models:/cxr-lung-seg-synthetic/1"
         image = synthetic.make_image(syn, 0).image
         (mask,) = segment([image])
         assert mask.shape == image.shape and check_mask(mask).plausible
         assert audit_segmenter(EvaluateConfig(audit_lung_model=""), whole_image) == (None, "")
 
-        mlflow.MlflowClient().delete_registered_model("cxr-lung-seg")
-        assert audit_segmenter(EvaluateConfig(), whole_image) == (None, "")
+        mlflow.MlflowClient().delete_registered_model("cxr-lung-seg-synthetic")
+        assert audit_segmenter(audit_cfg, whole_image) == (None, "")
         loaded = serving.load_classifier("models:/cxr-covid-cnn/1")
         assert loaded.lung_masks is not None
         external = _write_collection(root / "ext" / "ext-lungs", seed=11, count=16)

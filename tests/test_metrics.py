@@ -291,6 +291,14 @@ THRESHOLD_CASES = {
     # J = tpr - fpr: thr 0.8 -> .5, 0.6 -> 0, 0.4 -> .5: ties go to the highest threshold
     "youden tie": ([0, 1, 0, 1], [0.2, 0.4, 0.6, 0.8], "youden", 0.95, 0.8),
     "sens>=0.95 overlapping": ([0, 1, 0, 1], [0.2, 0.4, 0.6, 0.8], "sensitivity", 0.95, 0.4),
+    # specificity: the most sensitive point still meeting the target
+    "separable spec>=0.95": ([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.7, 0.8, 0.9], "specificity", 0.95, 0.7),
+    "spec>=0.95 overlapping": ([0, 1, 0, 1], [0.2, 0.4, 0.6, 0.8], "specificity", 0.95, 0.8),
+    # thr 0.6 and 0.4 both keep specificity 0.5; 0.4 also catches the second positive
+    "spec>=0.5 overlapping": ([0, 1, 0, 1], [0.2, 0.4, 0.6, 0.8], "specificity", 0.5, 0.4),
+    # the 0.75 normal is a false positive below 0.75: spec 0.8 allows it (1 of 5), spec 0.9 does not
+    "spec>=0.8 one false positive": ([0, 0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4, 0.75, 0.6, 0.9], "specificity", 0.8, 0.6),
+    "spec>=0.9 one false positive": ([0, 0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4, 0.75, 0.6, 0.9], "specificity", 0.9, 0.9),
     # a probability of exactly 1.0 is clipped into (0, 1)
     "clipped": ([0, 1], [0.0, 1.0], "youden", 0.95, 1 - 1e-7),
 }
@@ -299,24 +307,25 @@ THRESHOLD_CASES = {
 @pytest.mark.parametrize("case", THRESHOLD_CASES.values(), ids=THRESHOLD_CASES.keys())
 def test_choose_threshold(case):
     labels, probabilities, rule, target, expected = case
-    threshold = metrics.choose_threshold(labels, probabilities, rule=rule, target_sensitivity=target)
+    threshold = metrics.choose_threshold(labels, probabilities, rule=rule, target_sensitivity=target,
+                                         target_specificity=target)
     assert threshold == pytest.approx(expected, abs=1e-12)
     assert 0 < threshold < 1
-    if rule == "sensitivity":
-        achieved = metrics.rates(metrics.confusion(labels, probabilities, threshold))["sensitivity"]
+    if rule in ("sensitivity", "specificity"):
+        achieved = metrics.rates(metrics.confusion(labels, probabilities, threshold))[rule]
         assert achieved >= target
 
 
 def test_choose_threshold_separates_a_separable_case():
     labels, probabilities = [0, 0, 1, 1], [0.05, 0.3, 0.6, 0.99]
-    counts = metrics.confusion(labels, probabilities, metrics.choose_threshold(labels, probabilities))
+    counts = metrics.confusion(labels, probabilities, metrics.choose_threshold(labels, probabilities, "youden"))
     assert (counts.fp, counts.fn) == (0, 0)
 
 
 @pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1]])
 def test_choose_threshold_needs_both_classes(labels):
     with pytest.raises(ValueError, match="needs both classes"):
-        metrics.choose_threshold(labels, np.linspace(0.1, 0.9, len(labels)))
+        metrics.choose_threshold(labels, np.linspace(0.1, 0.9, len(labels)), "youden")
 
 
 @pytest.mark.parametrize(

@@ -187,7 +187,7 @@ def folder_entries(out_dir: Path) -> list[str]:
 
 def config(data_dir: Path, out_dir: Path, **overrides) -> PreprocessConfig:
     settings = dict(data_dir=str(data_dir), out_dir=str(out_dir), image_size=SIZE, workers=1,
-                    val_frac=0.2, test_frac=0.2)
+                    val_frac=0.2, test_frac=0.2, lungs="none")
     settings.update(overrides)
     return PreprocessConfig.flat(**settings)
 
@@ -488,8 +488,8 @@ def test_synthetic_with_shortcut(tmp_path):
 
 
 def test_cxr_mini(cxr_mini, tmp_path):
-    result = run_preprocess(PreprocessConfig.flat(data_dir=str(cxr_mini), out_dir=str(tmp_path), image_size=SIZE),
-                            progress=False)
+    result = run_preprocess(PreprocessConfig.flat(data_dir=str(cxr_mini), out_dir=str(tmp_path), image_size=SIZE,
+                                                  lungs="none", exclude=()), progress=False)
     manifest = result.dataset.manifest
     assert len(manifest) == 1200 and result.skipped.empty
     assert manifest["class_name"].value_counts().to_dict() == {"Normal": 800, "COVID": 400}
@@ -549,7 +549,7 @@ def test_the_documented_paediatric_patterns_select_exactly_normal_63_to_1403():
     chosen = [n for n in range(1, 10193) if excluded_by(f"Normal-{n}.png", PAEDIATRIC_NORMALS)]
     assert chosen == list(range(63, 1404))
     usage = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text(encoding="utf-8")
-    assert f"-P exclude='{','.join(PAEDIATRIC_NORMALS)}'" in usage  # the docs give the same patterns
+    assert f"`@paediatric-normals`, stands for `{','.join(PAEDIATRIC_NORMALS)}`" in usage  # the docs give the same patterns
 
 
 def test_a_named_exclude_set_expands_and_an_unknown_one_is_an_error():

@@ -22,7 +22,7 @@ from .conftest import temp_mlflow_store
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CXR_MINI = PROJECT_ROOT.parent / "shared" / "data" / "cxr-mini"
-SPEC = ImageSpec(image_size=48, tile_grid=4)
+SPEC = ImageSpec(image_size=48, tile_grid=4, lungs="none")
 
 
 def _encode(ext: str, image: np.ndarray) -> bytes:

@@ -548,7 +548,7 @@ def image_and_mask(tmp_path):
 
 def test_process_file_with_mask(image_and_mask):
     image_path, mask_path, grey = image_and_mask
-    spec = ImageSpec(image_size=32, enhance="clahe")
+    spec = ImageSpec(image_size=32, enhance="clahe", lungs="none")
     result = process_file(str(image_path), str(mask_path), spec, 64_000_000)
     assert isinstance(result, ProcessedImage)
     assert result.image.shape == (32, 32) and result.image.dtype == np.uint8
@@ -579,7 +579,7 @@ def test_process_file_without_a_usable_mask_keeps_the_image(image_and_mask, tmp_
         mask_path = tmp_path / ("bad_" + mask_name)
         if mask_bytes is not None:
             mask_path.write_bytes(mask_bytes)
-    result = process_file(str(image_path), str(mask_path) if mask_path else None, ImageSpec(image_size=32), 64_000_000)
+    result = process_file(str(image_path), str(mask_path) if mask_path else None, ImageSpec(image_size=32, lungs="none"), 64_000_000)
     assert result.mask is None
     assert result.image.shape == (32, 32)
     if problem is None:
@@ -592,7 +592,7 @@ def test_process_file_rejects_bad_image_naming_it(tmp_path):
     path = tmp_path / "half.png"
     path.write_bytes(GOOD_PNG[: len(GOOD_PNG) // 2])
     with pytest.raises(ImageRejected) as caught:
-        process_file(str(path), None, ImageSpec(image_size=32), 64_000_000)
+        process_file(str(path), None, ImageSpec(image_size=32, lungs="none"), 64_000_000)
     assert caught.value.reason == "truncated or corrupt" and str(path) in str(caught.value)
 
 
@@ -613,7 +613,7 @@ def test_decodes_real_cxr_mini_files():
     )[:3]
     if not paths:
         pytest.skip(f"no PNGs under {CXR_MINI}/<Class>/images")
-    spec = ImageSpec(image_size=64)
+    spec = ImageSpec(image_size=64, lungs="none")
     for path in paths:
         grey = read_grey(path)
         np.testing.assert_array_equal(grey, cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), err_msg=str(path))

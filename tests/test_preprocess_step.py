@@ -57,7 +57,7 @@ def run_id_from(stdout: str) -> str:
 
 def step_args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     return ["preprocess", "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--image-size", "32",
-            "--workers", "1", *extra]
+            "--workers", "1", "--lungs", "none", *extra]
 
 
 def test_step_logs_metrics_dataset_and_artifacts(store, data_tree, tmp_path, capsys):
@@ -140,7 +140,8 @@ def test_ensure_reuses_a_finished_run_until_the_files_change(store, tmp_path, ca
         path = data / class_name / "images" / f"{class_name}-{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode(smooth_image(i, 48, 48), "png8"))
-    cfg = PreprocessConfig.flat(data_dir=str(data), out_dir=str(tmp_path / "prepared"), image_size=32, workers=1)
+    cfg = PreprocessConfig.flat(data_dir=str(data), out_dir=str(tmp_path / "prepared"), image_size=32, workers=1,
+                                lungs="none")
     experiment = [mlflow.tracking.fluent._get_experiment_id()]
 
     first = preprocess_run.ensure(cfg)
@@ -168,7 +169,7 @@ def test_mlflow_run_end_to_end(tmp_path, empty_store):
     command = [
         sys.executable, "-m", "mlflow", "run", ".", "-e", "preprocess", "--env-manager", "local",
         "--experiment-id", experiment_id,
-        "-P", "synthetic_count=60", "-P", "image_size=32", "-P", f"out_dir={out_dir}",
+        "-P", "synthetic_count=60", "-P", "image_size=32", "-P", f"out_dir={out_dir}", "-P", "lungs=none",
     ]
     done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=360)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -65,7 +65,7 @@ def store(tmp_path_factory):
         with mlflow.start_run(run_name="fake-train") as run:
             mlflow.set_tags({STEP_TAG: "train", PREPARED_DIR_TAG: PREPARED_DIR,
                              DIGEST_TAG: DIGEST})
-            info = log_raw_image_model(_tiny_keras_model(), ImageSpec(image_size=32, tile_grid=4), 0.5,
+            info = log_raw_image_model(_tiny_keras_model(), ImageSpec(image_size=32, tile_grid=4, lungs="none"), 0.5,
                                        keras_flavour_name=None)
         yield {"model_uri": info.model_uri, "train_run_id": run.info.run_id, "root": root}
 

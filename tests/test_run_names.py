@@ -17,8 +17,9 @@ from cxrexp.mlflow_edge import run_names
 @pytest.mark.parametrize(
     "cfg, expected",
     [
-        (PreprocessConfig(), "preprocess synthetic 128px clahe"),
-        (PreprocessConfig(data_dir="/data/cxr-mini/"), "preprocess cxr-mini 128px clahe"),
+        (PreprocessConfig(), "preprocess synthetic 128px clahe lungs=crop"),
+        (PreprocessConfig(data_dir="/data/cxr-mini/", image=ImageSpec(lungs="none")),
+         "preprocess cxr-mini 128px clahe lungs=none"),
         (PreprocessConfig(data_dir="/data/db", image=ImageSpec(image_size=64, lungs="crop",
                                                                lung_model="models:/cxr-lung-seg/3")),
          "preprocess db 64px clahe lungs=crop"),

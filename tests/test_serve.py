@@ -39,7 +39,7 @@ requests = pytest.importorskip("requests")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CXR_MINI = PROJECT_ROOT.parent / "shared" / "data" / "cxr-mini"
 NAME = "cxr-serve-test"
-SPEC = ImageSpec(image_size=48, tile_grid=4)
+SPEC = ImageSpec(image_size=48, tile_grid=4, lungs="none")
 STARTUP_TIMEOUT = 120.0
 
 

@@ -36,7 +36,7 @@ from cxrexp.mlflow_edge.serving import (
 )
 
 SIZE = 32
-SPEC = ImageSpec(image_size=SIZE, enhance="clahe", clip_limit=2.0, tile_grid=4)
+SPEC = ImageSpec(image_size=SIZE, enhance="clahe", clip_limit=2.0, tile_grid=4, lungs="none")
 MAX_PIXELS = 1_000_000
 MAX_BYTES = 300_000  # above every test image, so "oversized" can be tested cheaply
 REGISTERED_NAME = "cxr-serving-test"
@@ -152,7 +152,7 @@ def logged(tmp_path_factory):
 
 def test_log_refuses_spec_that_does_not_match_model_input(logged):
     with mlflow.start_run(), pytest.raises(ValueError, match="image_size=64"):
-        log_raw_image_model(logged["keras_model"], ImageSpec(image_size=64), 0.5)
+        log_raw_image_model(logged["keras_model"], ImageSpec(image_size=64, lungs="none"), 0.5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -379,3 +379,22 @@ def test_digest_written_by_finish_matches(tmp_path):
     dataset = write_dataset(tmp_path)
     params = {k: v for k, v in dataset.params.items() if k != "digest"}
     assert dataset.digest == dataset_digest(dataset.manifest, params)
+
+
+@pytest.mark.parametrize("stored, lungs, aspect, clip", [
+    # written before lung views existed: a whole-image spec, whatever today's default view is
+    ({"image_size": 32, "enhance": "clahe", "clip_limit": 2.0, "tile_grid": 8, "gamma": 0.8}, "none", "pad", 2.0),
+    # written with lung views, before stretch became the default: it was padded
+    ({"image_size": 32, "enhance": "clahe", "clip_limit": 2.0, "tile_grid": 8, "gamma": 0.8, "lungs": "crop",
+      "lung_model": "models:/s/1", "lung_margin": 0.05, "lung_fill": 0}, "crop", "pad", 2.0),
+    # written in full: read as written
+    ({"image_size": 32, "enhance": "clahe", "clip_limit": 40.0, "tile_grid": 8, "gamma": 0.8, "lungs": "crop",
+      "lung_model": "models:/s/1", "lung_margin": 0.05, "lung_fill": 0, "lung_aspect": "stretch"}, "crop", "stretch", 40.0),
+])
+def test_a_stored_spec_keeps_the_meaning_it_had_when_it_was_written(stored, lungs, aspect, clip):
+    from cxrexp.config import ImageSpec
+
+    spec = ImageSpec.from_stored(stored)
+    assert (spec.lungs, spec.lung_aspect, spec.clip_limit) == (lungs, aspect, clip)
+    with pytest.raises(TypeError):
+        ImageSpec.from_stored({**stored, "no_such_field": 1})

@@ -149,7 +149,7 @@ def test_two_machines_search_one_study_through_the_server_and_survive_one_of_the
             folder.mkdir()
         cli = [sys.executable, "-m", "cxrexp.cli"]
         pre = subprocess.run([*cli, "preprocess", "--synthetic-count", "80", "--synthetic-size", "64", "--image-size",
-                              "32", "--workers", "1", "--out-dir", str(folders[0] / "prepared")],
+                              "32", "--workers", "1", "--lungs", "none", "--out-dir", str(folders[0] / "prepared")],
                              cwd=folders[0], env=env, capture_output=True, text=True, timeout=600)
         assert pre.returncode == 0, pre.stderr[-3000:]
         data_run = next(line.split()[-1] for line in pre.stdout.splitlines() if line.startswith("preprocess run id:"))

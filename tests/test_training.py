@@ -90,6 +90,11 @@ def test_short_run_learns_the_toy_task(trained, toy):
     assert result.best_val_auc > 0.8
     assert roc_auc_score(toy["val_labels"], result.val_probabilities) > 0.8
     assert 0.0 < result.threshold < 1.0
+    # The default operating point: validation specificity at least target_specificity.
+    called = result.val_probabilities >= result.threshold
+    negatives = toy["val_labels"] == 0
+    assert TOY_CONFIG.threshold_rule == "specificity"
+    assert 1 - called[negatives].mean() >= TOY_CONFIG.target_specificity
 
 
 def test_result_fields_are_consistent(trained, toy):

@@ -72,6 +72,20 @@ def _pair_folder(images_dir: Path, masks_dir: Path, folder_source: str, exclude:
             unpaired.append((masks[name], f"no image {images_dir / name}"))
 
 
+def has_masks(folder: str) -> bool:
+    """Whether ``folder`` holds lung masks in either layout (folder checks only, no file listing): what
+    ``main`` asks before training a segmenter on a dataset's own masks."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        return False
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return True
+    for base in [root] + [p for p in sorted(root.iterdir()) if p.is_dir()]:
+        if any((p / "images").is_dir() and (p / "masks").is_dir() for p in base.iterdir() if p.is_dir()):
+            return True
+    return False
+
+
 def find_mask_pairs(mask_dirs: tuple[str, ...] | list[str], exclude: tuple[str, ...] = ()) -> MaskPairs:
     """Every (image, mask) pair under ``mask_dirs``; ``exclude``: file-name globs left out (e.g. ``*_0.png``,
     images kept for external validation). ``DatasetError`` for a folder in neither layout."""
@@ -108,4 +122,4 @@ def find_mask_pairs(mask_dirs: tuple[str, ...] | list[str], exclude: tuple[str, 
     return MaskPairs(pairs, unpaired, layouts)
 
 
-__all__ = ["HOSPITAL_PREFIXES", "MaskPair", "MaskPairs", "find_mask_pairs", "source_of"]
+__all__ = ["HOSPITAL_PREFIXES", "MaskPair", "MaskPairs", "find_mask_pairs", "has_masks", "source_of"]

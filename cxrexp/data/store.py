@@ -116,7 +116,7 @@ class PreparedDataset:
 
     @property
     def spec(self) -> ImageSpec:
-        return ImageSpec(**self.params["image_spec"])
+        return ImageSpec.from_stored(self.params["image_spec"])
 
     @property
     def image_size(self) -> int:

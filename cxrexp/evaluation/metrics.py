@@ -553,9 +553,12 @@ def _roc_points(labels, probabilities, purpose: str) -> tuple[np.ndarray, np.nda
     return fpr, tpr, thresholds
 
 
-def choose_threshold(labels, probabilities, rule: str = "youden", target_sensitivity: float = 0.95) -> float:
+def choose_threshold(labels, probabilities, rule: str, target_sensitivity: float = 0.95,
+                     target_specificity: float = 0.95) -> float:
     """Operating threshold in (0, 1) chosen on validation predictions.
 
+    ``specificity``: the most sensitive operating point whose specificity is >= ``target_specificity``
+    (the highest sensitivity the target allows, at the highest threshold that reaches it).
     ``youden``: the ROC threshold maximising sensitivity + specificity - 1 (the highest one on ties).
     ``sensitivity``: the highest threshold whose sensitivity is >= ``target_sensitivity`` (the most
     specific operating point meeting the target).
@@ -567,6 +570,13 @@ def choose_threshold(labels, probabilities, rule: str = "youden", target_sensiti
     fpr, tpr, thresholds = _roc_points(labels, probabilities, f"choose_threshold(rule={rule!r})")
     if rule == "youden":
         best = int(np.argmax(tpr - fpr))
+    elif rule == "specificity":
+        if not 0 < target_specificity <= 1:
+            raise ValueError(f"target_specificity={target_specificity} must be in (0, 1]")
+        # Thresholds fall along the curve, so the points meeting the target are a prefix (the +inf
+        # threshold, fpr = 0, always qualifies); within it sensitivity only rises: take its first maximum.
+        meets = np.flatnonzero((1 - fpr) >= target_specificity - 1e-12)
+        best = int(meets[np.argmax(tpr[meets])])
     else:
         if not 0 < target_sensitivity <= 1:
             raise ValueError(f"target_sensitivity={target_sensitivity} must be in (0, 1]")

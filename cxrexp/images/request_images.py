@@ -150,7 +150,7 @@ class ServingSpec:
         if missing:
             raise ValueError(f"{source}: missing keys {missing}; found {sorted(raw)}")
         try:
-            image_spec = ImageSpec(**raw["image_spec"])
+            image_spec = ImageSpec.from_stored(raw["image_spec"])
         except TypeError as exc:
             raise ValueError(f"{source}: image_spec {raw['image_spec']!r} does not match ImageSpec: {exc}")
         return cls(

@@ -192,7 +192,8 @@ def train_model(
             f"the restored model predicts NaN for {int(np.isnan(val_probabilities).sum())} validation "
             f"images (learning_rate={cfg.learning_rate}): lower the learning rate"
         )
-    threshold = choose_threshold(val_labels, val_probabilities, cfg.threshold_rule, cfg.target_sensitivity)
+    threshold = choose_threshold(val_labels, val_probabilities, cfg.threshold_rule, cfg.target_sensitivity,
+                                 cfg.target_specificity)
     best_epoch = int(early_stopping.best_epoch)
     return TrainResult(
         model=model,

@@ -276,6 +276,7 @@ def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dat
             data_dir=folder, classes=(dataset.positive_class, dataset.negative_label),
             positive_class=dataset.positive_class, image=model_spec, out_dir=cfg.external_out_dir,
             near_dup_distance=int(reference.params.get("near_dup_distance", 48)),
+            exclude=(),  # an external collection is scored whole: training's exclusions are about training
         ), progress=False, lung_masks=lung_masks)
         manifest = prepared.dataset.manifest
         dropped = training_duplicates(manifest["sha256"].tolist(), manifest["phash"].tolist(),

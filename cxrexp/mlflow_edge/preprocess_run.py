@@ -47,9 +47,11 @@ def resolve_lungs(cfg: PreprocessConfig) -> PreprocessConfig:
     name, version = registered_version(spec.lung_model)
     if not version:
         raise ModelNotFound(
-            f"lungs={spec.lungs} needs the lung segmenter {spec.lung_model!r}, and the registry has no such "
-            "version: train one with `mlflow run . -e segment --env-manager local` (or pass "
-            "-P lung_model=<a segmenter URI>, or -P lungs=none)"
+            f"lungs={spec.lungs} cuts every film to its lungs with the lung segmenter {spec.lung_model!r}, and "
+            "the registry has no such version: train one on folders with lung masks with `mlflow run . -e "
+            "segment --env-manager local -P mask_dirs=<folders>` (the COVID-19 Radiography Database ships "
+            "them; `main` does this for you), pass -P lung_model=<a segmenter URI>, or use whole images "
+            "with -P lungs=none"
         )
     return replace(cfg, image=replace(spec, lung_model=version_uri(name, version)))
 

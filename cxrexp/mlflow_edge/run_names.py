@@ -18,9 +18,8 @@ def _data_name(data_dir: str) -> str:
 
 
 def preprocess_name(cfg: PreprocessConfig) -> str:
-    """``preprocess cxr-mini 128px clahe`` (+ ``lungs=crop`` for a lung view)."""
-    lungs = f" lungs={cfg.image.lungs}" if cfg.image.lungs != "none" else ""
-    return f"preprocess {_data_name(cfg.data_dir)} {cfg.image.image_size}px {cfg.image.enhance}{lungs}"
+    """``preprocess cxr-mini 128px clahe lungs=crop``: the data, the size, the enhancement and the view."""
+    return f"preprocess {_data_name(cfg.data_dir)} {cfg.image.image_size}px {cfg.image.enhance} lungs={cfg.image.lungs}"
 
 
 def train_name(cfg: TrainConfig, image_size: int) -> str:

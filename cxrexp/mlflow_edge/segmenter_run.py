@@ -10,7 +10,8 @@ What it logs:
 - ``figures/test_best_worst.png``: the three best and three worst held-out images, outlines of the
   predicted (yellow) and dataset (green) masks;
 - ``data/pairs.csv`` (image, mask, source, split) and ``data/skipped.csv`` (path, reason);
-- the segmenter model (``segmenter_serving``), registered as ``registered_model_name``; the alias
+- the segmenter model (``segmenter_serving``), registered as ``SegmentConfig.model_name`` (``cxr-lung-seg``
+  when trained on real masks, ``cxr-lung-seg-synthetic`` on the built-in set's, unless named); the alias
   ``@champion`` moves to it when its test Dice is no worse than the champion's on the same test split
   (``promotion.segmenter_champion``), tags ``test_dice`` and ``test_split_digest`` on the version.
 """
@@ -43,6 +44,7 @@ from cxrexp.images.decode import (
 from cxrexp.lungs.masks import dice, iou, mask_for_image, overlay
 from cxrexp.mlflow_edge import registry, run_names, tracking
 from cxrexp.mlflow_edge.epoch_logging import MlflowEpochLogger
+from cxrexp.mlflow_edge.model_uri import version_uri
 from cxrexp.promotion import segmenter_champion
 from cxrexp.tags import (
     CHAMPION,
@@ -187,23 +189,36 @@ def run(cfg: SegmentConfig) -> str:
         info = log_segmenter_model(result.model, extra_metadata={"train_run_id": run_id, "test_dice": values["test_dice"],
                                                                   "test_split_digest": split_digest})
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
-        version = registry.register(info.model_uri, cfg.registered_model_name, alias=None,
+        version = registry.register(info.model_uri, cfg.model_name, alias=None,
                                     tags={"test_dice": round(values["test_dice"], 6), "test_split_digest": split_digest,
                                           "train_run_id": run_id})
-        champion = registry.get_alias_version(cfg.registered_model_name, CHAMPION)
+        champion = registry.get_alias_version(cfg.model_name, CHAMPION)
         move, reason = segmenter_champion(
             values["test_dice"], split_digest,
             float(champion.tags["test_dice"]) if champion is not None and "test_dice" in champion.tags else None,
             champion.tags.get("test_split_digest") if champion is not None else None,
         )
         if move:
-            MlflowClient().set_registered_model_alias(cfg.registered_model_name, CHAMPION, version)
+            MlflowClient().set_registered_model_alias(cfg.model_name, CHAMPION, version)
         mlflow.set_tags({SEGMENTER_VERSION_TAG: version, SEGMENTER_CHAMPION_TAG: reason[:500]})
         print(f"segment run {run_id}: test Dice {values['test_dice']:.3f}, IoU {values['test_iou']:.3f} on "
               f"{len(test_rows)} held-out images; " + ", ".join(
                   f"{s} {values['test_dice_' + metric_key(s)]:.3f}" for s in sorted(set(test_sources))))
-        print(f"registered {cfg.registered_model_name} version {version}; {reason}")
+        print(f"registered {cfg.model_name} version {version}; {reason}")
         return run_id
 
 
-__all__ = ["Samples", "load_samples", "run", "score_test", "split_samples"]
+def ensure(cfg: SegmentConfig) -> str:
+    """The version URI (``models:/<name>/<v>``) of the segmenter ``cfg`` trains: from a finished
+    segment run with the same parameters (and commit), or from a new one."""
+    found = tracking.find_finished_run(SEGMENT_STEP, cfg)
+    if found is not None:
+        print(f"reusing segment run {found.info.run_id}")
+        run_id = found.info.run_id
+    else:
+        with tracking.outside_project_run():
+            run_id = run(cfg)
+    return version_uri(cfg.model_name, mlflow.get_run(run_id).data.tags[SEGMENTER_VERSION_TAG])
+
+
+__all__ = ["Samples", "ensure", "load_samples", "run", "score_test", "split_samples"]

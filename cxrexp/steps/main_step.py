@@ -7,6 +7,7 @@ As in MLflow's multistep workflow example, a step that already finished with the
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import mlflow
@@ -14,20 +15,25 @@ import mlflow
 from cxrexp.config import (
     EvaluateConfig,
     ImageSpec,
+    SEGMENTER_MODEL_NAME,
     MainConfig,
     PreprocessConfig,
     SegmentConfig,
     TrainConfig,
     flat_params,
 )
-from cxrexp.mlflow_edge import preprocess_run, tracking
+from cxrexp.data.mask_pairs import has_masks
+from cxrexp.lungs.segmenter_choice import choose_segmenter
+from cxrexp.mlflow_edge import preprocess_run, registry, tracking
 from cxrexp.mlflow_edge.model_uri import version_uri
 from cxrexp.tags import (
+    CHAMPION,
     EVALUATE_RUN_TAG,
     MAIN_STEP,
     MODEL_URI_TAG,
     PREPROCESS_RUN_TAG,
     SEGMENT_RUN_OF_MAIN_TAG,
+    SEGMENTER_CHOICE_TAG,
     SEGMENTER_VERSION_TAG,
     STEP_TAG,
     TRAIN_RUN_OF_MAIN_TAG,
@@ -64,21 +70,35 @@ def _get_or_run(entry_point: str, cfg: Any) -> str:
     return submitted.run_id
 
 
+def _segmenter(cfg: MainConfig) -> str:
+    """The version URI of the segmenter that cuts this main's lung views (``lungs.segmenter_choice``):
+    a segment run (reused when it finished with the same parameters) or the registry's champion."""
+    champion = registry.get_alias_version(SEGMENTER_MODEL_NAME, CHAMPION)
+    choice = choose_segmenter(
+        data_dir=cfg.data_dir, mask_dirs=cfg.mask_dirs,
+        champion_uri=version_uri(SEGMENTER_MODEL_NAME, champion.version) if champion is not None else None,
+        data_has_masks=bool(cfg.data_dir) and has_masks(cfg.data_dir),
+    )
+    print(f"[main] segmenter: {choice.reason}")
+    mlflow.set_tag(SEGMENTER_CHOICE_TAG, choice.reason[:500])
+    if not choice.train:
+        return choice.model_uri
+    seg_cfg = SegmentConfig(mask_dirs=choice.mask_dirs, image_size=cfg.seg_image_size, epochs=cfg.seg_epochs)
+    seg_run = _get_or_run("segment", seg_cfg)
+    mlflow.set_tag(SEGMENT_RUN_OF_MAIN_TAG, seg_run)
+    return version_uri(seg_cfg.model_name, mlflow.get_run(seg_run).data.tags[SEGMENTER_VERSION_TAG])
+
+
 def run(cfg: MainConfig) -> int:
     """[segment ->] preprocess -> train -> evaluate, each its own run under one ``main`` run; returns
-    the exit code. segment runs only for a lung view, and preprocess then uses the very version it
-    registered (not ``@champion``, which a better earlier segmenter may hold)."""
+    the exit code. A lung view needs a segmenter (``_segmenter``); when segment runs, preprocess uses
+    the very version it registered (not ``@champion``, which a better earlier segmenter may hold)."""
     with mlflow.start_run(run_name="main") as active:
         mlflow.set_tag(STEP_TAG, MAIN_STEP)
         tracking.log_new_params(active, flat_params(cfg))
         image = ImageSpec(image_size=cfg.image_size, lungs=cfg.lungs)
         if cfg.lungs != "none":
-            seg_cfg = SegmentConfig(mask_dirs=cfg.mask_dirs, image_size=cfg.seg_image_size, epochs=cfg.seg_epochs)
-            seg_run = _get_or_run("segment", seg_cfg)
-            mlflow.set_tag(SEGMENT_RUN_OF_MAIN_TAG, seg_run)
-            version = mlflow.get_run(seg_run).data.tags[SEGMENTER_VERSION_TAG]
-            image = ImageSpec(image_size=cfg.image_size, lungs=cfg.lungs,
-                              lung_model=version_uri(seg_cfg.registered_model_name, version))
+            image = replace(image, lung_model=_segmenter(cfg))
         pre_cfg = PreprocessConfig(data_dir=cfg.data_dir, exclude=cfg.exclude, image=image)
         pre_run = _get_or_run("preprocess", pre_cfg)
         mlflow.set_tag(PREPROCESS_RUN_TAG, pre_run)

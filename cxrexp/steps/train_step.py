@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import mlflow
 import numpy as np
 
-from cxrexp.config import SEED_IMAGE_SPEC, PreprocessConfig, TrainConfig, apply_preset
+from cxrexp.config import SEED_IMAGE_SPEC, ImageSpec, PreprocessConfig, SegmentConfig, TrainConfig, apply_preset
 from cxrexp.data.store import PreparedDataError, PreparedDataset
-from cxrexp.mlflow_edge import preprocess_run, run_names, tracking
+from cxrexp.mlflow_edge import preprocess_run, run_names, segmenter_run, tracking
 from cxrexp.mlflow_edge.training_run import register_model, train_and_log
 from cxrexp.tags import REGISTERED_VERSION_TAG
 
@@ -17,12 +18,15 @@ log = logging.getLogger(__name__)
 
 
 def resolve_data(cfg: TrainConfig) -> PreparedDataset:
-    """The prepared dataset to train on; with no ``data``, run or reuse ``preprocess`` first."""
+    """The prepared dataset to train on; with no ``data``, the built-in set as ``main`` prepares it
+    (a lung view cut by a segmenter trained on its own masks), each step run or reused."""
     if cfg.data:
         return tracking.resolve_prepared(cfg.data)
-    # The published experiment's 299 px CLAHE(40, 8x8) images under the seed preset.
-    pre_cfg = PreprocessConfig(image=SEED_IMAGE_SPEC) if cfg.preset == "seed" else PreprocessConfig()
-    return preprocess_run.ensure(pre_cfg)
+    # The published experiment's whole 299 px CLAHE(40, 8x8) images under the seed preset.
+    image = SEED_IMAGE_SPEC if cfg.preset == "seed" else ImageSpec()
+    if image.lungs != "none":
+        image = replace(image, lung_model=segmenter_run.ensure(SegmentConfig()))
+    return preprocess_run.ensure(PreprocessConfig(image=image))
 
 
 def check_compatible(cfg: TrainConfig, dataset: PreparedDataset) -> None:
