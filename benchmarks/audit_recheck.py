@@ -33,7 +33,7 @@ def prepared(out: str, size: int, seed: int, shortcut: float):
 
     cfg = PreprocessConfig.flat(out_dir=out, image_size=size, synthetic_count=600, synthetic_size=128,
                                 synthetic_prevalence=0.5, synthetic_shortcut=shortcut, synthetic_faintest=0.04,
-                                seed=seed, workers=1)
+                                seed=seed, workers=1, lungs="none")  # the audit on whole images, as calibrated
     return run_preprocess(cfg, progress=False).dataset
 
 

@@ -110,7 +110,8 @@ def pipeline_run(data_dir: Path, image_size: int, out_dir: Path, workers: int) -
     from cxrexp.config import PreprocessConfig
     from cxrexp.data.pipeline import run_preprocess
 
-    cfg = PreprocessConfig.flat(data_dir=str(data_dir), image_size=image_size, out_dir=str(out_dir), workers=workers)
+    cfg = PreprocessConfig.flat(data_dir=str(data_dir), image_size=image_size, out_dir=str(out_dir), workers=workers,
+                                lungs="none", exclude=())  # the whole-image pipeline (bench_lungs_speed times the crop)
     cpu_started = cpu_seconds()
     started = time.perf_counter()
     result = run_preprocess(cfg, progress=False)
@@ -173,7 +174,8 @@ import sys
 sys.path.insert(0, {root!r})
 from cxrexp.config import PreprocessConfig
 from cxrexp.data.pipeline import run_preprocess
-result = run_preprocess(PreprocessConfig.flat(data_dir={data!r}, out_dir={out!r}, image_size={size}, workers={workers}),
+result = run_preprocess(PreprocessConfig.flat(data_dir={data!r}, out_dir={out!r}, image_size={size}, workers={workers},
+                                              lungs="none", exclude=()),
                         progress=False)
 assert not result.reused
 print(len(result.dataset.manifest))

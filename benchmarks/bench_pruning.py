@@ -71,7 +71,8 @@ def fresh_set(root: Path, seed: int, args: argparse.Namespace):
     kept = sorted((root / "fresh").glob("*/manifest.csv"))
     dataset = open_prepared(kept[0].parent) if kept else run_preprocess(
         PreprocessConfig.flat(out_dir=str(root / "fresh"), image_size=args.image_size,
-                         synthetic_count=args.fresh, synthetic_size=128, seed=seed + FRESH_SEED_OFFSET),
+                         synthetic_count=args.fresh, synthetic_size=128, seed=seed + FRESH_SEED_OFFSET,
+                         lungs="none"),  # whole images: pruning, not the lung view, is measured
         progress=False,
     ).dataset
     return dataset.images(), dataset.manifest["row"].to_numpy(), dataset.manifest["label"].to_numpy()
@@ -207,7 +208,7 @@ def main() -> int:
             data_dir = kept[0].parent if kept else run_preprocess(
                 PreprocessConfig.flat(out_dir=str(seed_root / "prepared"), image_size=args.image_size,
                                  synthetic_count=args.images, synthetic_size=128, seed=seed,
-                                 val_frac=args.val_frac),
+                                 val_frac=args.val_frac, lungs="none"),
                 progress=False,
             ).dataset.root
             fresh = fresh_set(seed_root, seed, args) if args.fresh else None

@@ -53,7 +53,8 @@ def clean_env(tracking_uri: str) -> dict[str, str]:
 def prepare(folder: Path, env: dict[str, str], count: int) -> str:
     """A synthetic prepared dataset in ``folder``; returns its preprocess run id."""
     out = subprocess.run([sys.executable, "-m", "cxrexp.cli", "preprocess", "--synthetic-count", str(count),
-                          "--synthetic-size", "64", "--image-size", "32", "--out-dir", str(folder / "prepared")],
+                          "--synthetic-size", "64", "--image-size", "32", "--out-dir", str(folder / "prepared"),
+                           "--lungs", "none"],  # whole images: the server's cost per trial is measured
                          cwd=folder, env=env, capture_output=True, text=True, check=True)
     return next(line.split()[-1] for line in out.stdout.splitlines() if line.startswith("preprocess run id:"))
 

@@ -68,7 +68,9 @@ def prepare_data(data_dir: Path, out_dir: Path, image_size: int):
     from cxrexp.data.pipeline import run_preprocess
 
     result = run_preprocess(
-        PreprocessConfig.flat(data_dir=str(data_dir), out_dir=str(out_dir), image_size=image_size), progress=False
+        PreprocessConfig.flat(data_dir=str(data_dir), out_dir=str(out_dir), image_size=image_size,
+                              lungs="none", exclude=()),  # whole images: training cost, not the lung view
+        progress=False
     )
     state = "reused" if result.reused else f"prepared in {result.seconds:.1f} s"
     print(f"prepared dataset: {result.dataset.root} ({state})")

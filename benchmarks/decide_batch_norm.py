@@ -7,8 +7,9 @@ Run from the project root (needs ../shared/data: cxr-mini, cxr-masks, lung-seg-n
 The default was first switched off by a cxr-mini *test* ROC-AUC (docs/benchmarks.md, "Expected
 test-split figures"); this script makes the same choice again without reading any test figure.
 Everything goes through the product in a temporary MLflow store: one ``preprocess`` of cxr-mini
-(defaults: 128 px, CLAHE clip 2, split seed 42), then per setting and training seed one ``train``
-with every other default. Read per model:
+(the defaults it decided under, pinned since the lung-field defaults of 2026-12-06: whole images,
+CLAHE clip 2, every file, 128 px, split seed 42), then per setting and training seed one ``train``
+(Youden's threshold, as then) with every other default. Read per model:
 
 - from the train run: validation ROC-AUC (the split that drove early stopping, so optimistic for
   both settings alike), sensitivity and specificity at the model's own threshold, the best epoch;
@@ -55,7 +56,7 @@ def main() -> int:
     from cxrexp.evaluation.metrics import roc_auc
 
     if cli.main(["preprocess", "--data-dir", str(SHARED / "cxr-mini"), "--out-dir", str(work / "prepared"),
-                 "--seed", "42"]):
+                 "--seed", "42", "--lungs", "none", "--clip-limit", "2.0", "--exclude", ""]):  # the defaults it decided under
         return 1
     pre = mlflow.search_runs(search_all_experiments=True, output_format="list",
                              filter_string="tags.`cxrexp.step` = 'preprocess'",
@@ -66,8 +67,8 @@ def main() -> int:
     for setting in args.settings.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             name = f"bn-{setting}"
-            if cli.main(["train", "--data", pre.info.run_id, "--seed", str(seed), "--batch-norm", setting,
-                         "--registered-model-name", name]):
+            if cli.main(["train", "--data", pre.info.run_id, "--seed", str(seed), "--threshold-rule", "youden",
+                         "--batch-norm", setting, "--registered-model-name", name]):
                 return 1
             version = client.get_model_version_by_alias(name, "challenger")
             m = client.get_run(version.run_id).data.metrics

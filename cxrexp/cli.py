@@ -17,6 +17,7 @@ from cxrexp import credentials, tf_logs
 from cxrexp.config import (
     DEFAULT_EXPERIMENT,
     EvaluateConfig,
+    ImageSpec,
     MainConfig,
     PredictConfig,
     PreprocessConfig,
@@ -94,16 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "does the same for `mlflow run`")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls, text in (
-        ("preprocess", PreprocessConfig, "CLAHE/resize a dataset (or the built-in synthetic one) and split it 80/10/10"),
+        ("preprocess", PreprocessConfig, "cut each image to its lungs (the default; --lungs none keeps whole images), resize, CLAHE, and split "
+                       "a dataset (or the built-in synthetic one) 80/10/10"),
         ("train", TrainConfig, "train the CNN (optionally under an Optuna search) and register the best model"),
         ("evaluate", EvaluateConfig, "test-split metrics with CIs, figures, Grad-CAM, shortcut audit, HTML report"),
         ("promote", PromoteConfig, "move the challenger to champion when it passes the gates"),
-        ("segment", SegmentConfig, "train the lung segmenter (U-Net) on image/mask folders and register it"),
+        ("segment", SegmentConfig, "train the lung segmenter (U-Net) on image/mask folders and register it (with no folders: on the built-in "
+                    "set's masks, registered as cxr-lung-seg-synthetic)"),
     ):
         add_config_flags(sub.add_parser(name, help=text, description=text), cls)
     server_text = "start one MLflow tracking server for a team (artifacts proxied) and print its MLFLOW_TRACKING_URI"
     add_config_flags(sub.add_parser("server", help=server_text, description=server_text), ServerConfig)
-    main_text = "the whole pipeline: preprocess -> train -> evaluate (reusing finished steps)"
+    main_text = "the whole pipeline: segment (or the champion segmenter) -> preprocess -> train -> evaluate (reusing finished steps)"
     add_config_flags(sub.add_parser("run", help=main_text, description=main_text), MainConfig)
     predict = sub.add_parser("predict", help="score a folder of X-ray images to CSV")
     # Not add_config_flags: the folder is positional and the model must be named (no silent default).
@@ -245,7 +248,8 @@ def _experiment(args: argparse.Namespace) -> Iterator[None]:
 def _needs_tensorflow(args: argparse.Namespace) -> bool:
     """Commands that build, train, explain or run a model (preprocess only for a lung view: its segmenter)."""
     if args.command == "preprocess":
-        return getattr(args, "lungs", "none") not in (None, "none")
+        lungs = getattr(args, "lungs", None)
+        return (ImageSpec.lungs if lungs is None else lungs) != "none"  # flag not given: the default view
     return args.command in ("train", "evaluate", "segment", "run", "predict")
 
 

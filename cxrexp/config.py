@@ -243,7 +243,8 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Flags of ``train``. ``data=""`` runs (or reuses) ``preprocess`` with its defaults first."""
+    """Flags of ``train``. ``data=""`` runs (or reuses) ``segment`` with main's segmenter settings and
+    ``preprocess`` with its defaults on the built-in set first, as ``main`` does."""
 
     data: str = ""
     preset: str = "default"
@@ -427,8 +428,8 @@ class PromoteConfig:
 
 @dataclass(frozen=True)
 class MainConfig:
-    """Flags of ``main``: preprocess -> train -> evaluate with these settings, each step's own defaults
-    for the rest."""
+    """Flags of ``main``: segment (or the champion segmenter) -> preprocess -> train -> evaluate with these
+    settings, each step's own defaults for the rest."""
 
     data_dir: str = ""
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # preprocess's file-name globs left out
@@ -436,8 +437,9 @@ class MainConfig:
     epochs: int = MAIN_EPOCHS
     n_trials: int = TrainConfig.n_trials
     registered_model_name: str = REGISTERED_MODEL_NAME
-    # lungs other than none: main runs segment first (these seg_* settings; mask_dirs="" = the
-    # built-in set's masks) and preprocesses with the segmenter version it registered.
+    # lungs other than none: main first finds its segmenter by lungs.segmenter_choice (mask_dirs, else the
+    # built-in set's masks, else the registry's champion, else the data's own masks, else it stops), trains
+    # it with these seg_* settings when it must, and preprocesses with that segmenter version.
     lungs: str = ImageSpec.lungs
     mask_dirs: tuple[str, ...] = ()
     # Smaller than segment's own defaults (128 px, 15 epochs) to keep the chain quick: at 128 px the

@@ -1,4 +1,4 @@
-"""MLproject entry point `main`: preprocess -> train -> evaluate, reusing finished steps."""
+"""MLproject entry point `main`: segment -> preprocess -> train -> evaluate, reusing finished steps."""
 
 import sys
 from pathlib import Path

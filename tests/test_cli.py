@@ -133,3 +133,17 @@ def test_a_step_started_by_cxrexp_logs_into_the_cxrexp_experiment_with_a_name_th
         assert run.info.run_name == "preprocess synthetic 32px clahe lungs=none"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("argv, needs", [
+    (["preprocess"], True),  # no --lungs: the default view, a lung crop, needs the segmenter (TensorFlow)
+    (["preprocess", "--lungs", "crop"], True),
+    (["preprocess", "--lungs", "mask"], True),
+    (["preprocess", "--lungs", "none"], False),
+    (["promote"], False),
+    (["train"], True),
+])
+def test_which_commands_preload_tensorflow(argv, needs):
+    from cxrexp.cli import _needs_tensorflow
+
+    assert _needs_tensorflow(build_parser().parse_args(argv)) is needs

@@ -1,4 +1,5 @@
-"""The ``main`` entry point: preprocess -> train -> evaluate, each its own MLflow run.
+"""The ``main`` entry point: segment (or the champion segmenter) -> preprocess -> train -> evaluate, each
+its own MLflow run.
 
 As in MLflow's multistep workflow example, a step that already finished with the same parameters
 (and the same git commit) is reused instead of run again; steps exchange only run ids and URIs.

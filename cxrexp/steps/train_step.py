@@ -8,7 +8,15 @@ from dataclasses import replace
 import mlflow
 import numpy as np
 
-from cxrexp.config import SEED_IMAGE_SPEC, ImageSpec, PreprocessConfig, SegmentConfig, TrainConfig, apply_preset
+from cxrexp.config import (
+    SEED_IMAGE_SPEC,
+    ImageSpec,
+    MainConfig,
+    PreprocessConfig,
+    SegmentConfig,
+    TrainConfig,
+    apply_preset,
+)
 from cxrexp.data.store import PreparedDataError, PreparedDataset
 from cxrexp.mlflow_edge import preprocess_run, run_names, segmenter_run, tracking
 from cxrexp.mlflow_edge.training_run import register_model, train_and_log
@@ -25,7 +33,10 @@ def resolve_data(cfg: TrainConfig) -> PreparedDataset:
     # The published experiment's whole 299 px CLAHE(40, 8x8) images under the seed preset.
     image = SEED_IMAGE_SPEC if cfg.preset == "seed" else ImageSpec()
     if image.lungs != "none":
-        image = replace(image, lung_model=segmenter_run.ensure(SegmentConfig()))
+        # main's segmenter settings, so `train` without data reuses the very segment run `main` made
+        main = MainConfig()
+        image = replace(image, lung_model=segmenter_run.ensure(
+            SegmentConfig(image_size=main.seg_image_size, epochs=main.seg_epochs)))
     return preprocess_run.ensure(PreprocessConfig(image=image))
 
 
