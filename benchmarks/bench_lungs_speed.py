@@ -91,7 +91,9 @@ def main() -> int:
             for lungs in (("none", "crop") if round_ % 2 == 0 else ("crop", "none")):
                 out = work / f"prepared-{lungs}-{k}-{round_}"
                 start = time.perf_counter()
-                if cli.main(["preprocess", "--data-dir", str(sources[k]), "--out-dir", str(out), "--lungs", lungs]):
+                # every file (no --exclude default): n_files counts them all, and link-tree names differ
+                if cli.main(["preprocess", "--data-dir", str(sources[k]), "--out-dir", str(out), "--lungs", lungs,
+                             "--exclude", ""]):
                     return 1
                 seconds = time.perf_counter() - start
                 best[lungs, k] = min(best.get((lungs, k), float("inf")), seconds)
