@@ -26,7 +26,7 @@ from pathlib import Path
 
 from common import use_store  # noqa: E402  (benchmarks/common.py)
 
-from cxrexp.config import MainConfig, PreprocessConfig, SegmentConfig, TrainConfig
+from cxrexp.config import MainConfig, PreprocessConfig, TrainConfig
 
 
 def main() -> None:
@@ -45,8 +45,7 @@ def main() -> None:
         from cxrexp.learn.training import train_model, validation_metrics
         from cxrexp.mlflow_edge import preprocess_run, segmenter_run
 
-        defaults = MainConfig()
-        lung_model = segmenter_run.ensure(SegmentConfig(image_size=defaults.seg_image_size, epochs=defaults.seg_epochs))
+        lung_model = segmenter_run.ensure(MainConfig().segment_config())
         for faintest in (float(v) for v in args.faintest.split(",")):
             started = time.perf_counter()
             cfg = PreprocessConfig.flat(out_dir=out, synthetic_faintest=faintest, seed=args.seed, lung_model=lung_model)

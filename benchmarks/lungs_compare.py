@@ -110,9 +110,7 @@ def mode_flags(mode: str) -> tuple[str, list[str], list[str]]:
     train_flags: list[str] = []
     for setting in settings:
         key, _, value = setting.partition("=")
-        if key == "exclude":
-            flags += [IMAGE_FLAGS[key], value]
-        elif key in IMAGE_FLAGS and value:
+        if key in IMAGE_FLAGS and (value or key == "exclude"):  # exclude= (empty) is a setting: keep every file
             flags += [IMAGE_FLAGS[key], value]
         elif key in TRAIN_FLAGS and value:
             train_flags += [TRAIN_FLAGS[key], value.replace("-", ",")]
@@ -154,6 +152,7 @@ def main() -> int:
     import mlflow
 
     from cxrexp import cli
+    from cxrexp.mlflow_edge import tracking
 
     seeds = [int(s) for s in args.seeds.split(",")]
     modes = args.modes.split(",")
@@ -178,8 +177,6 @@ def main() -> int:
                                  filter_string="tags.`cxrexp.step` = 'preprocess'",
                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
         # Each mode's own test split: a mode that keeps other files (exclude=) splits them differently.
-        from cxrexp.mlflow_edge import tracking
-
         manifest = tracking.resolve_prepared(pre.info.run_id).manifest
         internal = manifest[manifest["split"] == "test"][["source", "label"]].reset_index(drop=True)
         for seed in seeds:

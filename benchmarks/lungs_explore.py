@@ -42,17 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import PROJECT_ROOT, load_average, use_store  # noqa: E402  (benchmarks/common.py)
+from common import load_average, use_store  # noqa: E402  (benchmarks/common.py)
+from lungs_compare import SHARED, files  # noqa: E402  (the same shared sets, listed the same way)
 
-SHARED = PROJECT_ROOT.parent / "shared" / "data"
 SETS = ("hannover", "nih", "nlm0", "vp", "tb")
 VIEW_KEYS = {"lungs": str, "margin": float, "aspect": str, "fill": int, "clip": float, "tiles": int, "enhance": str,
              "size": int}
 TRAIN_KEYS = {"preset", "filters", "dense", "dropout", "bn", "augment", "epochs", "patience", "lr", "rule", "tspec"}
-
-
-def films(folder: Path, pattern: str = "*") -> list[str]:
-    return sorted(str(p) for p in folder.glob(pattern) if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
 
 
 def build_cache(work: Path, exclude: str) -> None:
@@ -71,11 +67,11 @@ def build_cache(work: Path, exclude: str) -> None:
         raise SystemExit("preprocess failed")
     manifest = pd.read_csv(next((work / "prepared").glob("*/manifest.csv")))
     items = [("mini", r.source, int(r.label), r.split) for r in manifest.itertuples()]
-    items += [("hannover", p, 1, "ext") for p in films(SHARED / "cxr-external-dev" / "COVID" / "images")]
-    items += [("nih", p, 0, "ext") for p in films(SHARED / "cxr-external-dev" / "Normal" / "images")]
-    items += [("nlm0", p, 0, "ext") for p in films(SHARED / "lung-seg-nlm" / "images", "*_0.png")]
-    items += [("tb", p, 0, "ext") for p in films(SHARED / "lung-seg-nlm" / "images", "*_1.png")]
-    items += [("vp", p, 0, "ext") for p in films(SHARED / "cxr-masks" / "Viral Pneumonia" / "images")]
+    items += [("hannover", str(p), 1, "ext") for p in files(SHARED / "cxr-external-dev" / "COVID" / "images")]
+    items += [("nih", str(p), 0, "ext") for p in files(SHARED / "cxr-external-dev" / "Normal" / "images")]
+    items += [("nlm0", str(p), 0, "ext") for p in files(SHARED / "lung-seg-nlm" / "images", "*_0.png")]
+    items += [("tb", str(p), 0, "ext") for p in files(SHARED / "lung-seg-nlm" / "images", "*_1.png")]
+    items += [("vp", str(p), 0, "ext") for p in files(SHARED / "cxr-masks" / "Viral Pneumonia" / "images")]
     greys = [decode_grey(Path(path).read_bytes()) for _, path, _, _ in items]
     meta = pd.DataFrame(items, columns=["set", "path", "label", "split"])
     with open(work / "films.pkl", "wb") as out:

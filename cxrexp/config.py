@@ -267,8 +267,9 @@ class TrainConfig:
     seed: int = 42
     # The operating point: the most sensitive threshold with validation specificity >= target_specificity.
     # Not Youden: a threshold that balances sensitivity and specificity on the database's own validation
-    # split called 25-41% of other hospitals' normals COVID; at 0.95 it was 11-13% over five seeds
-    # (external dev pairings; docs/lungs.md). target_specificity is also the sens_at_spec objective's.
+    # split called 19-41% of other hospitals' normals COVID; at 0.95 it was 7-13% over five seeds
+    # (external dev pairings; docs/lungs.md#the-operating-threshold). target_specificity is also the
+    # sens_at_spec objective's.
     threshold_rule: str = "specificity"
     target_sensitivity: float = 0.95
     n_trials: int = 0
@@ -448,6 +449,12 @@ class MainConfig:
     # noise of each other on both external dev pairings (docs/lungs.md).
     seg_image_size: int = 64
     seg_epochs: int = 10
+
+    def segment_config(self, mask_dirs: tuple[str, ...] = ()) -> SegmentConfig:
+        """The ``segment`` step main runs (its ``seg_*`` settings) on ``mask_dirs``; empty: the built-in
+        set's masks. ``train`` without data and the built-in budget benchmark use the same one, so they
+        reuse main's segment run."""
+        return SegmentConfig(mask_dirs=tuple(mask_dirs), image_size=self.seg_image_size, epochs=self.seg_epochs)
 
     def __post_init__(self) -> None:
         if self.lungs not in LUNG_MODES:

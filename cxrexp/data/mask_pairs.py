@@ -72,18 +72,27 @@ def _pair_folder(images_dir: Path, masks_dir: Path, folder_source: str, exclude:
             unpaired.append((masks[name], f"no image {images_dir / name}"))
 
 
+def _is_pair_layout(root: Path) -> bool:
+    return (root / "images").is_dir() and (root / "masks").is_dir()
+
+
+def _kaggle_classes(root: Path) -> list[Path]:
+    """The ``<Class>`` folders holding ``images/`` in ``root``, else in the first of its sub-folders that has
+    any (the kaggle layout, also one folder down); empty when there are none."""
+    for base in [root] + [p for p in sorted(root.iterdir()) if p.is_dir()]:
+        classes = [p for p in sorted(base.iterdir()) if p.is_dir() and (p / "images").is_dir()]
+        if classes:
+            return classes
+    return []
+
+
 def has_masks(folder: str) -> bool:
-    """Whether ``folder`` holds lung masks in either layout (folder checks only, no file listing): what
-    ``main`` asks before training a segmenter on a dataset's own masks."""
+    """Whether ``folder`` holds lung masks that ``find_mask_pairs`` would pair (folder checks only, no file
+    listing): what ``main`` asks before training a segmenter on a dataset's own masks."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         return False
-    if (root / "images").is_dir() and (root / "masks").is_dir():
-        return True
-    for base in [root] + [p for p in sorted(root.iterdir()) if p.is_dir()]:
-        if any((p / "images").is_dir() and (p / "masks").is_dir() for p in base.iterdir() if p.is_dir()):
-            return True
-    return False
+    return _is_pair_layout(root) or any((c / "masks").is_dir() for c in _kaggle_classes(root))
 
 
 def find_mask_pairs(mask_dirs: tuple[str, ...] | list[str], exclude: tuple[str, ...] = ()) -> MaskPairs:
@@ -96,25 +105,20 @@ def find_mask_pairs(mask_dirs: tuple[str, ...] | list[str], exclude: tuple[str, 
         root = Path(text).expanduser()
         if not root.is_dir():
             raise DatasetError(f"mask_dirs: {root} is not a folder")
-        if (root / "images").is_dir() and (root / "masks").is_dir():
+        if _is_pair_layout(root):
             layouts[str(root)] = "pair"
             _pair_folder(root / "images", root / "masks", root.name, exclude, pairs, unpaired)
             continue
-        candidates = [root] + [p for p in sorted(root.iterdir()) if p.is_dir()]
-        found = False
-        for base in candidates:
-            classes = [p for p in sorted(base.iterdir()) if p.is_dir() and (p / "images").is_dir()]
+        classes = _kaggle_classes(root)
+        if classes:
+            layouts[str(root)] = "kaggle"
             with_masks = [p for p in classes if (p / "masks").is_dir()]
             for class_dir in classes:
                 if class_dir not in with_masks:
                     unpaired.append((str(class_dir / "images"), f"no masks/ folder beside it in {class_dir}"))
             for class_dir in with_masks:
                 _pair_folder(class_dir / "images", class_dir / "masks", class_dir.name, exclude, pairs, unpaired)
-            if classes:
-                layouts[str(root)] = "kaggle"
-                found = True
-                break
-        if not found:
+        else:
             raise DatasetError(
                 f"mask_dirs: {root} has neither images/ + masks/ nor <Class>/images + <Class>/masks folders "
                 f"(it holds: {sorted(p.name for p in root.iterdir())[:20]})"

@@ -218,7 +218,12 @@ def ensure(cfg: SegmentConfig) -> str:
     else:
         with tracking.outside_project_run():
             run_id = run(cfg)
+    return registered_uri(cfg, run_id)
+
+
+def registered_uri(cfg: SegmentConfig, run_id: str) -> str:
+    """The version URI (``models:/<name>/<v>``) the finished segment run ``run_id`` registered."""
     return version_uri(cfg.model_name, mlflow.get_run(run_id).data.tags[SEGMENTER_VERSION_TAG])
 
 
-__all__ = ["Samples", "ensure", "load_samples", "run", "score_test", "split_samples"]
+__all__ = ["Samples", "ensure", "load_samples", "registered_uri", "run", "score_test", "split_samples"]

@@ -19,13 +19,12 @@ from cxrexp.config import (
     SEGMENTER_MODEL_NAME,
     MainConfig,
     PreprocessConfig,
-    SegmentConfig,
     TrainConfig,
     flat_params,
 )
 from cxrexp.data.mask_pairs import has_masks
 from cxrexp.lungs.segmenter_choice import choose_segmenter
-from cxrexp.mlflow_edge import preprocess_run, registry, tracking
+from cxrexp.mlflow_edge import preprocess_run, registry, segmenter_run, tracking
 from cxrexp.mlflow_edge.model_uri import version_uri
 from cxrexp.tags import (
     CHAMPION,
@@ -35,7 +34,6 @@ from cxrexp.tags import (
     PREPROCESS_RUN_TAG,
     SEGMENT_RUN_OF_MAIN_TAG,
     SEGMENTER_CHOICE_TAG,
-    SEGMENTER_VERSION_TAG,
     STEP_TAG,
     TRAIN_RUN_OF_MAIN_TAG,
 )
@@ -84,10 +82,10 @@ def _segmenter(cfg: MainConfig) -> str:
     mlflow.set_tag(SEGMENTER_CHOICE_TAG, choice.reason[:500])
     if not choice.train:
         return choice.model_uri
-    seg_cfg = SegmentConfig(mask_dirs=choice.mask_dirs, image_size=cfg.seg_image_size, epochs=cfg.seg_epochs)
+    seg_cfg = cfg.segment_config(choice.mask_dirs)
     seg_run = _get_or_run("segment", seg_cfg)
     mlflow.set_tag(SEGMENT_RUN_OF_MAIN_TAG, seg_run)
-    return version_uri(seg_cfg.model_name, mlflow.get_run(seg_run).data.tags[SEGMENTER_VERSION_TAG])
+    return segmenter_run.registered_uri(seg_cfg, seg_run)
 
 
 def run(cfg: MainConfig) -> int:

@@ -13,7 +13,6 @@ from cxrexp.config import (
     ImageSpec,
     MainConfig,
     PreprocessConfig,
-    SegmentConfig,
     TrainConfig,
     apply_preset,
 )
@@ -33,10 +32,8 @@ def resolve_data(cfg: TrainConfig) -> PreparedDataset:
     # The published experiment's whole 299 px CLAHE(40, 8x8) images under the seed preset.
     image = SEED_IMAGE_SPEC if cfg.preset == "seed" else ImageSpec()
     if image.lungs != "none":
-        # main's segmenter settings, so `train` without data reuses the very segment run `main` made
-        main = MainConfig()
-        image = replace(image, lung_model=segmenter_run.ensure(
-            SegmentConfig(image_size=main.seg_image_size, epochs=main.seg_epochs)))
+        # main's segment step, so `train` without data reuses the very segment run `main` made
+        image = replace(image, lung_model=segmenter_run.ensure(MainConfig().segment_config()))
     return preprocess_run.ensure(PreprocessConfig(image=image))
 
 
