@@ -37,6 +37,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--base-filters", type=int, default=16)
+    parser.add_argument("--conv", default="standard", help="standard or separable (SegmentConfig.conv)")
     args = parser.parse_args()
     sets = [SHARED / "cxr-masks", SHARED / "lung-seg-nlm"]
     missing = [str(s) for s in sets if not s.is_dir()]
@@ -57,10 +58,11 @@ def main() -> int:
         from cxrexp.mlflow_edge.segmenter_serving import load_segmenter
 
         cfg = SegmentConfig(mask_dirs=tuple(map(str, sets)), exclude=("*_0.png",), image_size=args.image_size,
-                            epochs=args.epochs, seed=args.seed, base_filters=args.base_filters,
+                            epochs=args.epochs, seed=args.seed, base_filters=args.base_filters, conv=args.conv,
                             registered_model_name="bench-lung-seg")
         print(f"load average {load_average()}; training on {[s.name for s in sets]} (exclude *_0.png), "
-              f"{args.image_size} px, {args.epochs} epochs, seed {args.seed}")
+              f"{args.image_size} px, {args.epochs} epochs, seed {args.seed}, {args.conv} convolutions, "
+              f"base {args.base_filters} filters")
         started = time.perf_counter()
         run_id = segmenter_run.run(cfg)
         train_s = time.perf_counter() - started

@@ -2,7 +2,7 @@
 
 Run from the project root (needs ../shared/data: cxr-mini, cxr-masks, lung-seg-nlm, cxr-external-dev):
 
-    python benchmarks/lungs_compare.py [--seeds 42,1,2] [--modes none,crop,mask] [--seg-size 64] [--seg-epochs 10]
+    python benchmarks/lungs_compare.py [--seeds 42,1,2] [--modes none,crop,mask] [--seg-size 64] [--seg-epochs 10] [--seg-conv standard]
     python benchmarks/lungs_compare.py --modes crop,crop/margin=0.10,crop/aspect=stretch --exclude @paediatric-normals
 
 A mode is a ``lungs`` setting, optionally with image settings after slashes
@@ -131,6 +131,7 @@ def main() -> int:
     parser.add_argument("--modes", default="none,crop,mask")
     parser.add_argument("--seg-size", type=int, default=64)
     parser.add_argument("--seg-epochs", type=int, default=10)
+    parser.add_argument("--seg-conv", default="standard", help="the segmenter's convolutions: standard or separable")
     parser.add_argument("--exclude", default="", help="preprocess -P exclude for every mode (e.g. @paediatric-normals)")
     parser.add_argument("--work", default="", help="work folder (default: a new temporary one)")
     parser.add_argument("--report-only", action="store_true", help="only print the tables of --work's CSVs")
@@ -160,7 +161,7 @@ def main() -> int:
     if any(m != "none" for m in modes) and not client.search_registered_models("name='cxr-lung-seg'"):
         code = cli.main(["segment", "--mask-dirs", f"{SHARED / 'cxr-masks'},{SHARED / 'lung-seg-nlm'}",
                          "--exclude", "*_0.png", "--image-size", str(args.seg_size), "--epochs",
-                         str(args.seg_epochs), "--seed", "42"])
+                         str(args.seg_epochs), "--conv", args.seg_conv, "--seed", "42"])
         if code:
             return code
     sets = collections()

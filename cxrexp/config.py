@@ -32,6 +32,9 @@ PRUNERS = ("median", "median-average", "percentile", "halving", "hyperband", "no
 # with everything outside the widened lung mask set to ``lung_fill``.
 LUNG_MODES = ("none", "crop", "mask")
 LUNG_ASPECTS = ("pad", "stretch")
+# How the lung segmenter's 3x3 convolutions are built (lungs/segmenter.py): "separable" (depthwise then
+# pointwise) costs about a fifth of the multiply-adds of "standard" (docs/lungs.md, "What a lung view costs").
+SEGMENTER_CONVS = ("standard", "separable")
 
 # Decoded images larger than this are refused (decompression bombs): the default of every step that
 # decodes (preprocess, the served model, predict).
@@ -376,6 +379,7 @@ class SegmentConfig:
     learning_rate: float = 1e-3
     patience: int = 4
     base_filters: int = 16
+    conv: str = "standard"
     val_frac: float = 0.1
     test_frac: float = 0.15
     seed: int = 42
@@ -401,6 +405,8 @@ class SegmentConfig:
                              f"{self.base_filters} must be at least 1")
         if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ValueError(f"val_frac={self.val_frac} and test_frac={self.test_frac} must be in (0, 1) and sum below 1")
+        if self.conv not in SEGMENTER_CONVS:
+            raise ValueError(f"conv={self.conv!r} must be one of {', '.join(SEGMENTER_CONVS)}")
 
 
 @dataclass(frozen=True)

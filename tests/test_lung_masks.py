@@ -101,6 +101,27 @@ def test_lung_view_modes():
     assert not whole.applied and whole.image is image
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("margin", [0.0, 0.05, 0.2])
+def test_lung_view_box_is_crop_box_of_the_two_largest_components(seed, margin):
+    """lung_view takes its box from the component statistics (one labelling per mask); it must be the
+    box crop_box finds on the two largest components' pixels, a third blob (text, a marker) left out."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((64, 48), bool)
+    for _ in range(3):  # two lungs and a smaller third blob, at random places (they may touch)
+        y0, x0 = rng.integers(0, 40), rng.integers(0, 30)
+        mask[y0:y0 + rng.integers(8, 24), x0:x0 + rng.integers(4, 18)] = True
+    mask[rng.integers(0, 60), rng.integers(0, 44)] = True  # a stray pixel
+    kept, _ = lm.largest_components(mask)
+    view = lm.lung_view(np.zeros(mask.shape, np.uint8), mask, "crop", margin=margin, fill=0, aspect="stretch",
+                        min_area=0.0, max_area=1.0)
+    if lm.check_mask(mask, min_area=0.0, max_area=1.0).plausible:
+        assert view.applied and view.box == lm.crop_box(kept, margin)
+        assert view.area == pytest.approx(kept.sum() / mask.size)
+    else:
+        assert not view.applied
+
+
 def test_implausible_mask_falls_back_to_the_whole_image_with_the_reason():
     image = np.full((20, 20), 9, np.uint8)
     view = lm.lung_view(image, np.zeros((20, 20), bool), "crop", margin=0.05, fill=0, aspect="pad")

@@ -115,6 +115,31 @@ def test_unet_shapes_and_masks_at_the_image_size():
         build_unet(30, depth=2)
 
 
+@pytest.mark.parametrize("conv, layer", [("standard", "Conv2D"), ("separable", "SeparableConv2D")])
+def test_unet_convolutions(conv, layer):
+    """``conv`` builds every 3x3 convolution after the first (one grey channel) as ``layer``, with the
+    same output and far fewer weights for ``separable``."""
+    from cxrexp.lungs.segmenter import build_unet
+
+    model = build_unet(32, base_filters=8, depth=2, seed=1, conv=conv)
+    convs = [l for l in model.layers if l.name.endswith(("_conv1", "_conv2"))]
+    assert type(convs[0]).__name__ == "Conv2D"  # the first one reads the grey channel
+    assert {type(l).__name__ for l in convs[1:]} == {layer}
+    assert model.output_shape == (None, 32, 32, 1)
+    standard = build_unet(32, base_filters=8, depth=2, seed=1).count_params()
+    assert (model.count_params() < standard / 3) is (conv == "separable")
+
+
+def test_unet_refuses_an_unknown_convolution():
+    from cxrexp.config import SegmentConfig
+    from cxrexp.lungs.segmenter import build_unet
+
+    with pytest.raises(ValueError, match="conv='dilated'"):
+        build_unet(32, depth=2, conv="dilated")
+    with pytest.raises(ValueError, match="standard, separable"):
+        SegmentConfig(conv="dilated")
+
+
 @pytest.fixture(scope="module")
 def segment_run(tmp_path_factory):
     """`mlflow run . -e segment` on a few synthetic masks: train, log, register."""
@@ -123,7 +148,10 @@ def segment_run(tmp_path_factory):
     env.pop("MLFLOW_RUN_ID", None)
     command = [sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "-e", "segment", "--env-manager", "local",
                "--experiment-name", "segment-e2e", "-P", "image_size=32", "-P", "epochs=2", "-P", "synthetic_count=48",
-               "-P", "synthetic_size=64", "-P", "base_filters=4", "-P", "registered_model_name=e2e-lung-seg"]
+               "-P", "synthetic_size=64", "-P", "base_filters=4", "-P", "registered_model_name=e2e-lung-seg",
+               # separable here (main's tests train standard ones): the MLproject flag, and the layer
+               # through MLflow's save and load
+               "-P", "conv=separable"]
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return root, env, done.stdout
@@ -142,6 +170,7 @@ def test_segment_step_logs_scores_and_registers_a_champion(segment_run):
         for key in ("test_dice", "test_iou", "test_dice_synthetic", "n_test", "best_val_dice"):
             assert key in run.data.metrics, key
         assert 0.0 <= run.data.metrics["test_dice"] <= 1.0
+        assert run.data.params["conv"] == "separable"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [0, 1]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"data", "figures", "test"} <= artifacts

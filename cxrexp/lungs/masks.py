@@ -83,20 +83,52 @@ def mask_for_image(mask: np.ndarray, image_shape: tuple[int, int], threshold: in
     return arr > threshold
 
 
+@dataclass(frozen=True)
+class _Components:
+    """One labelling of a mask: the ``keep`` largest 8-connected components (labels, largest first)
+    with their areas and bounding boxes, from ``cv2.connectedComponentsWithStats`` (computed once per
+    mask: preprocess labels every image's mask, and this was its largest cost after the segmenter)."""
+
+    labels: np.ndarray
+    order: np.ndarray
+    stats: np.ndarray
+
+    @classmethod
+    def of(cls, mask: np.ndarray, keep: int = 2) -> _Components:
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        order = np.argsort(-stats[1:, cv2.CC_STAT_AREA], kind="stable")[:keep] + 1
+        return cls(labels, order, stats)
+
+    @property
+    def areas(self) -> list[int]:
+        return [int(a) for a in self.stats[self.order, cv2.CC_STAT_AREA]]
+
+    def kept(self) -> np.ndarray:
+        """bool mask of the kept components (a lookup table over the labels)."""
+        keep = np.zeros(len(self.stats), dtype=bool)
+        keep[self.order] = True
+        return keep[self.labels]
+
+    def box(self) -> tuple[int, int, int, int]:
+        """(y0, y1, x0, x1), half-open, of the kept components' pixels; ValueError if there are none."""
+        if not self.order.size:
+            raise ValueError("crop_box of an empty mask")
+        rows = self.stats[self.order]
+        x0, y0 = rows[:, cv2.CC_STAT_LEFT].min(), rows[:, cv2.CC_STAT_TOP].min()
+        x1 = (rows[:, cv2.CC_STAT_LEFT] + rows[:, cv2.CC_STAT_WIDTH]).max()
+        y1 = (rows[:, cv2.CC_STAT_TOP] + rows[:, cv2.CC_STAT_HEIGHT]).max()
+        return int(y0), int(y1), int(x0), int(x1)
+
+
 def largest_components(mask: np.ndarray, keep: int = 2) -> tuple[np.ndarray, list[int]]:
     """(the ``keep`` largest 8-connected components of a bool mask, their areas largest first)."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    order = np.argsort(-areas, kind="stable")[:keep]
-    kept = np.isin(labels, order + 1)
-    return kept, [int(areas[i]) for i in order]
+    parts = _Components.of(mask, keep)
+    return parts.kept(), parts.areas
 
 
-def check_mask(mask: np.ndarray, *, min_area: float = MIN_LUNG_AREA, max_area: float = MAX_LUNG_AREA,
-               min_second: float = MIN_SECOND_LUNG) -> MaskCheck:
-    """Is ``mask`` (bool HxW, both lungs) plausible? Area is that of the two largest components."""
-    kept, areas = largest_components(mask)
-    area = float(kept.sum()) / max(mask.size, 1)
+def _check(parts: _Components, size: int, min_area: float, max_area: float, min_second: float) -> MaskCheck:
+    areas = parts.areas
+    area = float(sum(areas)) / max(size, 1)
     if not areas:
         return MaskCheck(False, "empty mask", 0.0, 0)
     if area < min_area or area > max_area:
@@ -108,16 +140,26 @@ def check_mask(mask: np.ndarray, *, min_area: float = MIN_LUNG_AREA, max_area: f
     return MaskCheck(True, "", area, len(areas))
 
 
+def check_mask(mask: np.ndarray, *, min_area: float = MIN_LUNG_AREA, max_area: float = MAX_LUNG_AREA,
+               min_second: float = MIN_SECOND_LUNG) -> MaskCheck:
+    """Is ``mask`` (bool HxW, both lungs) plausible? Area is that of the two largest components."""
+    return _check(_Components.of(mask), mask.size, min_area, max_area, min_second)
+
+
+def _widen_box(box: tuple[int, int, int, int], shape: tuple[int, ...], margin: float) -> tuple[int, int, int, int]:
+    y0, y1, x0, x1 = box
+    dy, dx = round((y1 - y0) * margin), round((x1 - x0) * margin)
+    h, w = shape[:2]
+    return max(0, y0 - dy), min(h, y1 + dy), max(0, x0 - dx), min(w, x1 + dx)
+
+
 def crop_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1), half-open, of the mask's True pixels widened by ``margin`` x the box's own
     height/width on each side, clipped to the image. ValueError on an empty mask."""
     ys, xs = np.nonzero(mask)
     if ys.size == 0:
         raise ValueError("crop_box of an empty mask")
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-    dy, dx = round((y1 - y0) * margin), round((x1 - x0) * margin)
-    h, w = mask.shape
-    return max(0, y0 - dy), min(h, y1 + dy), max(0, x0 - dx), min(w, x1 + dx)
+    return _widen_box((int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1), mask.shape, margin)
 
 
 def crop(image: np.ndarray, box: tuple[int, int, int, int], aspect: str, fill: int) -> np.ndarray:
@@ -160,15 +202,15 @@ def lung_view(image: np.ndarray, mask: np.ndarray, mode: str, *, margin: float, 
     whole = (0, h, 0, w)
     if mode == "none":
         return LungView(image, False, "lungs=none", whole, float("nan"))
-    check = check_mask(mask, min_area=min_area, max_area=max_area)
+    parts = _Components.of(mask)
+    check = _check(parts, mask.size, min_area, max_area, MIN_SECOND_LUNG)
     if not check.plausible:
         return LungView(image, False, check.reason, whole, check.area)
-    kept, _ = largest_components(mask)
-    box = crop_box(kept, margin)
+    box = _widen_box(parts.box(), mask.shape, margin)  # == crop_box(parts.kept(), margin)
     source = image
     if mode == "mask":
         pixels = round(max(box[1] - box[0], box[3] - box[2]) * margin)
-        source = np.where(widen(kept, pixels), image, np.uint8(fill)).astype(image.dtype)
+        source = np.where(widen(parts.kept(), pixels), image, np.uint8(fill)).astype(image.dtype)
     return LungView(crop(source, box, aspect, fill), True, "", box, check.area)
 
 

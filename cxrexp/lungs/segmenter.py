@@ -18,38 +18,51 @@ import cv2
 import keras
 import numpy as np
 
+from cxrexp.config import SEGMENTER_CONVS
+
 SEGMENTER_INPUT = "image"
 SEGMENTER_OUTPUT = "lung"
 THRESHOLD = 0.5
 _SMOOTH = 1.0
 
 
-def _conv_pair(x, filters: int, name: str, seed: int):
+def _conv_pair(x, filters: int, name: str, seed: int, conv: str = "standard"):
     for i in (1, 2):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}",
-                                kernel_initializer=keras.initializers.HeNormal(seed=seed + i))(x)
+        # The network's first convolution stays standard under "separable": a depthwise pass over one
+        # grey channel saves nothing.
+        if conv == "separable" and x.shape[-1] > 1:
+            init = keras.initializers.HeNormal(seed=seed + i)
+            x = keras.layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}",
+                                             depthwise_initializer=init, pointwise_initializer=init)(x)
+        else:
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}",
+                                    kernel_initializer=keras.initializers.HeNormal(seed=seed + i))(x)
         x = keras.layers.BatchNormalization(name=f"{name}_bn{i}")(x)
         x = keras.layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
 
 
-def build_unet(image_size: int, base_filters: int = 16, depth: int = 4, seed: int = 42) -> keras.Model:
+def build_unet(image_size: int, base_filters: int = 16, depth: int = 4, seed: int = 42,
+               conv: str = "standard") -> keras.Model:
     """U-Net with ``depth`` 2x2 poolings (``image_size`` must be divisible by 2**depth), filters
-    ``base_filters * 2**level``, skip connections by concatenation, sigmoid output ``lung``."""
+    ``base_filters * 2**level``, skip connections by concatenation, sigmoid output ``lung``; ``conv``
+    one of ``SEGMENTER_CONVS``."""
     if image_size % (2 ** depth):
         raise ValueError(f"image_size={image_size} must be divisible by 2**depth = {2 ** depth}")
+    if conv not in SEGMENTER_CONVS:
+        raise ValueError(f"conv={conv!r} must be one of {SEGMENTER_CONVS}")
     inputs = keras.Input((image_size, image_size, 1), name=SEGMENTER_INPUT)
     x, skips = inputs, []
     for level in range(depth):
-        x = _conv_pair(x, base_filters * 2 ** level, f"down{level}", seed + 10 * level)
+        x = _conv_pair(x, base_filters * 2 ** level, f"down{level}", seed + 10 * level, conv)
         skips.append(x)
         x = keras.layers.MaxPooling2D(2, name=f"pool{level}")(x)
-    x = _conv_pair(x, base_filters * 2 ** depth, "bottom", seed + 100)
+    x = _conv_pair(x, base_filters * 2 ** depth, "bottom", seed + 100, conv)
     for level in reversed(range(depth)):
         x = keras.layers.Conv2DTranspose(base_filters * 2 ** level, 2, strides=2, name=f"up{level}",
                                          kernel_initializer=keras.initializers.HeNormal(seed=seed + 200 + level))(x)
         x = keras.layers.Concatenate(name=f"skip{level}")([x, skips[level]])
-        x = _conv_pair(x, base_filters * 2 ** level, f"dec{level}", seed + 300 + 10 * level)
+        x = _conv_pair(x, base_filters * 2 ** level, f"dec{level}", seed + 300 + 10 * level, conv)
     outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", name=SEGMENTER_OUTPUT,
                                   kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 999))(x)
     return keras.Model(inputs, outputs, name="lung_unet")
@@ -101,10 +114,10 @@ class SegmenterResult:
 def train_segmenter(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
                     epochs: int, batch_size: int = 8, learning_rate: float = 1e-3, patience: int = 4,
                     base_filters: int = 16, depth: int = 4, seed: int = 42, augment: bool = True,
-                    callbacks: tuple = (), verbose: int = 0) -> SegmenterResult:
+                    conv: str = "standard", callbacks: tuple = (), verbose: int = 0) -> SegmenterResult:
     """Fit a U-Net on float32 (N, S, S, 1) inputs and {0, 1} targets (``to_input``/``to_target``)."""
     keras.utils.set_random_seed(seed)
-    model = build_unet(train_x.shape[1], base_filters, depth, seed)
+    model = build_unet(train_x.shape[1], base_filters, depth, seed, conv)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=bce_dice_loss, metrics=[soft_dice])
     x, y = train_x, train_y
     if augment:  # left-right flips: lungs are near-symmetric, and it doubles a small mask set
@@ -143,6 +156,7 @@ def predict_masks(model: keras.Model, images: list[np.ndarray], batch_size: int 
 
 
 __all__ = [
+    "SEGMENTER_CONVS",
     "SEGMENTER_INPUT",
     "SEGMENTER_OUTPUT",
     "SegmenterResult",

@@ -166,7 +166,7 @@ def run(cfg: SegmentConfig) -> str:
         logger = MlflowEpochLogger(run_id, logged=SEGMENTER_LOGGED, renames=SEGMENTER_RENAMES)
         result = train_segmenter(xs["train"], ys["train"], xs["val"], ys["val"], epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, patience=cfg.patience,
-                                 base_filters=cfg.base_filters, seed=cfg.seed, callbacks=(logger,), verbose=2)
+                                 base_filters=cfg.base_filters, conv=cfg.conv, seed=cfg.seed, callbacks=(logger,), verbose=2)
         test_images = [samples.images[i] for i in test_rows]
         test_masks = [samples.masks[i] for i in test_rows]
         predicted, dices, ious = score_test(result.model, test_images, test_masks)
