@@ -49,4 +49,5 @@ def test_study_evaluate_segment_and_promote_names():
     assert run_names.segment_name(SegmentConfig()) == "segment synthetic 128px"
     assert run_names.segment_name(SegmentConfig(mask_dirs=("/d/cxr-masks", "/d/lung-seg-nlm"), image_size=64)) == \
         "segment cxr-masks+lung-seg-nlm 64px"
+    assert run_names.segment_name(SegmentConfig(image_size=64, conv="separable")) == "segment synthetic 64px separable"
     assert run_names.promote_name(PromoteConfig()) == "promote cxr-covid-cnn"

@@ -46,9 +46,10 @@ def evaluate_name(model: str, dataset_digest: str) -> str:
 
 
 def segment_name(cfg: SegmentConfig) -> str:
-    """``segment cxr-masks+lung-seg-nlm 128px`` (``synthetic`` without mask folders)."""
+    """``segment cxr-masks+lung-seg-nlm 128px`` (``synthetic`` without mask folders; `` separable``
+    appended for that network, so the two builds are told apart in the runs table)."""
     sources = "+".join(_data_name(d) for d in cfg.mask_dirs) or "synthetic"
-    return f"segment {sources} {cfg.image_size}px"
+    return f"segment {sources} {cfg.image_size}px" + ("" if cfg.conv == "standard" else f" {cfg.conv}")
 
 
 def promote_name(cfg: PromoteConfig) -> str:
