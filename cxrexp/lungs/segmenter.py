@@ -50,7 +50,7 @@ def build_unet(image_size: int, base_filters: int = 16, depth: int = 4, seed: in
     if image_size % (2 ** depth):
         raise ValueError(f"image_size={image_size} must be divisible by 2**depth = {2 ** depth}")
     if conv not in SEGMENTER_CONVS:
-        raise ValueError(f"conv={conv!r} must be one of {SEGMENTER_CONVS}")
+        raise ValueError(f"conv={conv!r} must be one of {', '.join(SEGMENTER_CONVS)}")
     inputs = keras.Input((image_size, image_size, 1), name=SEGMENTER_INPUT)
     x, skips = inputs, []
     for level in range(depth):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cxrexp.config import DEFAULT_LUNG_MODEL, SYNTHETIC_SEGMENTER_NAME
 from cxrexp.errors import SegmenterUnavailable
 
 
@@ -40,7 +41,7 @@ def choose_segmenter(*, data_dir: str, mask_dirs: tuple[str, ...], champion_uri:
         return SegmenterChoice(True, tuple(mask_dirs), "", f"trained on the masks in -P mask_dirs={','.join(mask_dirs)}")
     if not data_dir:
         return SegmenterChoice(True, (), "", "the built-in set: trained on its own synthetic lung masks "
-                                             "(registered apart, as cxr-lung-seg-synthetic)")
+                                             f"(registered apart, as {SYNTHETIC_SEGMENTER_NAME})")
     if champion_uri:
         return SegmenterChoice(False, (), champion_uri, f"the registry's champion segmenter, {champion_uri} "
                                                         "(-P mask_dirs=... trains a new one)")
@@ -48,7 +49,8 @@ def choose_segmenter(*, data_dir: str, mask_dirs: tuple[str, ...], champion_uri:
         return SegmenterChoice(True, (data_dir,), "", f"trained on the lung masks that {data_dir} ships")
     raise SegmenterUnavailable(
         f"lungs=crop (the default) cuts every film to its lungs with a lung segmenter, and there is none to "
-        f"use: this tracking store has no cxr-lung-seg@champion and {data_dir} has no masks/ folders. Pass "
+        f"use: this tracking store has no {DEFAULT_LUNG_MODEL.removeprefix('models:/')} and {data_dir} has no "
+        "masks/ folders. Pass "
         "-P mask_dirs=<folders with lung masks> (Kaggle <Class>/images + <Class>/masks, or images/ + masks/; "
         "e.g. the COVID-19 Radiography Database itself), train one first with `mlflow run . -e segment "
         "--env-manager local -P mask_dirs=...`, or use whole images with -P lungs=none"
