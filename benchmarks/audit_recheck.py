@@ -11,9 +11,9 @@ checks the same settings. This script asks whether those choices hold elsewhere:
 and seed (data seed = training seed, none of them a tuning seed), the two models of the test file
 (same CNN, 600 synthetic images, balanced, ``synthetic_faintest`` 0.04, 15 epochs), one trained with
 the planted marker on exactly the positives and one clean, are audited on their **validation**
-split at the default gate. Printed per model: validation ROC-AUC, for the marker model its AUC on
-the same images without the letter (the premise: it reads the letter), the audit's n, mean lung
-focus, border share and verdict. Nothing is logged to MLflow and nothing is chosen automatically.
+split at the default gates (``min_lung_focus`` and, since 2026-12-07, ``min_lung_focus_lift``). Printed
+per model: validation ROC-AUC, for the marker model its AUC on the same images without the letter (the
+premise: it reads the letter), the audit's n, mean lung focus, lung-focus lift, border share and verdict. Nothing is logged to MLflow and nothing is chosen automatically.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def prepared(out: str, size: int, seed: int, shortcut: float):
     return run_preprocess(cfg, progress=False).dataset
 
 
-def audited(dataset, size: int, seed: int, min_lung_focus: float):
+def audited(dataset, size: int, seed: int, gates: EvaluateConfig):
     from cxrexp.data.tfdata import predict_probabilities
     from cxrexp.evaluation import audit
     from cxrexp.evaluation.metrics import roc_auc
@@ -50,7 +50,8 @@ def audited(dataset, size: int, seed: int, min_lung_focus: float):
     frame = dataset.split_frame("val").sort_values("source", kind="stable").reset_index(drop=True)
     probabilities = predict_probabilities(result.model, dataset.images(), frame["row"].to_numpy(np.int64), 64)
     cells = audit.confusion_cells(frame["label"].to_numpy(), probabilities >= result.threshold)
-    outcome, _ = audit.shortcut_audit(result.model, dataset, frame, cells, min_lung_focus=min_lung_focus, seed=seed)
+    outcome, _ = audit.shortcut_audit(result.model, dataset, frame, cells, min_lung_focus=gates.min_lung_focus, seed=seed,
+                                      min_lung_focus_lift=gates.min_lung_focus_lift)
     return result.model, frame, roc_auc(frame["label"].to_numpy(), probabilities), outcome.result
 
 
@@ -62,8 +63,9 @@ def main() -> None:
     from cxrexp.data.tfdata import predict_probabilities
     from cxrexp.evaluation.metrics import roc_auc
 
-    gate = EvaluateConfig().min_lung_focus
-    print(f"load average at start: {load_average()}; gate min_lung_focus {gate}", flush=True)
+    gate = EvaluateConfig()
+    print(f"load average at start: {load_average()}; gates min_lung_focus {gate.min_lung_focus}, "
+          f"min_lung_focus_lift {gate.min_lung_focus_lift}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="cxrexp-audit-recheck-") as out:
         for size in (int(v) for v in args.sizes.split(",")):
@@ -78,18 +80,20 @@ def main() -> None:
                 _, _, clean_auc, clean = audited(clean_data, size, seed, gate)
                 rows.append((size, seed, marker_auc, without, marker, clean_auc, clean))
                 print(f"{size} px seed {seed}: marker AUC {marker_auc:.3f} ({without:.3f} without the letter), "
-                      f"focus {marker.lung_focus_mean:.2f} passed={marker.passed}; clean AUC {clean_auc:.3f}, "
-                      f"focus {clean.lung_focus_mean:.2f} passed={clean.passed}; {time.perf_counter() - started:.0f} s",
+                      f"focus {marker.lung_focus_mean:.2f} lift {marker.lung_focus_lift_mean:.2f} passed={marker.passed}; "
+                      f"clean AUC {clean_auc:.3f}, focus {clean.lung_focus_mean:.2f} lift {clean.lung_focus_lift_mean:.2f} "
+                      f"passed={clean.passed}; {time.perf_counter() - started:.0f} s",
                       flush=True)
-    print("\n| px | seed | marker: val AUC (without letter) | n | lung focus / border | verdict | "
-          "clean: val AUC | n | lung focus / border | verdict |")
+    print("\n| px | seed | marker: val AUC (without letter) | n | lung focus / lift / border | verdict | "
+          "clean: val AUC | n | lung focus / lift / border | verdict |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     right = 0
     for size, seed, m_auc, without, m, c_auc, c in rows:
         right += (not m.passed) + c.passed
         print(f"| {size} | {seed} | {m_auc:.3f} ({without:.3f}) | {m.n} | {m.lung_focus_mean:.2f} / "
-              f"{m.border_share_mean:.2f} | {'pass' if m.passed else 'fail'} | {c_auc:.3f} | {c.n} | "
-              f"{c.lung_focus_mean:.2f} / {c.border_share_mean:.2f} | {'pass' if c.passed else 'fail'} |")
+              f"{m.lung_focus_lift_mean:.2f} / {m.border_share_mean:.2f} | {'pass' if m.passed else 'fail'} | "
+              f"{c_auc:.3f} | {c.n} | {c.lung_focus_mean:.2f} / {c.lung_focus_lift_mean:.2f} / "
+              f"{c.border_share_mean:.2f} | {'pass' if c.passed else 'fail'} |")
     print(f"\nright verdicts: {right} of {2 * len(rows)} (marker model failed, clean model passed); "
           f"load average at the end: {load_average()}")
 

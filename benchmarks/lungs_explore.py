@@ -5,6 +5,7 @@ Run from the project root (needs ../shared/data: cxr-mini, cxr-masks, lung-seg-n
     python benchmarks/lungs_explore.py --work /tmp/lx --name crop --seeds 42,1,2
     python benchmarks/lungs_explore.py --work /tmp/lx --name clip40-stretch --seeds 42,1,2 clip=40 aspect=stretch
     python benchmarks/lungs_explore.py --work /tmp/lx --report
+    python benchmarks/lungs_explore.py --work /tmp/lx --report --paired default
 
 ``lungs_compare.py`` asks every model as served, through every step's MLflow run: right for a decision,
 too slow (about five minutes per model) to screen a dozen ideas. This script does the same work without
@@ -26,7 +27,10 @@ own threshold (chosen on validation by the rule), the shares of Viral Pneumonia 
 called COVID, and the sensitivity and other-hospital specificity at Youden's threshold on the same
 validation split (the rule before the lung-field work; the model is the same, only its threshold differs).
 The internal test split is never scored here. Rows are appended to ``<work>/explore.csv`` and each
-model's probabilities kept in ``<work>/preds/``; ``--report`` prints the table again.
+model's probabilities kept in ``<work>/preds/``; ``--report`` prints the table again, and with
+``--paired BASE`` also, per setting and seed that BASE has too, the paired bootstrap difference of the
+ROC-AUC on both dev pairings against BASE's model of the same seed (the same films, the same
+segmenter: ``metrics.paired_difference``, 2,000 resamples, 95% interval).
 """
 
 from __future__ import annotations
@@ -183,6 +187,30 @@ def scores(meta: pd.DataFrame, probability: np.ndarray, threshold: float) -> dic
     return out
 
 
+def paired_report(work: Path, base: str) -> None:
+    """Per setting and seed, the AUC difference against ``base`` of the same seed on both dev pairings."""
+    from cxrexp.evaluation.metrics import paired_difference
+
+    with open(work / "films.pkl", "rb") as cached:
+        meta, _ = pickle.load(cached)
+    part = {s: (meta["set"] == s).to_numpy() for s in SETS}
+    labels = meta["label"].to_numpy(np.int64)
+    rows = pd.read_csv(work / "explore.csv")
+    print(f"\n| setting | seed | NIH pairing: AUC difference vs {base} | other-hospital pairing: AUC difference |")
+    print("|---|---|---|---|")
+    for name, seed in rows.loc[rows["name"] != base, ["name", "seed"]].drop_duplicates().itertuples(index=False):
+        base_file, file = work / "preds" / f"{base}-{seed}.npy", work / "preds" / f"{name}-{seed}.npy"
+        if not (base_file.exists() and file.exists()):
+            continue
+        a, b = np.load(base_file), np.load(file)
+        cells = []
+        for normals in ("nih", "nlm0"):
+            both = part["hannover"] | part[normals]
+            d = paired_difference(labels[both], a[both], b[both], "roc_auc", n_bootstrap=2000, seed=42)
+            cells.append(f"{d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+        print(f"| {name} | {seed} | {cells[0]} | {cells[1]} |")
+
+
 def line(row: dict) -> str:
     return (f"| {row['name']} | {row['seed']} | {row['val_auc']:.3f} | {row['nih_auc']:.3f} | {row['other_auc']:.3f} | "
             f"{row['sens']:.2f} | {row['nih_spec']:.2f} | {row['other_spec']:.2f} | {row['vp_called']:.2f} | "
@@ -196,6 +224,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="42,1,2")
     parser.add_argument("--exclude", default="@paediatric-normals", help="preprocess -P exclude for the split")
     parser.add_argument("--report", action="store_true", help="print the table of <work>/explore.csv")
+    parser.add_argument("--paired", default="", metavar="BASE",
+                        help="with --report: paired AUC differences of every setting against BASE, seed by seed")
     parser.add_argument("settings", nargs="*", help="key=value settings (see the module docstring)")
     args = parser.parse_args()
     work = Path(args.work).resolve()
@@ -205,6 +235,8 @@ def main() -> int:
     if args.report:
         for row in pd.read_csv(work / "explore.csv").to_dict("records"):
             print(line(row))
+        if args.paired:
+            paired_report(work, args.paired)
         return 0
     settings = dict(s.split("=", 1) for s in args.settings)
     if unknown := set(settings) - set(VIEW_KEYS) - TRAIN_KEYS:

@@ -356,6 +356,10 @@ class EvaluateConfig:
     seed: int = 42
     gradcam_per_cell: int = 2
     min_lung_focus: float = 0.5
+    # The audit's second gate: lung focus over the mask's area share. 1.0 is an evenly spread heatmap,
+    # i.e. chance; on a lung-cut view the masks cover about 60 % of the image, so lung focus alone
+    # passes a heatmap that sits on the lungs no more than chance (docs/evaluate.md).
+    min_lung_focus_lift: float = 1.0
     min_audit_heatmaps: int = MIN_AUDIT_HEATMAPS
     # Segments the test images that have no stored lung mask, for the audit only ("" = never: the
     # geometric prior); a lung-view model's own carried segmenter is used instead when it has one.
@@ -426,6 +430,7 @@ class PromoteConfig:
     require_audit: bool = True
     # The audit must have been judged at least this strictly (an audit passed at a laxer gate fails).
     min_lung_focus: float = EvaluateConfig.min_lung_focus
+    min_lung_focus_lift: float = EvaluateConfig.min_lung_focus_lift
     # The paired bootstrap of challenger - champion on the same test cases (the champion gate).
     n_bootstrap: int = 2000
     seed: int = 42

@@ -10,9 +10,9 @@ Gates, each reported in plain words whether it passes or fails:
     bootstrap confidence interval) must be >= its minimum. Equal passes.
 ``audit``
     when ``require_audit``, the evaluate step's shortcut/lung-focus audit must have passed, and with
-    a ``min_lung_focus`` at least promote's own (default: evaluate's default): an audit passed at a
-    laxer threshold does not count. An unknown result or threshold (not recorded) fails, since "not
-    checked" is not "fine".
+    a ``min_lung_focus`` and a ``min_lung_focus_lift`` each at least promote's own (default:
+    evaluate's defaults): an audit passed at a laxer gate does not count. An unknown result or gate
+    (not recorded) fails, since "not checked" is not "fine".
 ``overlap``
     ``test_overlap_with_training`` (test images whose bytes are in the training data) must be 0: a
     figure measured partly on training images is not a test figure. Not recorded (the training
@@ -82,6 +82,7 @@ class Gates:
     margin: float = PromoteConfig.margin
     require_audit: bool = PromoteConfig.require_audit
     min_lung_focus: float = PromoteConfig.min_lung_focus
+    min_lung_focus_lift: float = PromoteConfig.min_lung_focus_lift
     n_bootstrap: int = PromoteConfig.n_bootstrap
     seed: int = PromoteConfig.seed
 
@@ -90,6 +91,9 @@ class Gates:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
                 raise ValueError(f"{name}={value!r} must be a number in [0, 1]")
+        lift = self.min_lung_focus_lift
+        if not (isinstance(lift, (int, float)) and math.isfinite(lift) and lift >= 0):
+            raise ValueError(f"min_lung_focus_lift={lift!r} must be a finite number >= 0")
         if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and abs(self.margin) < 1):
             raise ValueError(f"margin={self.margin!r} must be a finite number in (-1, 1), e.g. 0.01")
         if not self.primary_metric or not isinstance(self.primary_metric, str):
@@ -109,6 +113,7 @@ class Gates:
             margin=float(cfg.margin),
             require_audit=bool(cfg.require_audit),
             min_lung_focus=float(cfg.min_lung_focus),
+            min_lung_focus_lift=float(cfg.min_lung_focus_lift),
             n_bootstrap=int(cfg.n_bootstrap),
             seed=int(cfg.seed),
         )
@@ -135,7 +140,8 @@ class Evidence:
     allowed). ``audit_passed``: True/False, or None when no audit result was recorded.
     ``dataset_digest``: the prepared dataset the figures come from (None when unknown).
     ``predictions``: the per-case test predictions, for the paired champion comparison (None: unknown).
-    ``audit_min_lung_focus``: the gate the evaluate run's audit was judged at (None: not recorded).
+    ``audit_min_lung_focus`` / ``audit_min_lung_focus_lift``: the gates the evaluate run's audit was
+    judged at (None: not recorded).
     """
 
     version: str
@@ -144,6 +150,7 @@ class Evidence:
     dataset_digest: str | None = None
     predictions: CasePredictions | None = None
     audit_min_lung_focus: float | None = None
+    audit_min_lung_focus_lift: float | None = None
 
 
 @dataclass(frozen=True)
@@ -248,19 +255,20 @@ def _audit_check(challenger: Evidence, gates: Gates) -> GateCheck:
             AUDIT_GATE, False, None, 1.0,
             "FAIL audit: no audit result recorded for this version (run evaluate, or set require_audit=false)",
         )
-    ran_at = challenger.audit_min_lung_focus
-    if ran_at is None or _undefined(ran_at):
-        return GateCheck(
-            AUDIT_GATE, False, value, 1.0,
-            "FAIL audit: the evaluate run does not record the min_lung_focus its audit was judged at "
-            "(evaluate again with this release)",
-        )
-    if ran_at < gates.min_lung_focus - TIE_TOLERANCE:
-        return GateCheck(
-            AUDIT_GATE, False, value, 1.0,
-            f"FAIL audit: the audit was judged at min_lung_focus {ran_at:g}, laxer than promote's "
-            f"{gates.min_lung_focus:g}: evaluate again with -P min_lung_focus={gates.min_lung_focus:g} or more",
-        )
+    for name, ran_at, ours in (("min_lung_focus", challenger.audit_min_lung_focus, gates.min_lung_focus),
+                               ("min_lung_focus_lift", challenger.audit_min_lung_focus_lift, gates.min_lung_focus_lift)):
+        if ran_at is None or _undefined(ran_at):
+            return GateCheck(
+                AUDIT_GATE, False, value, 1.0,
+                f"FAIL audit: the evaluate run does not record the {name} its audit was judged at "
+                "(evaluate again with this release)",
+            )
+        if ran_at < ours - TIE_TOLERANCE:
+            return GateCheck(
+                AUDIT_GATE, False, value, 1.0,
+                f"FAIL audit: the audit was judged at {name} {ran_at:g}, laxer than promote's "
+                f"{ours:g}: evaluate again with -P {name}={ours:g} or more",
+            )
     if known:
         return GateCheck(AUDIT_GATE, True, 1.0, 1.0, "pass audit: the shortcut/lung-focus audit passed")
     return GateCheck(

@@ -82,6 +82,8 @@ def test_training_overlap_is_always_measured(name, test_hashes, expected):
         ({"n_bootstrap": -1}, "--n-bootstrap -1"),
         ({"gradcam_per_cell": -1}, "--gradcam-per-cell -1"),
         ({"min_lung_focus": 1.5}, "--min-lung-focus 1.5"),
+        ({"min_lung_focus_lift": -0.5}, "--min-lung-focus-lift -0.5"),
+        ({"min_lung_focus_lift": float("nan")}, "--min-lung-focus-lift nan"),
         ({"batch_size": 0}, "--batch-size 0"),
         ({"model_uri": " "}, "--model-uri is empty"),
         ({"min_audit_heatmaps": 0}, "--min-audit-heatmaps 0"),

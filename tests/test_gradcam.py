@@ -291,6 +291,32 @@ def test_audit_needs_a_minimum_of_usable_heatmaps(usable, zero, min_heatmaps, pa
 
 
 @pytest.mark.parametrize(
+    "name, lung_focus, lift, min_lift, passed, words",
+    [
+        # A lung-cut view: the masks cover ~60 % of the image, so an even spread has lung focus 0.6.
+        ("an even spread sits exactly at the gate (inclusive, like lung focus)", 0.6, 1.0, 1.0, True,
+         "lift 1.00x >= 1.00x"),
+        ("below chance on a large mask: focus passes, lift does not", 0.55, 0.9, 1.0, False, "lift 0.90x < 1.00x"),
+        ("evidence on the lungs of a large mask", 0.9, 1.5, 1.0, True, "lift 1.50x >= 1.00x"),
+        ("lift not gated (0): focus alone decides", 0.55, 0.9, 0.0, True, "lift 0.90x the mask"),
+        ("the focus gate still comes first", 0.3, 1.5, 1.0, False, "outside the lungs"),
+        ("no lift to judge (empty masks) while it is gated", 0.6, None, 1.0, False, "no lift could be computed"),
+    ],
+)
+def test_audit_gates_the_lift_too(name, lung_focus, lift, min_lift, passed, words):
+    score = {"lung_focus": lung_focus, "border_share": 0.0, "reason": "",
+             "lung_focus_lift": float("nan") if lift is None else lift}
+    result = gradcam.audit([score] * 12, 0.5, min_lung_focus_lift=min_lift)
+    assert result.passed is passed, (name, result.reason)
+    assert words in result.reason, (name, result.reason)
+
+
+def test_audit_refuses_a_bad_lift_gate():
+    with pytest.raises(ValueError, match="min_lung_focus_lift"):
+        gradcam.audit([], 0.5, min_lung_focus_lift=float("nan"))
+
+
+@pytest.mark.parametrize(
     "name, heat_region, mask_region, lift",
     [
         ("uniform heatmap: lift 1 whatever the mask", (slice(None), slice(None)), (slice(0, 16), slice(None)), 1.0),

@@ -87,7 +87,7 @@ def fake_evaluation(name: str, version: str, metrics: dict, *, digest: str = DIG
     with mlflow.start_run(run_name="fake-evaluate") as run:
         mlflow.set_tags({STEP_TAG: "evaluate", MODEL_URI_TAG: model_uri or f"models:/{name}/{version}",
                          DIGEST_TAG: digest, "cxrexp.audit": audit})
-        mlflow.log_params({"threshold": threshold, "min_lung_focus": 0.5})
+        mlflow.log_params({"threshold": threshold, "min_lung_focus": 0.5, "min_lung_focus_lift": 1.0})
         mlflow.log_metrics({**metrics, "audit_passed": float(audit == "passed"), "threshold": 0.5})
         if predictions is not None:
             from cxrexp.mlflow_edge import tracking

@@ -22,9 +22,9 @@ GOOD = {
 }
 
 
-def challenger(audit=True, digest=DIGEST, audit_at=0.5, **metrics) -> Evidence:
+def challenger(audit=True, digest=DIGEST, audit_at=0.5, lift_at=1.0, **metrics) -> Evidence:
     return Evidence(version="3", metrics={**GOOD, **metrics}, audit_passed=audit, dataset_digest=digest,
-                    audit_min_lung_focus=audit_at)
+                    audit_min_lung_focus=audit_at, audit_min_lung_focus_lift=lift_at)
 
 
 def champion(roc_auc=0.95, digest=DIGEST) -> Evidence:
@@ -53,6 +53,9 @@ def test_everything_passes_and_every_gate_is_reported():
         # An audit passed at a laxer gate than promote's own does not count; nor one with no gate recorded.
         (challenger(audit_at=0.3), champion(), "audit", "judged at min_lung_focus 0.3, laxer than promote's 0.5"),
         (challenger(audit_at=None), champion(), "audit", "does not record the min_lung_focus"),
+        # The same for the lift gate: an audit whose lift was not gated (0) or not recorded does not count.
+        (challenger(lift_at=0.0), champion(), "audit", "judged at min_lung_focus_lift 0, laxer than promote's 1"),
+        (challenger(lift_at=None), champion(), "audit", "does not record the min_lung_focus_lift"),
         (challenger(test_overlap_with_training=2.0), champion(), "overlap", "test_overlap_with_training = 2.0000"),
         # 0.92 vs 0.95 with margin 0.01: worse by 0.03.
         (challenger(test_roc_auc=0.92), champion(0.95), "champion", "difference -0.0300"),
@@ -215,7 +218,7 @@ def test_nan_metric_fails_with_a_reason(metrics, champ_auc, failed):
 
 def test_missing_metric_fails_with_a_reason():
     evidence = Evidence("3", {k: v for k, v in GOOD.items() if k != "test_specificity"}, True, DIGEST,
-                        audit_min_lung_focus=0.5)
+                        audit_min_lung_focus=0.5, audit_min_lung_focus_lift=1.0)
     decision = decide(evidence, None, GATES)
     assert decision.failed_gates == ["specificity"]
     assert "test_specificity was not recorded" in decision.reasons[1]
@@ -255,7 +258,8 @@ def test_audit_not_required_passes_whatever_the_result():
 
 @pytest.mark.parametrize(
     "settings",
-    [{"min_sensitivity": 1.2}, {"min_roc_auc": -0.1}, {"margin": NAN}, {"margin": 2.0}, {"primary_metric": ""}],
+    [{"min_sensitivity": 1.2}, {"min_roc_auc": -0.1}, {"margin": NAN}, {"margin": 2.0}, {"primary_metric": ""},
+     {"min_lung_focus_lift": -1.0}, {"min_lung_focus_lift": NAN}],
 )
 def test_bad_gate_settings_are_refused(settings):
     with pytest.raises(ValueError, match=next(iter(settings))):
@@ -279,17 +283,20 @@ def test_gates_from_config_uses_promote_config_fields():
 
 
 @pytest.mark.parametrize(
-    "name, overlap, audit_at, gate_at, passed_gates",
+    "name, overlap, audit_at, gate_at, lift_at, lift_gate, passed_gates",
     [
-        ("no overlap, audit at the gate", 0.0, 0.5, 0.5, True),
-        ("overlap not recorded: passes, says so", None, 0.5, 0.5, True),
-        ("a stricter audit than promote asks is fine", 0.0, 0.7, 0.5, True),
-        ("promote stricter than the audit was", 0.0, 0.5, 0.6, False),
+        ("no overlap, audit at the gate", 0.0, 0.5, 0.5, 1.0, 1.0, True),
+        ("overlap not recorded: passes, says so", None, 0.5, 0.5, 1.0, 1.0, True),
+        ("a stricter audit than promote asks is fine", 0.0, 0.7, 0.5, 1.2, 1.0, True),
+        ("promote stricter than the audit was", 0.0, 0.5, 0.6, 1.0, 1.0, False),
+        ("promote's lift gate stricter than the audit's", 0.0, 0.5, 0.5, 1.0, 1.2, False),
+        ("promote not gating the lift accepts an ungated audit", 0.0, 0.5, 0.5, 0.0, 0.0, True),
     ],
 )
-def test_overlap_and_audit_threshold_gates(name, overlap, audit_at, gate_at, passed_gates):
+def test_overlap_and_audit_threshold_gates(name, overlap, audit_at, gate_at, lift_at, lift_gate, passed_gates):
     metrics = {} if overlap is None else {"test_overlap_with_training": overlap}
-    decision = decide(challenger(audit_at=audit_at, **metrics), None, Gates(min_lung_focus=gate_at))
+    decision = decide(challenger(audit_at=audit_at, lift_at=lift_at, **metrics), None,
+                      Gates(min_lung_focus=gate_at, min_lung_focus_lift=lift_gate))
     assert decision.promote is passed_gates, (name, decision.reasons)
     if overlap is None:
         assert "not recorded" in decision.reasons[GATE_NAMES.index("overlap")]

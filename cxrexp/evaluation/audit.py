@@ -196,6 +196,7 @@ def audit_heatmaps(
     tolerance_cells: int = MASK_TOLERANCE_CELLS,
     mask_note: str = "",
     min_heatmaps: int = MIN_AUDIT_HEATMAPS,
+    min_lung_focus_lift: float = 0.0,
 ) -> AuditOutcome:
     """Score Grad-CAM heatmaps against lung masks and pass/fail the shortcut audit.
 
@@ -205,7 +206,7 @@ def audit_heatmaps(
     (default all; the caller leaves the already generous geometric prior as it is). Each heatmap is
     reduced to its salient region (``salient``) and each widened mask grows by
     ``tolerance_cells * stride`` pixels before ``gradcam.focus_scores``; ``gradcam.audit`` gates
-    the mean lung focus of the gated ones (over at least ``min_heatmaps``).
+    the mean lung focus and lung-focus lift of the gated ones (over at least ``min_heatmaps``).
     """
     from cxrexp.evaluation import gradcam
 
@@ -223,7 +224,8 @@ def audit_heatmaps(
     widened = np.where(widen_arr[:, None, None], widen_masks(lung_masks, tolerance_px), lung_masks)
     scores = [gradcam.focus_scores(heat, mask) for heat, mask in zip(salient(heatmaps, salient_level), widened)]
     if gated_arr.any():
-        result = gradcam.audit([s for s, g in zip(scores, gated_arr) if g], min_lung_focus, int(min_heatmaps))
+        result = gradcam.audit([s for s, g in zip(scores, gated_arr) if g], min_lung_focus, int(min_heatmaps),
+                               min_lung_focus_lift=min_lung_focus_lift)
     else:
         result = gradcam.AuditResult.undecided(
             f"no audited case is predicted positive (of {len(heatmaps)}): cannot tell where the model "
@@ -307,6 +309,7 @@ def shortcut_audit(
     segment: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
     segmenter_name: str = "",
     min_heatmaps: int = MIN_AUDIT_HEATMAPS,
+    min_lung_focus_lift: float = 0.0,
 ) -> tuple[AuditOutcome, np.ndarray]:
     """The shortcut audit of ``model`` on ``test`` (``evaluate_step.evaluation_frame`` order).
 
@@ -330,7 +333,7 @@ def shortcut_audit(
     outcome = audit_heatmaps(
         heatmaps, found.masks, min_lung_focus, stride=feature_stride(model),
         gated=np.arange(len(positions)) < len(gated), widen=found.real, mask_note=found.note,
-        min_heatmaps=min_heatmaps,
+        min_heatmaps=min_heatmaps, min_lung_focus_lift=min_lung_focus_lift,
     )
     return outcome, positions
 

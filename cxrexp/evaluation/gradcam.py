@@ -10,6 +10,7 @@ Everything here is pure: arrays in, arrays and dataclasses out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -304,8 +305,8 @@ def focus_scores(heatmap, lung_mask, border_frac: float = BORDER_FRACTION) -> di
 class AuditResult:
     """Summary of the lung-focus audit over ``n`` scored heatmaps (all-zero ones excluded).
 
-    passed: mean lung focus >= min_lung_focus over at least ``MIN_AUDIT_HEATMAPS`` usable heatmaps.
-    reason: one line a reader of the run can act on. lung_focus_lift_mean: reported beside the gate.
+    passed: mean lung focus >= min_lung_focus and mean lung-focus lift >= min_lung_focus_lift, over at
+    least ``MIN_AUDIT_HEATMAPS`` usable heatmaps. reason: one line a reader of the run can act on.
     """
 
     lung_focus_mean: float
@@ -323,11 +324,18 @@ class AuditResult:
         return cls(nan, nan, nan, n, False, reason)
 
 
-def audit(scores: list[dict], min_lung_focus: float, min_heatmaps: int = MIN_AUDIT_HEATMAPS) -> AuditResult:
-    """Pass/fail the shortcut audit from ``focus_scores`` results; the mean lung focus is gated, over
-    at least ``min_heatmaps`` usable heatmaps (fewer: no verdict, not passed)."""
+def audit(scores: list[dict], min_lung_focus: float, min_heatmaps: int = MIN_AUDIT_HEATMAPS,
+          min_lung_focus_lift: float = 0.0) -> AuditResult:
+    """Pass/fail the shortcut audit from ``focus_scores`` results, over at least ``min_heatmaps`` usable
+    heatmaps (fewer: no verdict, not passed). Two gates, both on means over the usable heatmaps: lung
+    focus >= ``min_lung_focus`` (most of the evidence on the lungs) and, when ``min_lung_focus_lift``
+    > 0, lung-focus lift >= it. The second matters where the mask covers most of the image (a lung-cut
+    view: about 60 %), where an evenly spread heatmap already clears the first; lift 1.0 is exactly
+    that even spread. 0 leaves the lift ungated."""
     if not 0 <= min_lung_focus <= 1:
         raise ValueError(f"min_lung_focus={min_lung_focus} must be in [0, 1]")
+    if not (math.isfinite(min_lung_focus_lift) and min_lung_focus_lift >= 0):
+        raise ValueError(f"min_lung_focus_lift={min_lung_focus_lift} must be a finite number >= 0")
     if min_heatmaps < 1:
         raise ValueError(f"min_heatmaps={min_heatmaps} must be at least 1")
     lung = np.array([s["lung_focus"] for s in scores], dtype=np.float64)
@@ -349,18 +357,27 @@ def audit(scores: list[dict], min_lung_focus: float, min_heatmaps: int = MIN_AUD
     lung_mean = float(lung[usable].mean())
     lung_median = float(np.median(lung[usable]))
     border_mean = float(border[usable].mean())
-    passed = lung_mean >= min_lung_focus
-    if passed:
-        reason = (f"mean lung focus {lung_mean:.2f} >= {min_lung_focus:.2f} over {n} heatmaps{skipped_note} "
-                  f"(lift {lift_mean:.2f}x the mask's area share)")
-    else:
-        reason = (
-            f"mean lung focus {lung_mean:.2f} < {min_lung_focus:.2f} over {n} heatmaps{skipped_note}: "
-            f"the model looks outside the lungs (lift {lift_mean:.2f}x the mask's area share, mean border "
-            f"share {border_mean:.2f}); "
-            "check for shortcuts (labels, markers, source differences)"
-        )
-    return AuditResult(lung_mean, lung_median, border_mean, n, passed, reason, lift_mean)
+    over = f"over {n} heatmaps{skipped_note}"
+    if lung_mean < min_lung_focus:
+        return AuditResult(lung_mean, lung_median, border_mean, n, False, (
+            f"mean lung focus {lung_mean:.2f} < {min_lung_focus:.2f} {over}: the model looks outside the lungs "
+            f"(lift {lift_mean:.2f}x the mask's area share, mean border share {border_mean:.2f}); "
+            "check for shortcuts (labels, markers, source differences)"), lift_mean)
+    if min_lung_focus_lift > 0 and not math.isfinite(lift_mean):
+        return AuditResult(lung_mean, lung_median, border_mean, n, False, (
+            f"mean lung focus {lung_mean:.2f} >= {min_lung_focus:.2f} {over}, but no lift could be computed "
+            f"(every mask empty) against the gate {min_lung_focus_lift:.2f}x: cannot tell the lungs from chance"),
+            lift_mean)
+    if lift_mean < min_lung_focus_lift:
+        return AuditResult(lung_mean, lung_median, border_mean, n, False, (
+            f"mean lung focus {lung_mean:.2f} >= {min_lung_focus:.2f} {over}, but its lift {lift_mean:.2f}x < "
+            f"{min_lung_focus_lift:.2f}x: the masks cover so much of the image that an even spread scores as "
+            "much, so the evidence is no more on the lungs than chance (in a lung-cut view: the mediastinum, "
+            "the diaphragm or the crop's edges); check what the heatmaps light up"), lift_mean)
+    gate = f" >= {min_lung_focus_lift:.2f}x" if min_lung_focus_lift > 0 else ""
+    return AuditResult(lung_mean, lung_median, border_mean, n, True, (
+        f"mean lung focus {lung_mean:.2f} >= {min_lung_focus:.2f} {over} "
+        f"(lift {lift_mean:.2f}x{gate} the mask's area share)"), lift_mean)
 
 
 __all__ = [

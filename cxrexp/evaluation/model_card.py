@@ -84,6 +84,7 @@ class AuditSummary:
         "reads the lungs keeps most of it there, one that reads burnt-in text or borders does not."
     )
     lung_focus_lift_mean: float = float("nan")
+    min_lung_focus_lift: float = 0.0  # 0: the lift was not gated
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,8 @@ def _audit_html(audit: AuditSummary | None) -> str:
         ("Mean lung focus (gated)", format_number(audit.lung_focus_mean), f">= {format_number(audit.min_lung_focus, 2)} to pass"),
         ("Median lung focus", format_number(audit.lung_focus_median), ""),
         ("Mean lung-focus lift", format_number(audit.lung_focus_lift_mean),
-         "lung focus / the mask's area share: 1.0 is a heatmap spread evenly over the image"),
+         "lung focus / the mask's area share: 1.0 is a heatmap spread evenly over the image"
+         + (f"; >= {format_number(audit.min_lung_focus_lift, 2)} to pass" if audit.min_lung_focus_lift > 0 else "")),
         ("Mean border-band share", format_number(audit.border_share_mean), "mass near the image edges (labels, markers)"),
         ("Heatmaps scored", str(audit.n), audit.mask_source),
     ]

@@ -204,17 +204,20 @@ def audit_and_gallery(stage: Staging, model: Any, dataset: PreparedDataset, test
     if problem:
         log.warning("%s", problem)
         tracking.log_metrics({"audit_n": 0, "audit_passed": 0})
-        summary = model_card.AuditSummary(False, problem, nan, nan, nan, 0, cfg.min_lung_focus)
+        summary = model_card.AuditSummary(False, problem, nan, nan, nan, 0, cfg.min_lung_focus,
+                                           min_lung_focus_lift=cfg.min_lung_focus_lift)
         return summary, None
     try:
         gallery = _log_gallery(stage, model, dataset, test, probabilities, cells, cfg)
         outcome, audited = shortcut_audit(model, dataset, test, cells, min_lung_focus=cfg.min_lung_focus,
                                           seed=cfg.seed, batch_size=cfg.batch_size, segment=segment,
-                                          segmenter_name=segmenter_name, min_heatmaps=cfg.min_audit_heatmaps)
+                                          segmenter_name=segmenter_name, min_heatmaps=cfg.min_audit_heatmaps,
+                                          min_lung_focus_lift=cfg.min_lung_focus_lift)
     except gradcam.NonFiniteHeatmap as exc:
         log.error("shortcut audit: %s", exc)
         tracking.log_metrics({"audit_n": 0, "audit_passed": 0})
-        return model_card.AuditSummary(False, f"failed: {exc}", nan, nan, nan, 0, cfg.min_lung_focus), None
+        return model_card.AuditSummary(False, f"failed: {exc}", nan, nan, nan, 0, cfg.min_lung_focus,
+                                       min_lung_focus_lift=cfg.min_lung_focus_lift), None
     _log_audit(stage, outcome, audited, test, probabilities, cells, cfg.min_lung_focus)
     result = outcome.result
     tracking.log_metrics({
@@ -230,7 +233,7 @@ def audit_and_gallery(stage: Staging, model: Any, dataset: PreparedDataset, test
         lung_focus_median=result.lung_focus_median, border_share_mean=result.border_share_mean, n=result.n,
         min_lung_focus=cfg.min_lung_focus, mask_source=outcome.mask_note,
         method=audit_method_text(outcome.tolerance_px, dataset.positive_class),
-        lung_focus_lift_mean=result.lung_focus_lift_mean,
+        lung_focus_lift_mean=result.lung_focus_lift_mean, min_lung_focus_lift=cfg.min_lung_focus_lift,
     )
     return summary, gallery
 

@@ -5,6 +5,8 @@ What the run logs is listed in ``cxrexp/mlflow_edge/evaluation_run.py``.
 
 from __future__ import annotations
 
+import math
+
 from cxrexp.config import EvaluateConfig
 from cxrexp.errors import ConfigError
 from cxrexp.mlflow_edge import evaluation_run
@@ -24,6 +26,8 @@ def check_config(cfg: EvaluateConfig) -> None:
         problems.append(f"--gradcam-per-cell {cfg.gradcam_per_cell} must be >= 0")
     if not 0 <= cfg.min_lung_focus <= 1:
         problems.append(f"--min-lung-focus {cfg.min_lung_focus} must be in [0, 1]")
+    if not (math.isfinite(cfg.min_lung_focus_lift) and cfg.min_lung_focus_lift >= 0):
+        problems.append(f"--min-lung-focus-lift {cfg.min_lung_focus_lift} must be a number >= 0 (0: not gated)")
     if cfg.min_audit_heatmaps < 1:
         problems.append(f"--min-audit-heatmaps {cfg.min_audit_heatmaps} must be >= 1")
     if cfg.audit_lung_model:

@@ -160,6 +160,8 @@ def evidence_from_run(version: ModelVersion, run: Run) -> Evidence:
         dataset_digest=run.data.tags.get(DIGEST_TAG),
         predictions=case_predictions(run),
         audit_min_lung_focus=_as_float(run.data.params["min_lung_focus"]) if "min_lung_focus" in run.data.params else None,
+        audit_min_lung_focus_lift=(_as_float(run.data.params["min_lung_focus_lift"])
+                                   if "min_lung_focus_lift" in run.data.params else None),
     )
 
 
