@@ -6,6 +6,7 @@ Run from the project root (needs ../shared/data: cxr-mini, cxr-masks, lung-seg-n
     python benchmarks/lungs_explore.py --work /tmp/lx --name clip40-stretch --seeds 42,1,2 clip=40 aspect=stretch
     python benchmarks/lungs_explore.py --work /tmp/lx --report
     python benchmarks/lungs_explore.py --work /tmp/lx --report --paired default
+    python benchmarks/lungs_explore.py --work /tmp/lx --mean default,patches-256-96 --report --paired default
 
 ``lungs_compare.py`` asks every model as served, through every step's MLflow run: right for a decision,
 too slow (about five minutes per model) to screen a dozen ideas. This script does the same work without
@@ -30,7 +31,9 @@ The internal test split is never scored here. Rows are appended to ``<work>/expl
 model's probabilities kept in ``<work>/preds/``; ``--report`` prints the table again, and with
 ``--paired BASE`` also, per setting and seed that BASE has too, the paired bootstrap difference of the
 ROC-AUC on both dev pairings against BASE's model of the same seed (the same films, the same
-segmenter: ``metrics.paired_difference``, 2,000 resamples, 95% interval).
+segmenter: ``metrics.paired_difference``, 2,000 resamples, 95% interval). ``--mean A,B`` first scores
+the two-model ensemble of settings A and B (the mean of their probabilities, seed by seed, with its own
+threshold chosen on validation by the product's rule) and adds it to the table as setting ``A+B``.
 """
 
 from __future__ import annotations
@@ -138,7 +141,6 @@ def explore(work: Path, name: str, seeds: list[int], settings: dict[str, str]) -
     import keras
 
     from cxrexp.data.tfdata import predict_probabilities
-    from cxrexp.evaluation.metrics import choose_threshold, roc_auc
     from cxrexp.learn.training import train_model
 
     with open(work / "films.pkl", "rb") as cached:
@@ -148,7 +150,6 @@ def explore(work: Path, name: str, seeds: list[int], settings: dict[str, str]) -
     rows = {split: np.flatnonzero(((meta["set"] == "mini") & (meta["split"] == split)).to_numpy())
             for split in ("train", "val")}
     external = np.flatnonzero((meta["set"] != "mini").to_numpy())
-    (work / "preds").mkdir(exist_ok=True)
     for seed in seeds:
         started = time.perf_counter()
         keras.backend.clear_session()
@@ -158,17 +159,28 @@ def explore(work: Path, name: str, seeds: list[int], settings: dict[str, str]) -
         probability = np.full(len(meta), np.nan, np.float32)
         probability[external] = predict_probabilities(result.model, images, external, 64)
         probability[rows["val"]] = result.val_probabilities
-        np.save(work / "preds" / f"{name}-{seed}.npy", probability)
-        youden = choose_threshold(result.val_labels, result.val_probabilities, "youden")
-        at_youden = {f"{key}_youden": value for key, value in scores(meta, probability, youden).items()
-                     if not key.endswith("_auc")}
-        row = {"name": name, "seed": seed, "settings": json.dumps(settings), "threshold": result.threshold,
-               "val_auc": roc_auc(result.val_labels, result.val_probabilities), "epochs": result.epochs_trained,
-               **scores(meta, probability, result.threshold), "threshold_youden": youden, **at_youden,
-               "seconds": round(time.perf_counter() - started)}
-        pd.DataFrame([row]).to_csv(work / "explore.csv", mode="a", header=not (work / "explore.csv").exists(),
-                                   index=False)
+        row = record(work, meta, name, seed, settings, probability, result.val_labels, result.val_probabilities,
+                     result.threshold, result.epochs_trained, round(time.perf_counter() - started))
         print(line(row), flush=True)
+
+
+def record(work: Path, meta: pd.DataFrame, name: str, seed: int, settings: dict, probability: np.ndarray,
+           val_labels: np.ndarray, val_probability: np.ndarray, threshold: float, epochs: int, seconds: int) -> dict:
+    """One setting's row for one seed (validation AUC, the dev-pairing scores at ``threshold`` and at
+    Youden's threshold on the same validation split), appended to ``<work>/explore.csv``; its
+    probabilities go to ``<work>/preds/<name>-<seed>.npy``."""
+    from cxrexp.evaluation.metrics import choose_threshold, roc_auc
+
+    (work / "preds").mkdir(exist_ok=True)
+    np.save(work / "preds" / f"{name}-{seed}.npy", probability)
+    youden = choose_threshold(val_labels, val_probability, "youden")
+    at_youden = {f"{key}_youden": value for key, value in scores(meta, probability, youden).items()
+                 if not key.endswith("_auc")}
+    row = {"name": name, "seed": seed, "settings": json.dumps(settings), "threshold": threshold,
+           "val_auc": roc_auc(val_labels, val_probability), "epochs": epochs, **scores(meta, probability, threshold),
+           "threshold_youden": youden, **at_youden, "seconds": seconds}
+    pd.DataFrame([row]).to_csv(work / "explore.csv", mode="a", header=not (work / "explore.csv").exists(), index=False)
+    return row
 
 
 def scores(meta: pd.DataFrame, probability: np.ndarray, threshold: float) -> dict[str, float]:
@@ -185,6 +197,27 @@ def scores(meta: pd.DataFrame, probability: np.ndarray, threshold: float) -> dic
     out["vp_called"] = float(called[part["vp"]].mean())
     out["tb_called"] = float(called[part["tb"]].mean())
     return out
+
+
+def mean_of(work: Path, first: str, second: str) -> None:
+    """Score the per-seed mean of two settings' probabilities as a setting of its own (``first+second``)."""
+    from cxrexp.config import TrainConfig
+    from cxrexp.evaluation.metrics import choose_threshold
+
+    with open(work / "films.pkl", "rb") as cached:
+        meta, _ = pickle.load(cached)
+    labels = meta["label"].to_numpy(np.int64)
+    val = ((meta["set"] == "mini") & (meta["split"] == "val")).to_numpy()
+    rows = pd.read_csv(work / "explore.csv")
+    name, cfg = f"{first}+{second}", TrainConfig()
+    done = set(rows.loc[rows["name"] == name, "seed"])
+    for seed in sorted(set(rows.loc[rows["name"] == first, "seed"]) & set(rows.loc[rows["name"] == second, "seed"]) - done):
+        probability = (np.load(work / "preds" / f"{first}-{seed}.npy") + np.load(work / "preds" / f"{second}-{seed}.npy")) / 2
+        np.save(work / "preds" / f"{name}-{seed}.npy", probability)
+        threshold = choose_threshold(labels[val], probability[val], cfg.threshold_rule, cfg.target_sensitivity,
+                                     cfg.target_specificity)
+        record(work, meta, name, seed, {"mean_of": [first, second]}, probability, labels[val], probability[val],
+               threshold, 0, 0)
 
 
 def paired_report(work: Path, base: str) -> None:
@@ -224,6 +257,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="42,1,2")
     parser.add_argument("--exclude", default="@paediatric-normals", help="preprocess -P exclude for the split")
     parser.add_argument("--report", action="store_true", help="print the table of <work>/explore.csv")
+    parser.add_argument("--mean", default="", metavar="A,B",
+                        help="with --report: add the per-seed mean of settings A and B as setting A+B")
     parser.add_argument("--paired", default="", metavar="BASE",
                         help="with --report: paired AUC differences of every setting against BASE, seed by seed")
     parser.add_argument("settings", nargs="*", help="key=value settings (see the module docstring)")
@@ -233,6 +268,8 @@ def main() -> int:
           "sens (Youden) | other spec (Youden) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     if args.report:
+        if args.mean:
+            mean_of(work, *args.mean.split(",", 1))
         for row in pd.read_csv(work / "explore.csv").to_dict("records"):
             print(line(row))
         if args.paired:

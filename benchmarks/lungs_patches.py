@@ -23,7 +23,6 @@ to ``<work>/explore.csv`` under the name ``patches-<view>-<patch>`` so ``lungs_e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import sys
@@ -31,9 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from common import load_average, use_store  # noqa: E402  (benchmarks/common.py)
-from lungs_explore import line, scores, working_and_masks  # noqa: E402  (the same cache and table)
+from lungs_explore import line, record, working_and_masks  # noqa: E402  (the same cache and table)
 
 
 def views_and_masks(work: Path, greys: list[np.ndarray], view: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +94,7 @@ def main() -> int:
 
     from cxrexp.config import TrainConfig
     from cxrexp.data.tfdata import predict_probabilities
-    from cxrexp.evaluation.metrics import choose_threshold, roc_auc
+    from cxrexp.evaluation.metrics import choose_threshold
     from cxrexp.learn.training import train_model
 
     with open(work / "films.pkl", "rb") as cached:
@@ -107,7 +105,6 @@ def main() -> int:
              for split in ("train", "val")}
     scored = np.flatnonzero(((meta["set"] != "mini") | (meta["split"] == "val")).to_numpy())
     name = f"patches-{args.view}-{args.patch}"
-    (work / "preds").mkdir(exist_ok=True)
     print("| setting | seed | val AUC | NIH AUC | other AUC | sens | NIH spec | other spec | VP called | TB called | "
           "sens (Youden) | other spec (Youden) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -126,18 +123,11 @@ def main() -> int:
         per_patch = predict_probabilities(result.model, test_x, np.arange(len(test_x)), 256)
         probability = np.full(len(meta), np.nan, np.float32)
         probability[scored] = per_patch.reshape(len(scored), args.test_patches).mean(axis=1)
-        np.save(work / "preds" / f"{name}-{seed}.npy", probability)
         val_labels, val_probability = labels[films["val"]], probability[films["val"]]
         threshold = choose_threshold(val_labels, val_probability, cfg.threshold_rule, cfg.target_sensitivity,
                                      cfg.target_specificity)
-        youden = choose_threshold(val_labels, val_probability, "youden")
-        at_youden = {f"{key}_youden": value for key, value in scores(meta, probability, youden).items()
-                     if not key.endswith("_auc")}
-        row = {"name": name, "seed": seed, "settings": json.dumps(vars(args) | {"work": str(work)}),
-               "threshold": threshold, "val_auc": roc_auc(val_labels, val_probability),
-               "epochs": result.epochs_trained, **scores(meta, probability, threshold), "threshold_youden": youden,
-               **at_youden, "seconds": round(time.perf_counter() - started)}
-        pd.DataFrame([row]).to_csv(work / "explore.csv", mode="a", header=False, index=False)
+        row = record(work, meta, name, seed, vars(args) | {"work": str(work)}, probability, val_labels,
+                     val_probability, threshold, result.epochs_trained, round(time.perf_counter() - started))
         print(line(row), flush=True)
     print(f"load average at the end: {load_average()}")
     return 0
