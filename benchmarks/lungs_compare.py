@@ -154,6 +154,7 @@ def main() -> int:
 
     from cxrexp import cli
     from cxrexp.mlflow_edge import tracking
+    from cxrexp.tags import AUDIT_TAG
 
     seeds = [int(s) for s in args.seeds.split(",")]
     modes = args.modes.split(",")
@@ -197,6 +198,7 @@ def main() -> int:
             m = run.data.metrics
             audits.append({"mode": mode, "seed": seed, "lung_focus": m.get("audit_lung_focus_mean", np.nan),
                            "lift": m.get("audit_lung_focus_lift_mean", np.nan), "audit_n": m.get("audit_n", 0),
+                           "audit": run.data.tags.get(AUDIT_TAG, ""),
                            "val_roc_auc": trained.data.metrics.get("val_roc_auc", np.nan)})
             everything = {"internal": [(Path(s), int(lab)) for s, lab in zip(internal["source"], internal["label"])],
                           **sets}
@@ -235,7 +237,8 @@ def report(work: Path, modes: list[str], seeds: list[int], baseline: str = "") -
             cells.append(f"{group.loc[group['set'] == set_name, 'called_covid'].mean():.2f}")
         a = audit_frame.loc[(mode, seed)]
         cells.insert(0, f"{a.get('val_roc_auc', np.nan):.3f}")
-        cells.append(f"{a['lung_focus']:.2f} ({a['lift']:.2f}x, n={int(a['audit_n'])})")
+        verdict = f", {a['audit']}" if isinstance(a.get("audit"), str) and a.get("audit") else ""  # older audits.csv: none
+        cells.append(f"{a['lung_focus']:.2f} ({a['lift']:.2f}x, n={int(a['audit_n'])}{verdict})")
         print(f"| {mode} | {seed} | " + " | ".join(cells) + " |")
 
     baseline = baseline or ("none" if "none" in modes else modes[0])
