@@ -12,7 +12,7 @@ Gates, each reported in plain words whether it passes or fails:
     when ``require_audit``, the evaluate step's shortcut/lung-focus audit must have passed, and with
     a ``min_lung_focus`` and a ``min_lung_focus_lift`` each at least promote's own (default:
     evaluate's defaults): an audit passed at a laxer gate does not count. An unknown result or gate
-    (not recorded) fails, since "not checked" is not "fine".
+    (not recorded) fails, since "not checked" is not "fine"; a gate promote sets to 0 is not asked.
 ``overlap``
     ``test_overlap_with_training`` (test images whose bytes are in the training data) must be 0: a
     figure measured partly on training images is not a test figure. Not recorded (the training
@@ -257,6 +257,8 @@ def _audit_check(challenger: Evidence, gates: Gates) -> GateCheck:
         )
     for name, ran_at, ours in (("min_lung_focus", challenger.audit_min_lung_focus, gates.min_lung_focus),
                                ("min_lung_focus_lift", challenger.audit_min_lung_focus_lift, gates.min_lung_focus_lift)):
+        if ours <= 0:  # promote asks nothing of this gate: how strictly the audit was judged does not matter
+            continue
         if ran_at is None or _undefined(ran_at):
             return GateCheck(
                 AUDIT_GATE, False, value, 1.0,

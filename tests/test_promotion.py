@@ -291,6 +291,9 @@ def test_gates_from_config_uses_promote_config_fields():
         ("promote stricter than the audit was", 0.0, 0.5, 0.6, 1.0, 1.0, False),
         ("promote's lift gate stricter than the audit's", 0.0, 0.5, 0.5, 1.0, 1.2, False),
         ("promote not gating the lift accepts an ungated audit", 0.0, 0.5, 0.5, 0.0, 0.0, True),
+        ("promote not gating the lift accepts an audit from before the lift was recorded", 0.0, 0.5, 0.5, None, 0.0,
+         True),
+        ("but a lift gate it does ask needs the audit's to be recorded", 0.0, 0.5, 0.5, None, 1.0, False),
     ],
 )
 def test_overlap_and_audit_threshold_gates(name, overlap, audit_at, gate_at, lift_at, lift_gate, passed_gates):
