@@ -165,12 +165,19 @@ def explore(work: Path, name: str, seeds: list[int], settings: dict[str, str]) -
 
 
 def record(work: Path, meta: pd.DataFrame, name: str, seed: int, settings: dict, probability: np.ndarray,
-           val_labels: np.ndarray, val_probability: np.ndarray, threshold: float, epochs: int, seconds: int) -> dict:
+           val_labels: np.ndarray, val_probability: np.ndarray, threshold: float | None, epochs: int,
+           seconds: int) -> dict:
     """One setting's row for one seed (validation AUC, the dev-pairing scores at ``threshold`` and at
     Youden's threshold on the same validation split), appended to ``<work>/explore.csv``; its
-    probabilities go to ``<work>/preds/<name>-<seed>.npy``."""
+    probabilities go to ``<work>/preds/<name>-<seed>.npy``. ``threshold=None``: chosen on the validation
+    probabilities by the product's rule (the ``TrainConfig`` defaults), as ``train_model`` does."""
+    from cxrexp.config import TrainConfig
     from cxrexp.evaluation.metrics import choose_threshold, roc_auc
 
+    if threshold is None:
+        cfg = TrainConfig()
+        threshold = choose_threshold(val_labels, val_probability, cfg.threshold_rule, cfg.target_sensitivity,
+                                     cfg.target_specificity)
     (work / "preds").mkdir(exist_ok=True)
     np.save(work / "preds" / f"{name}-{seed}.npy", probability)
     youden = choose_threshold(val_labels, val_probability, "youden")
@@ -199,33 +206,23 @@ def scores(meta: pd.DataFrame, probability: np.ndarray, threshold: float) -> dic
     return out
 
 
-def mean_of(work: Path, first: str, second: str) -> None:
+def mean_of(work: Path, meta: pd.DataFrame, first: str, second: str) -> None:
     """Score the per-seed mean of two settings' probabilities as a setting of its own (``first+second``)."""
-    from cxrexp.config import TrainConfig
-    from cxrexp.evaluation.metrics import choose_threshold
-
-    with open(work / "films.pkl", "rb") as cached:
-        meta, _ = pickle.load(cached)
     labels = meta["label"].to_numpy(np.int64)
     val = ((meta["set"] == "mini") & (meta["split"] == "val")).to_numpy()
     rows = pd.read_csv(work / "explore.csv")
-    name, cfg = f"{first}+{second}", TrainConfig()
+    name = f"{first}+{second}"
     done = set(rows.loc[rows["name"] == name, "seed"])
     for seed in sorted(set(rows.loc[rows["name"] == first, "seed"]) & set(rows.loc[rows["name"] == second, "seed"]) - done):
         probability = (np.load(work / "preds" / f"{first}-{seed}.npy") + np.load(work / "preds" / f"{second}-{seed}.npy")) / 2
-        np.save(work / "preds" / f"{name}-{seed}.npy", probability)
-        threshold = choose_threshold(labels[val], probability[val], cfg.threshold_rule, cfg.target_sensitivity,
-                                     cfg.target_specificity)
         record(work, meta, name, seed, {"mean_of": [first, second]}, probability, labels[val], probability[val],
-               threshold, 0, 0)
+               None, 0, 0)
 
 
-def paired_report(work: Path, base: str) -> None:
+def paired_report(work: Path, meta: pd.DataFrame, base: str) -> None:
     """Per setting and seed, the AUC difference against ``base`` of the same seed on both dev pairings."""
     from cxrexp.evaluation.metrics import paired_difference
 
-    with open(work / "films.pkl", "rb") as cached:
-        meta, _ = pickle.load(cached)
     part = {s: (meta["set"] == s).to_numpy() for s in SETS}
     labels = meta["label"].to_numpy(np.int64)
     rows = pd.read_csv(work / "explore.csv")
@@ -268,12 +265,16 @@ def main() -> int:
           "sens (Youden) | other spec (Youden) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     if args.report:
+        meta = None
+        if args.mean or args.paired:  # the films' table, read once (the pickle also holds every decoded film)
+            with open(work / "films.pkl", "rb") as cached:
+                meta, _ = pickle.load(cached)
         if args.mean:
-            mean_of(work, *args.mean.split(",", 1))
+            mean_of(work, meta, *args.mean.split(",", 1))
         for row in pd.read_csv(work / "explore.csv").to_dict("records"):
             print(line(row))
         if args.paired:
-            paired_report(work, args.paired)
+            paired_report(work, meta, args.paired)
         return 0
     settings = dict(s.split("=", 1) for s in args.settings)
     if unknown := set(settings) - set(VIEW_KEYS) - TRAIN_KEYS:

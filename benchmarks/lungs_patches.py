@@ -94,7 +94,6 @@ def main() -> int:
 
     from cxrexp.config import TrainConfig
     from cxrexp.data.tfdata import predict_probabilities
-    from cxrexp.evaluation.metrics import choose_threshold
     from cxrexp.learn.training import train_model
 
     with open(work / "films.pkl", "rb") as cached:
@@ -123,11 +122,8 @@ def main() -> int:
         per_patch = predict_probabilities(result.model, test_x, np.arange(len(test_x)), 256)
         probability = np.full(len(meta), np.nan, np.float32)
         probability[scored] = per_patch.reshape(len(scored), args.test_patches).mean(axis=1)
-        val_labels, val_probability = labels[films["val"]], probability[films["val"]]
-        threshold = choose_threshold(val_labels, val_probability, cfg.threshold_rule, cfg.target_sensitivity,
-                                     cfg.target_specificity)
-        row = record(work, meta, name, seed, vars(args) | {"work": str(work)}, probability, val_labels,
-                     val_probability, threshold, result.epochs_trained, round(time.perf_counter() - started))
+        row = record(work, meta, name, seed, vars(args) | {"work": str(work)}, probability, labels[films["val"]],
+                     probability[films["val"]], None, result.epochs_trained, round(time.perf_counter() - started))
         print(line(row), flush=True)
     print(f"load average at the end: {load_average()}")
     return 0

@@ -53,7 +53,7 @@ def _trained_and_audited(dataset):
     probabilities = predict_probabilities(result.model, dataset.images(), test["row"].to_numpy(np.int64), 64)
     cells = audit.confusion_cells(test["label"].to_numpy(), probabilities >= result.threshold)
     outcome, _ = audit.shortcut_audit(result.model, dataset, test, cells, min_lung_focus=MIN_LUNG_FOCUS, seed=42,
-                                        min_lung_focus_lift=MIN_LIFT)
+                                      min_lung_focus_lift=MIN_LIFT)
     return result.model, test, probabilities, outcome
 
 

@@ -297,6 +297,7 @@ def test_audit_needs_a_minimum_of_usable_heatmaps(usable, zero, min_heatmaps, pa
         ("an even spread sits exactly at the gate (inclusive, like lung focus)", 0.6, 1.0, 1.0, True,
          "lift 1.00x >= 1.00x"),
         ("below chance on a large mask: focus passes, lift does not", 0.55, 0.9, 1.0, False, "lift 0.90x < 1.00x"),
+        ("the failed-lift reason gives the border share", 0.55, 0.9, 1.0, False, "mean border share 0.00"),
         ("evidence on the lungs of a large mask", 0.9, 1.5, 1.0, True, "lift 1.50x >= 1.00x"),
         ("lift not gated (0): focus alone decides", 0.55, 0.9, 0.0, True, "lift 0.90x the mask"),
         ("the focus gate still comes first", 0.3, 1.5, 1.0, False, "outside the lungs"),
@@ -309,6 +310,7 @@ def test_audit_gates_the_lift_too(name, lung_focus, lift, min_lift, passed, word
     result = gradcam.audit([score] * 12, 0.5, min_lung_focus_lift=min_lift)
     assert result.passed is passed, (name, result.reason)
     assert words in result.reason, (name, result.reason)
+    assert "{" not in result.reason, result.reason  # every placeholder filled in
 
 
 def test_audit_refuses_a_bad_lift_gate():

@@ -160,7 +160,6 @@ def test_report_shows_nan_with_its_reason_and_a_failed_audit():
     assert "Shortcut audit FAILED: mean lung focus 0.12 < 0.50" in " ".join(parsed.text)
 
 
-
 @pytest.mark.parametrize("min_lift, shown", [(1.0, ">= 1.00 to pass"), (0.0, None)])
 def test_report_shows_the_lift_gate_only_when_it_is_gated(min_lift, shown):
     audit = model_card.AuditSummary(False, "mean lung focus 0.65 >= 0.50 over 30 heatmaps, but its lift 0.95x < 1.00x",
@@ -171,6 +170,7 @@ def test_report_shows_the_lift_gate_only_when_it_is_gated(min_lift, shown):
         assert shown in text
     else:
         assert "1.00 to pass" not in text
+
 
 def test_report_escapes_untrusted_text():
     document = model_card.render_html(_card(model_uri='models:/<script>alert("x")</script>'))

@@ -372,7 +372,7 @@ def audit(scores: list[dict], min_lung_focus: float, min_heatmaps: int = MIN_AUD
         return AuditResult(lung_mean, lung_median, border_mean, n, False, (
             f"mean lung focus {lung_mean:.2f} >= {min_lung_focus:.2f} {over}, but its lift {lift_mean:.2f}x < "
             f"{min_lung_focus_lift:.2f}x: the masks cover so much of the image that an even spread scores as "
-            "much, so the evidence is no more on the lungs than chance (mean border share {border_mean:.2f}: in a "
+            f"much, so the evidence is no more on the lungs than chance (mean border share {border_mean:.2f}: in a "
             "lung-cut view the border band holds the lungs' outline and the margin); check what the heatmaps "
             "light up"), lift_mean)
     gate = f" >= {min_lung_focus_lift:.2f}x" if min_lung_focus_lift > 0 else ""
