@@ -187,6 +187,11 @@ def test_evaluate_logs_every_metric_and_artifact(alias_run, trained, synthetic_p
     assert logged["test_tp"] + logged["test_fn"] == test_labels.sum()
     assert logged["threshold"] == pytest.approx(float(trained.data.metrics["threshold"]))
     assert logged["audit_passed"] in (0.0, 1.0) and 0 < logged["audit_n"] <= audit.AUDIT_SAMPLE
+    # The occlusion check: every synthetic test image has its mask, so it scores the whole test split,
+    # and its whole view is the test split's own forward pass.
+    assert logged["occlusion_n"] == len(test_labels)
+    assert {"occlusion_lungs_only_roc_auc_ci_low", "occlusion_outside_only_auc_change_ci_high"} <= set(logged)
+    assert logged["occlusion_whole_roc_auc"] == pytest.approx(logged["test_roc_auc"], abs=1e-6)
 
     tags = run.data.tags
     assert tags["cxrexp.train_run_id"] == trained.info.run_id
@@ -365,3 +370,5 @@ def test_one_class_test_split_runs_with_nan_and_reasons(trained, synthetic_prepa
     assert run.data.tags["cxrexp.training_dataset_digest"] == synthetic_prepared.digest
     document = _download(run_id, "report.html").read_text()
     assert "no positives in the test split" in document and "undefined" in document
+    assert "Not computed: the" in document and "all one class" in document  # occlusion: a reason, no numbers
+    assert "occlusion_whole_roc_auc" not in logged and logged["occlusion_n"] > 0

@@ -193,6 +193,7 @@ def test_served_model_crops_exactly_as_training_did(tmp_path_factory):
         (run,) = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cxrexp.step` = 'evaluate'", output_format="list")
         assert run.data.metrics["external_ext_lungs_n"] + run.data.metrics["external_ext_lungs_n_dropped_duplicates"] == 16
         assert "audit_lung_focus_lift_mean" in run.data.metrics or run.data.metrics["audit_n"] < 10
+        assert run.data.metrics["occlusion_n"] > 0  # the crops' stored segmenter masks cut the occlusion views
 
 
 def test_a_segmenter_loaded_in_the_background_is_loaded_once_when_started_and_its_error_reaches_the_caller():

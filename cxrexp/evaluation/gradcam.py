@@ -324,6 +324,16 @@ class AuditResult:
         return cls(nan, nan, nan, n, False, reason)
 
 
+def _unequal(value: float, gate: float) -> tuple[str, str]:
+    """``value`` and ``gate`` with as many decimals (2 to 4) as it takes to print them differently, so a
+    failed gate never reads "1.00x < 1.00x" (a lift of 0.998 against 1.0 did)."""
+    for digits in (2, 3, 4):
+        shown, gate_shown = f"{value:.{digits}f}", f"{gate:.{digits}f}"
+        if shown != gate_shown:
+            return shown, gate_shown
+    return f"{value:.6g}", f"{gate:.6g}"
+
+
 def audit(scores: list[dict], min_lung_focus: float, min_heatmaps: int = MIN_AUDIT_HEATMAPS,
           min_lung_focus_lift: float = 0.0) -> AuditResult:
     """Pass/fail the shortcut audit from ``focus_scores`` results, over at least ``min_heatmaps`` usable
@@ -359,8 +369,9 @@ def audit(scores: list[dict], min_lung_focus: float, min_heatmaps: int = MIN_AUD
     border_mean = float(border[usable].mean())
     over = f"over {n} heatmaps{skipped_note}"
     if lung_mean < min_lung_focus:
+        shown, gate_shown = _unequal(lung_mean, min_lung_focus)
         return AuditResult(lung_mean, lung_median, border_mean, n, False, (
-            f"mean lung focus {lung_mean:.2f} < {min_lung_focus:.2f} {over}: the model looks outside the lungs "
+            f"mean lung focus {shown} < {gate_shown} {over}: the model looks outside the lungs "
             f"(lift {lift_mean:.2f}x the mask's area share, mean border share {border_mean:.2f}); "
             "check for shortcuts (labels, markers, source differences)"), lift_mean)
     if min_lung_focus_lift > 0 and not math.isfinite(lift_mean):
@@ -369,9 +380,10 @@ def audit(scores: list[dict], min_lung_focus: float, min_heatmaps: int = MIN_AUD
             f"(every mask empty) against the gate {min_lung_focus_lift:.2f}x: cannot tell the lungs from chance"),
             lift_mean)
     if lift_mean < min_lung_focus_lift:
+        shown, gate_shown = _unequal(lift_mean, min_lung_focus_lift)
         return AuditResult(lung_mean, lung_median, border_mean, n, False, (
-            f"mean lung focus {lung_mean:.2f} >= {min_lung_focus:.2f} {over}, but its lift {lift_mean:.2f}x < "
-            f"{min_lung_focus_lift:.2f}x: the masks cover so much of the image that an even spread scores as "
+            f"mean lung focus {lung_mean:.2f} >= {min_lung_focus:.2f} {over}, but its lift {shown}x < "
+            f"{gate_shown}x: the masks cover so much of the image that an even spread scores as "
             f"much, so the evidence is no more on the lungs than chance (mean border share {border_mean:.2f}: in a "
             "lung-cut view the border band holds the lungs' outline and the margin); check what the heatmaps "
             "light up"), lift_mean)

@@ -120,6 +120,8 @@ class ModelCard:
     # (name, folder, n, n_positive, n_dropped, metrics) per external collection, and warnings in words.
     external: Sequence[tuple[str, str, int, int, int, Mapping[str, float]]] = ()
     external_warnings: Sequence[str] = ()
+    occlusion: Any = None  # occlusion.OcclusionResult, or None when the check was not run
+    occlusion_note: str = ""  # where its lung masks came from
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,6 +299,32 @@ def _audit_html(audit: AuditSummary | None) -> str:
     )
 
 
+def _occlusion_html(result: Any, note: str) -> str:
+    """The occlusion check: the three views' ROC-AUC and each view's change against the whole one."""
+    intro = ("<p>Not gated. Each test image with a real lung mask is scored again with everything outside "
+             "the lungs set to its mean grey (lungs only), and with the lungs set to that grey (outside only); "
+             "a model that reads the lungs keeps its ranking with the lungs only and loses it with them hidden. "
+             "The lung fields' outline survives both views; the shape-only view (the mask in two fixed greys, "
+             "no pixel of the image) asks about the outline alone.</p>")
+    if result is None:
+        return intro + "<p>The occlusion check was not run.</p>"
+    if not result.computed:
+        return intro + f"<p>Not computed: {_e(result.reason)}.</p>"
+    names = {"whole": "whole view (as served)", "lungs_only": "lungs only", "outside_only": "outside only (lungs hidden)",
+             "shape_only": "shape only (the mask, no pixels)"}
+    rows = []
+    for view, label in names.items():
+        value, low, high = result.auc[view]
+        diff = result.change.get(view)
+        change = "" if diff is None else f"{diff.estimate:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]"
+        rows.append(f"<tr><th>{_e(label)}</th><td class='num'>{_e(format_number(value))} "
+                    f"[{_e(format_number(low))}, {_e(format_number(high))}]</td><td class='num'>{_e(change)}</td></tr>")
+    return (intro + "<table><tr><th>view</th><th>ROC-AUC [95 % CI]</th><th>change against the whole view "
+            "[95 % CI, paired]</th></tr>" + "".join(rows) + "</table>"
+            + "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in result.reading) + "</ul>"
+            + f"<p class='small'>{_e(result.n)} cases ({_e(result.n_positive)} positive); {_e(note)}</p>")
+
+
 def _with_ci(values: Mapping[str, float], name: str) -> str:
     value = values.get(name)
     low, high = values.get(f"{name}_ci_low"), values.get(f"{name}_ci_high")
@@ -358,6 +386,8 @@ def render_html(card: ModelCard) -> str:
         parts.append(_external_html(card))
     parts.append("<h2>Shortcut audit</h2>")
     parts.append(_audit_html(card.audit))
+    parts.append("<h2>Occlusion check</h2>")
+    parts.append(_occlusion_html(card.occlusion, card.occlusion_note))
     if card.gradcam is not None:
         parts.append("<h2>Grad-CAM examples</h2>")
         parts.append(

@@ -15,6 +15,10 @@ What it logs (the contract the promote step and readers rely on):
 - shortcut audit: metrics ``audit_lung_focus_mean``, ``audit_lung_focus_median``,
   ``audit_border_share_mean``, ``audit_n``, ``audit_passed`` (1/0), tags ``cxrexp.audit``
   (``passed``/``failed``) and ``cxrexp.audit_reason``, ``audit/scores.csv``;
+- occlusion check (not gated; ``cxrexp.evaluation.occlusion``): ``occlusion_n`` and, when both classes
+  have cases with a real lung mask, ``occlusion_<view>_roc_auc`` (+ ``_ci_low``/``_ci_high``) for
+  ``whole``, ``lungs_only``, ``outside_only`` and ``occlusion_<view>_auc_change`` (paired, + CI) for the
+  last two;
 - ``report.html``: the self-contained model card (``cxrexp.evaluation.model_card``);
 - tags ``cxrexp.model_uri``, ``cxrexp.model_id``, ``cxrexp.registered_model``,
   ``cxrexp.model_version``, ``cxrexp.train_run_id``, ``cxrexp.dataset_digest`` (the test data),
@@ -188,6 +192,8 @@ def run(cfg: EvaluateConfig) -> str:
             audit, gallery = evaluation_logging.audit_and_gallery(stage, model, dataset, test, probabilities,
                                                                   judged.cells, cfg, segment=segment,
                                                                   segmenter_name=segmenter_name)
+            occluded, occlusion_note = evaluation_logging.occlusion(model, dataset, test, cfg, segment=segment,
+                                                                    segmenter_name=segmenter_name)
             mlflow.set_tags({AUDIT_TAG: "passed" if audit.passed else "failed", AUDIT_REASON_TAG: audit.reason[:500]})
             card = model_card.ModelCard(
                 model_uri=cfg.model_uri,
@@ -211,6 +217,8 @@ def run(cfg: EvaluateConfig) -> str:
                 audit=audit,
                 external=[(r.name, r.folder, r.n, r.n_positive, r.n_dropped, r.evaluation.metrics) for r in external],
                 external_warnings=external_warnings,
+                occlusion=occluded,
+                occlusion_note=occlusion_note,
                 notes=card_notes(labels, dataset, training_digest, overlap, mlflow_status),
             )
             mlflow.log_text(model_card.render_html(card), "report.html")

@@ -1,0 +1,171 @@
+"""The occlusion check on real models: what each model of a lungs_compare run can still do with the
+lungs hidden, and with only the lungs shown, on the validation split and the external dev pairings.
+
+Run from the project root after ``benchmarks/lungs_compare.py --work W`` (it reuses W's MLflow store,
+its registered models ``mini-<mode>`` and their prepared data; needs ../shared/data):
+
+    python benchmarks/occlusion_check.py --work W [--modes none,crop] [--sets val,nih,other] [--n-bootstrap 1000]
+                                         [--margin 0.03] [--csv occlusion.csv] [--report-only]
+
+Per model (mode, training seed) and set:
+
+- ``val``: the model's own validation split (what choices may be made on);
+- ``nih`` / ``other``: Hannover COVID vs NIH normals / vs the lung-seg-nlm ``_0`` normals
+  (cxr-external-dev, lung-seg-nlm), prepared as ``evaluate -P external`` prepares them: the model's
+  image settings and its own segmenter (a lung-view model), into W, never into the data folders;
+- ``test``: the internal test split (printed for the record, never chosen on).
+
+Lung masks: the ones stored with the prepared images (a lung-view model's segmenter's, mapped into
+its view), else the store's ``cxr-lung-seg@champion`` applied to the stored image (whole-image
+models). Printed: n, the whole view's ROC-AUC, the lungs-only and outside-only ROC-AUC with bootstrap
+CIs, and each view's paired AUC change against the whole view (``cxrexp.evaluation.occlusion``, the
+same code ``evaluate`` runs on the test split). Nothing is chosen here; docs/lungs.md says what was read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from common import PROJECT_ROOT, load_average, use_store  # noqa: E402  (benchmarks/common.py)
+
+SHARED = PROJECT_ROOT.parent / "shared" / "data"
+SETS = ("val", "nih", "other", "test")
+
+
+def pairing_tree(root: Path, name: str) -> Path:
+    """A Kaggle-layout tree of links for one external pairing (the data folders are only read)."""
+    normals = {"nih": sorted((SHARED / "cxr-external-dev" / "Normal" / "images").glob("*")),
+               "other": sorted((SHARED / "lung-seg-nlm" / "images").glob("*_0.png"))}[name]
+    tree = root / f"pairing-{name}"
+    for cls, files in (("COVID", sorted((SHARED / "cxr-external-dev" / "COVID" / "images").glob("*"))),
+                       ("Normal", normals)):
+        folder = tree / cls / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            link = folder / path.name
+            if not link.exists():
+                link.symlink_to(path.resolve())
+    return tree
+
+
+def model_versions(client, name: str) -> dict[int, str]:
+    """Training seed -> ``models:/name/version`` (the newest version per seed)."""
+    out: dict[int, tuple[int, str]] = {}
+    for version in client.search_model_versions(f"name='{name}'"):
+        seed = int(client.get_run(version.run_id).data.params.get("seed", -1))
+        number = int(version.version)
+        if seed not in out or number > out[seed][0]:
+            out[seed] = (number, f"models:/{name}/{number}")
+    return {seed: uri for seed, (_, uri) in out.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", required=True, help="a benchmarks/lungs_compare.py work folder")
+    parser.add_argument("--modes", default="none,crop")
+    parser.add_argument("--sets", default="val,nih,other")
+    parser.add_argument("--n-bootstrap", type=int, default=1000)
+    parser.add_argument("--margin", type=float, default=None,
+                        help="widen the masks by this share of the side (default: the product's OCCLUSION_MARGIN)")
+    parser.add_argument("--csv", default="occlusion.csv", help="the table's file in --work")
+    parser.add_argument("--report-only", action="store_true", help="only print the table of --work's occlusion.csv")
+    args = parser.parse_args()
+    work = Path(args.work).resolve()
+    if args.report_only:
+        report(pd.read_csv(work / args.csv))
+        return 0
+    if not (work / "mlflow.db").is_file():
+        print(f"{work} holds no mlflow.db: run benchmarks/lungs_compare.py --work {work} first", file=sys.stderr)
+        return 2
+    sets = args.sets.split(",")
+    unknown = sorted(set(sets) - set(SETS))
+    if unknown:
+        print(f"unknown sets {unknown}: choose from {SETS}", file=sys.stderr)
+        return 2
+    print(f"work folder: {work}; load average at start: {load_average()}")
+    use_store(work)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import mlflow
+
+    from cxrexp.config import EvaluateConfig, PreprocessConfig
+    from cxrexp.data.pipeline import run_preprocess
+    from cxrexp.data.tfdata import predict_probabilities
+    from cxrexp.evaluation.audit import lung_masks
+    from cxrexp.evaluation.occlusion import OCCLUSION_MARGIN, run_occlusion
+    from cxrexp.mlflow_edge.evaluation_run import audit_segmenter, training_dataset
+    from cxrexp.mlflow_edge.model_uri import describe_model
+    from cxrexp.mlflow_edge.serving import load_classifier
+
+    client = mlflow.MlflowClient()
+    margin = OCCLUSION_MARGIN if args.margin is None else args.margin
+    print(f"masks widened by {margin:.3f} of the image side")
+    rows = []
+    for mode in args.modes.split(","):
+        for seed, uri in sorted(model_versions(client, f"mini-{mode}").items()):
+            loaded = load_classifier(uri)
+            segment, segmenter = audit_segmenter(EvaluateConfig(audit_lung_model="models:/cxr-lung-seg@champion"),
+                                                 loaded)
+            trained_on = training_dataset(describe_model(uri))
+
+            def predict(pixels: np.ndarray, model=loaded.keras_model) -> np.ndarray:
+                return predict_probabilities(model, pixels, np.arange(len(pixels)), 64).astype(np.float64)
+
+            for set_name in sets:
+                if set_name in ("val", "test"):
+                    dataset = trained_on
+                    frame = dataset.split_frame(set_name)
+                else:
+                    dataset = run_preprocess(PreprocessConfig(
+                        data_dir=str(pairing_tree(work / "occlusion", set_name)), classes=("COVID", "Normal"),
+                        positive_class="COVID", image=loaded.image_spec,
+                        out_dir=str(work / "occlusion" / f"prepared-{mode}-{seed}-{set_name}"), exclude=(),
+                    ), progress=False, lung_masks=loaded.lung_masks).dataset
+                    frame = dataset.manifest
+                found = lung_masks(dataset, frame["row"].to_numpy(np.int64), frame["has_mask"].to_numpy(bool),
+                                   segment, segmenter)
+                keep = np.flatnonzero(found.real)
+                size = dataset.image_size
+                images = np.stack([np.asarray(dataset.images()[int(r)]) for r in frame["row"].to_numpy(np.int64)[keep]]
+                                  ) if keep.size else np.zeros((0, size, size), np.uint8)
+                result = run_occlusion(images, found.masks[keep], frame["label"].to_numpy(np.int64)[keep], predict,
+                                       n_bootstrap=args.n_bootstrap, seed=42, margin=margin)
+                row = {"mode": mode, "seed": seed, "set": set_name, "margin": margin, "n": result.n, "of": len(frame),
+                       **result.logged_metrics()}
+                rows.append(row)
+                print(f"{mode} seed {seed} {set_name}: {found.note}; " + " | ".join(result.reading or (result.reason,)),
+                      flush=True)
+            pd.DataFrame(rows).to_csv(work / args.csv, index=False)
+    report(pd.DataFrame(rows))
+    print(f"load average at end: {load_average()}")
+    return 0
+
+
+def report(frame: pd.DataFrame) -> None:
+    """One markdown table: per model and set, each view's AUC [CI] and the paired change."""
+    def cell(row, key: str, signed: bool = False) -> str:
+        value, low, high = row.get(key, np.nan), row.get(f"{key}_ci_low", np.nan), row.get(f"{key}_ci_high", np.nan)
+        if not np.isfinite(value):
+            return "-"
+        fmt = "{:+.3f}" if signed else "{:.3f}"
+        return f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]"
+
+    views = (("lungs_only", "lungs only"), ("outside_only", "outside only (lungs hidden)"),
+             ("shape_only", "shape only (the mask, no pixels)"))
+    print("\n| mode | seed | set | n | whole AUC | " + " | ".join(f"{label} AUC [95% CI] | change [paired CI]"
+                                                         for _, label in views) + " |")
+    print("|---|---|---|---|---|" + "---|---|" * len(views))
+    for _, row in frame.sort_values(["mode", "set", "seed"], kind="stable").iterrows():
+        whole = row.get("occlusion_whole_roc_auc", np.nan)
+        cells = " | ".join(f"{cell(row, f'occlusion_{view}_roc_auc')} | {cell(row, f'occlusion_{view}_auc_change', True)}"
+                           for view, _ in views)
+        print(f"| {row['mode']} | {row['seed']} | {row['set']} | {int(row['n'])} of {int(row['of'])} | "
+              f"{whole:.3f} | {cells} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Where the model's ranking comes from, asked by hiding regions: the lungs alone, everything but the lungs (pure).
+
+The shortcut audit reads Grad-CAM heatmaps: where the gradient of the logit is large. That is a
+picture of the model, not an experiment on it, and at the last conv layer's resolution (8x8 cells at
+128 px) it cannot tell the lungs' edge from the lungs. Occlusion asks the model directly: each test
+image with a real lung mask is shown twice more,
+
+- **lungs only**: everything outside the (slightly widened) lung mask set to the image's own mean grey;
+- **outside only**: the lungs set to a grey instead, the rest left as it is;
+- **shape only**: nothing but the widened mask, drawn in two fixed greys (dark lungs, bright body),
+
+and the ROC-AUC of each view is compared with the whole view's on the same cases (paired bootstrap).
+A model that reads the lungs keeps its ranking with the lungs only and loses it with the lungs
+hidden; a model that reads the hospital (borders, burnt-in text, exposure, body habitus) still ranks
+cases with the lungs hidden. Both views keep the lung fields' outline and size (the edge of the flat
+region), so a model that reads the lungs' shape keeps its ranking in both: the shape-only view asks
+about that alone (it carries no pixel of the image, only the mask the segmenter drew). Every
+occluded view is new to the model (flat regions it never saw), so no AUC here is what a model trained
+on such images would score; the comparison between views is the point.
+
+Reported, never gated: no threshold here was chosen on any data (the readings below are statements
+about bootstrap intervals, not cut-offs). Why and how to read it: docs/evaluate.md, "Occlusion check".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from cxrexp.evaluation import metrics
+from cxrexp.evaluation.audit import widen_masks
+
+# The lung mask is widened by this share of the image side before the views are cut, and the same
+# widened mask cuts every view (so lungs-only and outside-only partition the image). Why so wide: a
+# `lungs=mask` view keeps the mask widened by 5 % of the lung box, and the segmenter misses some
+# consolidated lung, so a narrower hidden region leaves a ring of lung in the "outside". Chosen on the
+# validation split with a positive control (docs/evaluate.md): a `mask` model sees nothing beyond its
+# widened mask, so with the lungs hidden it must rank at chance; at 0.03 / 0.05 / 0.08 / 0.10 two such
+# models scored 0.91-0.93 / 0.88-0.90 / 0.46-0.61 / 0.48-0.49: 0.10 is the smallest tried at chance for both.
+OCCLUSION_MARGIN = 0.10
+# The shape-only view's greys: fixed, so it carries the mask's shape and size and nothing of the
+# image's brightness; dark lungs in a bright body, as in an enhanced chest X-ray.
+SHAPE_GREYS = (64, 192)  # (lungs, everything else)
+VIEWS = ("whole", "lungs_only", "outside_only", "shape_only")
+OCCLUDED = VIEWS[1:]
+
+
+def occlusion_views(images: np.ndarray, masks: np.ndarray, margin: float = OCCLUSION_MARGIN) -> dict[str, np.ndarray]:
+    """uint8 (B, S, S) images and {0, 1} (B, S, S) lung masks -> ``OCCLUDED`` view -> uint8 (B, S, S).
+
+    In the lungs-only and outside-only views each hidden region is set to the mean grey of what
+    stays visible (rounded): the fill carries nothing of what it hides (a mean over the whole image
+    would: bright lesions raise it), and the view keeps the brightness of the part still shown.
+    """
+    images = np.asarray(images)
+    masks = np.asarray(masks)
+    if images.shape != masks.shape or images.ndim != 3:
+        raise ValueError(f"images {images.shape} and masks {masks.shape} must both be (B, S, S)")
+    if not 0 <= margin < 0.5:
+        raise ValueError(f"margin={margin} must be in [0, 0.5)")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (the stored pixels), not {images.dtype}")
+    kept = widen_masks((masks > 0).astype(np.uint8), int(round(margin * images.shape[-1]))).astype(bool)
+    lungs_only = np.empty_like(images)
+    outside_only = np.empty_like(images)
+    for i, (image, inside) in enumerate(zip(images, kept)):
+        lungs_only[i] = np.where(inside, image, _mean_grey(image[inside]))
+        outside_only[i] = np.where(inside, _mean_grey(image[~inside]), image)
+    shape_only = np.where(kept, np.uint8(SHAPE_GREYS[0]), np.uint8(SHAPE_GREYS[1])).astype(np.uint8)
+    return {"lungs_only": lungs_only, "outside_only": outside_only, "shape_only": shape_only}
+
+
+def _mean_grey(pixels: np.ndarray) -> np.uint8:
+    """The rounded mean of ``pixels``; mid-grey when there are none (a mask covering all or nothing)."""
+    return np.uint8(np.rint(pixels.mean())) if pixels.size else np.uint8(128)
+
+
+@dataclass(frozen=True)
+class OcclusionResult:
+    """The occlusion check over ``n`` cases (``n_positive`` of them positive).
+
+    auc: view -> (ROC-AUC, CI low, CI high) for ``VIEWS``; change: each of ``OCCLUDED`` -> the paired bootstrap difference (that view's AUC minus the whole view's, on the same cases);
+    reading: plain-words lines for the report; reason: why nothing was computed ("" when it was).
+    """
+
+    n: int
+    n_positive: int
+    auc: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    change: dict[str, metrics.PairedDifference] = field(default_factory=dict)
+    reading: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def computed(self) -> bool:
+        return not self.reason
+
+    def logged_metrics(self) -> dict[str, float]:
+        """Flat ``occlusion_*`` metrics for MLflow (only ``occlusion_n`` when nothing was computed)."""
+        out: dict[str, float] = {"occlusion_n": float(self.n)}
+        for view, (value, low, high) in self.auc.items():
+            out.update({f"occlusion_{view}_roc_auc": value, f"occlusion_{view}_roc_auc_ci_low": low,
+                        f"occlusion_{view}_roc_auc_ci_high": high})
+        for view, diff in self.change.items():
+            out.update({f"occlusion_{view}_auc_change": diff.estimate,
+                        f"occlusion_{view}_auc_change_ci_low": diff.low,
+                        f"occlusion_{view}_auc_change_ci_high": diff.high})
+        return out
+
+
+def _against_chance(auc: tuple[float, float, float], what: str, above: str, below: str, positive: str,
+                    negative: str) -> str:
+    """One line: where ``auc``'s interval lies against 0.5, for the view ``what`` names."""
+    value, low, high = auc
+    figure = f"ROC-AUC {value:.3f} [{low:.3f}, {high:.3f}]"
+    if low > 0.5:
+        return f"{what} the model still ranks {positive} above {negative} ({figure}, above chance): {above}"
+    if high < 0.5:
+        return f"{what} the model ranks cases backwards ({figure}): {below}"
+    return f"{what} the model cannot be told from chance ({figure})."
+
+
+def _reading(auc: dict[str, tuple[float, float, float]], change: dict[str, metrics.PairedDifference],
+             positive: str, negative: str) -> tuple[str, ...]:
+    """What the intervals say, in plain words; each statement is about an interval, not a cut-off."""
+    outside = _against_chance(
+        auc["outside_only"], "With the lungs hidden", "part of its evidence lies outside the lung fields (borders, "
+        "text, exposure, body outline) or in the lungs' outline itself.",
+        "what lies outside the lungs pulls against its lung evidence.", positive, negative)
+    diff = change["lungs_only"]
+    if diff.high < 0:
+        inside = (f"With only the lungs shown it loses {-diff.estimate:.3f} of ROC-AUC [{-diff.high:.3f}, "
+                  f"{-diff.low:.3f}] against the whole view: it uses what lies outside the lungs too.")
+    else:
+        inside = (f"With only the lungs shown its ROC-AUC changes by {diff.estimate:+.3f} [{diff.low:+.3f}, "
+                  f"{diff.high:+.3f}]: no loss the test cases can resolve.")
+    shape = _against_chance(
+        auc["shape_only"], "From the lung fields' shape alone (no pixel of the image)", "their size and outline "
+        "carry part of its ranking.", "their size and outline point it the wrong way.", positive, negative)
+    return outside, inside, shape
+
+
+def occlusion_check(labels, probabilities: dict[str, np.ndarray], *, n_bootstrap: int, seed: int,
+                    positive: str = "COVID", negative: str = "Normal") -> OcclusionResult:
+    """Score the views of the same cases: ``probabilities`` maps each of ``VIEWS`` to float (n,).
+
+    Needs both classes among the cases (else a result with the reason and nothing computed); a
+    non-finite probability is an error (a broken forward pass must not read as a finding).
+    """
+    labels_arr = np.asarray(labels).astype(np.int64).reshape(-1)
+    n, n_positive = int(labels_arr.size), int(labels_arr.sum())
+    missing = [view for view in VIEWS if view not in probabilities]
+    if missing:
+        raise ValueError(f"probabilities lack the views {missing} (need {VIEWS})")
+    for view in VIEWS:
+        values = np.asarray(probabilities[view], dtype=np.float64)
+        if values.shape != labels_arr.shape:
+            raise ValueError(f"{view}: {values.shape} probabilities for {labels_arr.shape} labels")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{view}: {int((~np.isfinite(values)).sum())} non-finite probabilities")
+    if n_positive == 0 or n_positive == n:
+        return OcclusionResult(n, n_positive, reason=(
+            f"the {n} test cases with a lung mask are all one class ({n_positive} {positive}): "
+            "no ROC-AUC to compare" if n else "no test case has a real lung mask (dataset or segmenter)"))
+    auc: dict[str, tuple[float, float, float]] = {}
+    for view in VIEWS:
+        low, high = metrics.bootstrap_ci(labels_arr, probabilities[view], 0.5, n_bootstrap, seed)["roc_auc"]
+        auc[view] = (metrics.roc_auc(labels_arr, probabilities[view]), low, high)
+    change = {view: metrics.paired_difference(labels_arr, probabilities["whole"], probabilities[view],
+                                              n_bootstrap=max(1, n_bootstrap), seed=seed)
+              for view in OCCLUDED}
+    return OcclusionResult(n, n_positive, auc, change, _reading(auc, change, positive, negative))
+
+
+def run_occlusion(images: np.ndarray, masks: np.ndarray, labels, predict: Callable[[np.ndarray], np.ndarray], *,
+                  n_bootstrap: int, seed: int, positive: str = "COVID", negative: str = "Normal",
+                  margin: float = OCCLUSION_MARGIN) -> OcclusionResult:
+    """Cut the views of ``images`` (uint8 (n, S, S)) with ``masks``, score each with ``predict`` (uint8
+    (n, S, S) -> float (n,) probabilities, the model's forward pass) and compare them."""
+    views = occlusion_views(images, masks, margin)
+    if not len(images):  # nothing to show the model: the reason comes from occlusion_check
+        empty = np.zeros(0)
+        return occlusion_check(labels, dict.fromkeys(VIEWS, empty), n_bootstrap=n_bootstrap, seed=seed)
+    probabilities = {"whole": predict(np.asarray(images)), **{view: predict(views[view]) for view in OCCLUDED}}
+    return occlusion_check(labels, probabilities, n_bootstrap=n_bootstrap, seed=seed, positive=positive,
+                           negative=negative)
+
+
+__all__ = ["OCCLUDED", "OCCLUSION_MARGIN", "SHAPE_GREYS", "VIEWS", "OcclusionResult", "occlusion_check", "occlusion_views", "run_occlusion"]

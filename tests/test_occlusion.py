@@ -1,0 +1,173 @@
+"""The occlusion check's pure half (cxrexp.evaluation.occlusion): hand-drawn views, readings, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxrexp.evaluation import model_card
+from cxrexp.evaluation.occlusion import SHAPE_GREYS, VIEWS, occlusion_check, occlusion_views, run_occlusion
+
+
+def _square(size: int = 20, top: int = 5, bottom: int = 15) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    mask[top:bottom, top:bottom] = 1
+    return mask
+
+
+def test_views_partition_the_image_and_fill_with_the_visible_parts_mean_grey():
+    image = np.full((20, 20), 40, np.uint8)
+    image[5:15, 5:15] = 200  # the lungs bright, the rest dark
+    image[5, 5] = 100  # lungs' mean: (99 x 200 + 100) / 100 = 199 exactly
+    mask = _square()
+    views = occlusion_views(image[None], mask[None], margin=0.0)
+    lungs_only, outside_only, shape_only = views["lungs_only"], views["outside_only"], views["shape_only"]
+    inside = mask.astype(bool)
+    # hand-checked: margin 0 keeps exactly the 10x10 square; each fill is the visible part's mean
+    assert (lungs_only[0][inside] == image[inside]).all() and (lungs_only[0][~inside] == 199).all()
+    assert (outside_only[0][~inside] == image[~inside]).all() and (outside_only[0][inside] == 40).all()
+    assert (shape_only[0] == np.where(inside, SHAPE_GREYS[0], SHAPE_GREYS[1])).all()  # the mask, nothing else
+
+
+@pytest.mark.parametrize(
+    "margin, kept_pixels",
+    [
+        (0.0, 100),  # the 10x10 square
+        (0.05, 140),  # 1 px (5 % of 20): OpenCV's 3x3 disc is a cross, so 12x12 without its 4 corners
+        (0.10, 188),  # 2 px: OpenCV's 5x5 disc reaches 1 down and 2 across a corner, not 2 down: 14x14 - 4 x 2
+    ],
+)
+def test_the_margin_widens_the_kept_region(margin, kept_pixels):
+    rows, cols = np.indices((20, 20))
+    image = np.where((rows + cols) % 2, 150, 100).astype(np.uint8)  # a checkerboard: the fill (~125) is neither
+    lungs_only = occlusion_views(image[None], _square()[None], margin=margin)["lungs_only"]
+    assert int((lungs_only[0] != lungs_only[0, 0, 0]).sum()) == kept_pixels  # the corner is always filled
+
+
+@pytest.mark.parametrize(
+    "images, masks, margin, message",
+    [
+        (np.zeros((1, 8, 8), np.uint8), np.zeros((1, 8, 9), np.uint8), 0.0, "must both be"),
+        (np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8), 0.0, "must both be"),
+        (np.zeros((1, 8, 8), np.float32), np.zeros((1, 8, 8), np.uint8), 0.0, "uint8"),
+        (np.zeros((1, 8, 8), np.uint8), np.zeros((1, 8, 8), np.uint8), 0.5, "margin"),
+    ],
+)
+def test_views_refuse_bad_input(images, masks, margin, message):
+    with pytest.raises(ValueError, match=message):
+        occlusion_views(images, masks, margin)
+
+
+LABELS = np.array([0] * 40 + [1] * 40)
+RNG = np.random.default_rng(1)
+RANKS = LABELS * 0.6 + RNG.uniform(0, 0.4, LABELS.size)  # separates the classes perfectly
+NOISE = RNG.uniform(0, 1, LABELS.size)  # no relation to the labels
+
+
+@pytest.mark.parametrize(
+    "lungs_only, outside_only, shape_only, first, second, third",
+    [
+        # a lung reader: the lungs keep the ranking, hiding them leaves noise, the shape says nothing
+        (RANKS, NOISE, NOISE, "cannot be told from chance", "no loss the test cases can resolve",
+         "cannot be told from chance"),
+        # a hospital reader: hiding the lungs changes nothing, the lungs alone are noise
+        (NOISE, RANKS, NOISE, "still ranks COVID above Normal", "loses", "cannot be told from chance"),
+        # a lung-shape reader: every view that keeps the outline keeps the ranking
+        (RANKS, RANKS, RANKS, "still ranks", "no loss", "their size and outline carry part of its ranking"),
+        # evidence outside (and in the shape) that points the other way
+        (RANKS, 1 - RANKS, 1 - RANKS, "ranks cases backwards", "no loss", "point it the wrong way"),
+    ],
+)
+def test_readings_follow_the_intervals(lungs_only, outside_only, shape_only, first, second, third):
+    result = occlusion_check(LABELS, {"whole": RANKS, "lungs_only": lungs_only, "outside_only": outside_only,
+                                      "shape_only": shape_only}, n_bootstrap=300, seed=0)
+    assert result.computed and result.n == 80 and result.n_positive == 40
+    assert first in result.reading[0] and second in result.reading[1] and third in result.reading[2]
+    logged = result.logged_metrics()
+    assert logged["occlusion_whole_roc_auc"] == pytest.approx(1.0)
+    assert {f"occlusion_{v}_roc_auc_ci_low" for v in VIEWS} <= logged.keys()
+    assert logged["occlusion_lungs_only_auc_change"] == pytest.approx(result.change["lungs_only"].estimate)
+    assert "occlusion_whole_auc_change" not in logged  # the whole view is what the others are measured against
+
+
+@pytest.mark.parametrize(
+    "labels, reason",
+    [
+        (np.zeros(5, int), "all one class"),
+        (np.ones(5, int), "all one class"),
+        (np.zeros(0, int), "no test case has a real lung mask"),
+    ],
+)
+def test_one_class_or_no_cases_gives_a_reason_not_a_number(labels, reason):
+    probabilities = dict.fromkeys(VIEWS, np.full(labels.size, 0.5))
+    result = occlusion_check(labels, probabilities, n_bootstrap=50, seed=0)
+    assert not result.computed and reason in result.reason
+    assert result.logged_metrics() == {"occlusion_n": float(labels.size)}
+
+
+@pytest.mark.parametrize(
+    "probabilities, message",
+    [
+        ({"whole": RANKS, "lungs_only": RANKS, "outside_only": RANKS}, "lack the views"),
+        ({**dict.fromkeys(VIEWS, RANKS), "outside_only": RANKS[:-1]}, "probabilities for"),
+        ({**dict.fromkeys(VIEWS, RANKS), "lungs_only": np.where(LABELS == 1, np.nan, 0.5)}, "non-finite"),
+    ],
+)
+def test_a_broken_forward_pass_is_an_error_not_a_finding(probabilities, message):
+    with pytest.raises(ValueError, match=message):
+        occlusion_check(LABELS, probabilities, n_bootstrap=50, seed=0)
+
+
+def _cases(n: int = 60, size: int = 24):
+    """Images whose label is written twice: a bright dot inside the lung square and one in a corner."""
+    labels = np.arange(n) % 2
+    # a flat background: one dot moves a region's mean by < 0.5 grey, so no fill carries the label
+    images = np.full((n, size, size), 100, np.uint8)
+    images[labels == 1, 11, 11] = 250  # inside the lungs
+    images[labels == 1, 1, 1] = 250  # outside, where burnt-in text would be
+    masks = np.repeat(_square(size, 6, 18)[None], n, axis=0)
+    return images, masks, labels
+
+
+@pytest.mark.parametrize(
+    "pixel, outside_reading",
+    [
+        ((11, 11), "cannot be told from chance"),  # a model that reads the lungs
+        ((1, 1), "still ranks"),  # a model that reads the corner
+    ],
+)
+def test_run_occlusion_tells_where_a_model_reads(pixel, outside_reading):
+    images, masks, labels = _cases()
+
+    def predict(pixels):
+        return pixels[:, pixel[0], pixel[1]].astype(np.float64) / 255.0 + np.linspace(0, 1e-3, len(pixels))
+
+    result = run_occlusion(images, masks, labels, predict, n_bootstrap=200, seed=0, margin=0.0)
+    assert outside_reading in result.reading[0], result.reading
+
+
+def test_run_occlusion_with_no_cases_asks_nothing_of_the_model():
+    def predict(pixels):
+        raise AssertionError("the model must not be asked about zero images")
+
+    result = run_occlusion(np.zeros((0, 8, 8), np.uint8), np.zeros((0, 8, 8), np.uint8), np.zeros(0), predict,
+                           n_bootstrap=10, seed=0)
+    assert not result.computed
+
+
+@pytest.mark.parametrize(
+    "occlusion, expected",
+    [
+        (None, "was not run"),
+        (occlusion_check(np.zeros(3, int), dict.fromkeys(VIEWS, np.full(3, 0.5)), n_bootstrap=10, seed=0), "all one class"),
+        (occlusion_check(LABELS, {"whole": RANKS, "lungs_only": NOISE, "outside_only": RANKS, "shape_only": NOISE},
+                         n_bootstrap=50, seed=0),
+         "outside only (lungs hidden)"),
+    ],
+)
+def test_the_model_card_shows_the_check(occlusion, expected):
+    card = model_card.ModelCard(model_uri="models:/m/1", evaluate_run_id="r", train_run_id="t", data_source="d",
+                                dataset_digest="x", threshold=0.5, threshold_source="s", metrics={},
+                                occlusion=occlusion, occlusion_note="lung masks: 80 dataset masks")
+    page = model_card.render_html(card)
+    assert "<h2>Occlusion check</h2>" in page and expected in page
