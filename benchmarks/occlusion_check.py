@@ -95,8 +95,7 @@ def main() -> int:
     from cxrexp.config import EvaluateConfig, PreprocessConfig
     from cxrexp.data.pipeline import run_preprocess
     from cxrexp.data.tfdata import predict_probabilities
-    from cxrexp.evaluation.audit import lung_masks
-    from cxrexp.evaluation.occlusion import OCCLUSION_MARGIN, run_occlusion
+    from cxrexp.evaluation.occlusion import OCCLUSION_MARGIN, occlusion_for
     from cxrexp.mlflow_edge.evaluation_run import audit_segmenter, training_dataset
     from cxrexp.mlflow_edge.model_uri import describe_model
     from cxrexp.mlflow_edge.serving import load_classifier
@@ -126,18 +125,12 @@ def main() -> int:
                         out_dir=str(work / "occlusion" / f"prepared-{mode}-{seed}-{set_name}"), exclude=(),
                     ), progress=False, lung_masks=loaded.lung_masks).dataset
                     frame = dataset.manifest
-                found = lung_masks(dataset, frame["row"].to_numpy(np.int64), frame["has_mask"].to_numpy(bool),
-                                   segment, segmenter)
-                keep = np.flatnonzero(found.real)
-                size = dataset.image_size
-                images = np.stack([np.asarray(dataset.images()[int(r)]) for r in frame["row"].to_numpy(np.int64)[keep]]
-                                  ) if keep.size else np.zeros((0, size, size), np.uint8)
-                result = run_occlusion(images, found.masks[keep], frame["label"].to_numpy(np.int64)[keep], predict,
-                                       n_bootstrap=args.n_bootstrap, seed=42, margin=margin)
+                result, note = occlusion_for(dataset, frame, predict, n_bootstrap=args.n_bootstrap, seed=42,
+                                             segment=segment, segmenter_name=segmenter, margin=margin)
                 row = {"mode": mode, "seed": seed, "set": set_name, "margin": margin, "n": result.n, "of": len(frame),
                        **result.logged_metrics()}
                 rows.append(row)
-                print(f"{mode} seed {seed} {set_name}: {found.note}; " + " | ".join(result.reading or (result.reason,)),
+                print(f"{mode} seed {seed} {set_name}: {note}; " + " | ".join(result.reading or (result.reason,)),
                       flush=True)
             pd.DataFrame(rows).to_csv(work / args.csv, index=False)
     report(pd.DataFrame(rows))
@@ -154,8 +147,9 @@ def report(frame: pd.DataFrame) -> None:
         fmt = "{:+.3f}" if signed else "{:.3f}"
         return f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]"
 
-    views = (("lungs_only", "lungs only"), ("outside_only", "outside only (lungs hidden)"),
-             ("shape_only", "shape only (the mask, no pixels)"))
+    from cxrexp.evaluation.occlusion import OCCLUDED, VIEW_LABELS
+
+    views = [(view, VIEW_LABELS[view]) for view in OCCLUDED]
     print("\n| mode | seed | set | n | whole AUC | " + " | ".join(f"{label} AUC [95% CI] | change [paired CI]"
                                                          for _, label in views) + " |")
     print("|---|---|---|---|---|" + "---|---|" * len(views))

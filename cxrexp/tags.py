@@ -34,6 +34,7 @@ REGISTERED_VERSION_TAG = "cxrexp.registered_version"
 AUDIT_TAG = "cxrexp.audit"  # passed | failed
 AUDIT_REASON_TAG = "cxrexp.audit_reason"
 AUDIT_PASSED_METRIC = "audit_passed"  # 1 / 0, beside the tag
+OCCLUSION_TAG = "cxrexp.occlusion"  # "computed on N cases" | why not (no masks, one class, failed: ...)
 TRAIN_RUN_TAG = "cxrexp.train_run_id"
 MODEL_ID_TAG = "cxrexp.model_id"
 MODEL_VERSION_TAG = "cxrexp.model_version"

@@ -67,8 +67,19 @@ def test_logged_metric_names():
     }
 
 
-def _write_collection(root: Path, seed: int, count: int, copy_of_training: np.ndarray | None = None) -> Path:
-    """A Kaggle-layout collection of synthetic X-rays (another seed: other images than training)."""
+def test_logged_metric_names_with_the_occlusion_check():
+    from cxrexp.evaluation.occlusion import OcclusionResult
+
+    occluded = OcclusionResult(n=7, n_positive=0, reason="all one class")
+    result = external.ExternalResult("ext_other", "/d", 10, 4, 1, 0, Evaluation({"roc_auc": 0.8}, {}), occlusion=occluded)
+    assert external.logged_metrics(result)["external_ext_other_occlusion_n"] == 7.0
+    assert external.card_values(result) == {"roc_auc": 0.8, "occlusion_n": 7.0}
+
+
+def _write_collection(root: Path, seed: int, count: int, copy_of_training: np.ndarray | None = None,
+                      with_masks: bool = False) -> Path:
+    """A Kaggle-layout collection of synthetic X-rays (another seed: other images than training), with
+    each image's lung mask under ``<Class>/masks`` when ``with_masks``."""
     import cv2
 
     from cxrexp.images import synthetic
@@ -78,6 +89,9 @@ def _write_collection(root: Path, seed: int, count: int, copy_of_training: np.nd
         folder = root / ("COVID" if item.label else "Normal") / "images"
         folder.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(folder / f"ext-{item.index}.png"), item.image)
+        if with_masks:
+            (folder.parent / "masks").mkdir(exist_ok=True)
+            cv2.imwrite(str(folder.parent / "masks" / f"ext-{item.index}.png"), item.mask * 255)
     if copy_of_training is not None:
         cv2.imwrite(str(root / "Normal" / "images" / "copied-from-training.png"), copy_of_training)
     (root / "Normal" / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
@@ -97,7 +111,8 @@ def test_evaluate_scores_external_collections_and_drops_training_duplicates(sess
     train_rows = synthetic_prepared.manifest[synthetic_prepared.manifest["split"] == "train"]
     index = int(str(train_rows.iloc[0]["source"]).rsplit("/", 1)[-1])
     training_image = synthetic.make_image(synthetic.SyntheticSpec(**synthetic_prepared.params["synthetic"]), index).image
-    first = _write_collection(tmp_path / "data" / "ext-other", seed=7, count=24, copy_of_training=training_image)
+    first = _write_collection(tmp_path / "data" / "ext-other", seed=7, count=24, copy_of_training=training_image,
+                              with_masks=True)
     # The same images without the copy: synthetic X-rays look alike, so a few may be near-duplicates of
     # training images by perceptual hash anyway; the copy must add exactly one drop.
     second = _write_collection(tmp_path / "elsewhere" / "ext-other", seed=7, count=24)
@@ -116,9 +131,17 @@ def test_evaluate_scores_external_collections_and_drops_training_duplicates(sess
     for key in ("roc_auc", "roc_auc_ci_low", "sensitivity", "specificity", "ppv", "npv"):
         assert f"external_ext_other_{key}" in m
     assert 0.0 <= m["external_ext_other_roc_auc"] <= 1.0
+    # The occlusion check on each collection: the first brings a mask for every film it keeps (the
+    # copied training image, which has none, is dropped), so all of them are occluded and the whole
+    # view is the collection's own forward pass.
+    assert m["external_ext_other_occlusion_n"] == m["external_ext_other_n"]
+    assert m["external_ext_other_occlusion_whole_roc_auc"] == pytest.approx(m["external_ext_other_roc_auc"], abs=1e-6)
+    assert "external_ext_other_occlusion_lungs_only_roc_auc_ci_high" in m
+    assert "external_ext_other_2_occlusion_n" in m  # no masks: occluded where a segmenter finds lungs, else none
     report = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="report.html",
                                                       dst_path=str(tmp_path / "dl"))).read_text()
     assert "external collections" in report and "ext_other_2" in report
+    assert "ROC-AUC, lungs only" in report and "ROC-AUC, lungs hidden" in report
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")} == before  # nothing written there
 
 

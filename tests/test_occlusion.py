@@ -121,29 +121,30 @@ def test_a_broken_forward_pass_is_an_error_not_a_finding(probabilities, message)
 def _cases(n: int = 60, size: int = 24):
     """Images whose label is written twice: a bright dot inside the lung square and one in a corner."""
     labels = np.arange(n) % 2
-    # a flat background: one dot moves a region's mean by < 0.5 grey, so no fill carries the label
+    # A flat background and dim dots: one dot 50 greys above it moves the lungs' mean (144 pixels) by
+    # 0.35 and the rest's (432) by 0.12, so every fill rounds to 100 and none carries the label.
     images = np.full((n, size, size), 100, np.uint8)
-    images[labels == 1, 11, 11] = 250  # inside the lungs
-    images[labels == 1, 1, 1] = 250  # outside, where burnt-in text would be
+    images[labels == 1, 11, 11] = 150  # inside the lungs
+    images[labels == 1, 1, 1] = 150  # outside, where burnt-in text would be
     masks = np.repeat(_square(size, 6, 18)[None], n, axis=0)
     return images, masks, labels
 
 
 @pytest.mark.parametrize(
-    "pixel, outside_reading",
+    "pixel, outside_reading, inside_reading",
     [
-        ((11, 11), "cannot be told from chance"),  # a model that reads the lungs
-        ((1, 1), "still ranks"),  # a model that reads the corner
+        ((11, 11), "cannot be told from chance", "no loss"),  # a model that reads the lungs
+        ((1, 1), "still ranks", "loses"),  # a model that reads the corner
     ],
 )
-def test_run_occlusion_tells_where_a_model_reads(pixel, outside_reading):
+def test_run_occlusion_tells_where_a_model_reads(pixel, outside_reading, inside_reading):
     images, masks, labels = _cases()
 
     def predict(pixels):
         return pixels[:, pixel[0], pixel[1]].astype(np.float64) / 255.0 + np.linspace(0, 1e-3, len(pixels))
 
     result = run_occlusion(images, masks, labels, predict, n_bootstrap=200, seed=0, margin=0.0)
-    assert outside_reading in result.reading[0], result.reading
+    assert outside_reading in result.reading[0] and inside_reading in result.reading[1], result.reading
 
 
 def test_run_occlusion_with_no_cases_asks_nothing_of_the_model():
@@ -158,7 +159,7 @@ def test_run_occlusion_with_no_cases_asks_nothing_of_the_model():
 @pytest.mark.parametrize(
     "occlusion, expected",
     [
-        (None, "was not run"),
+        (None, "Not run: failed: MemoryError"),
         (occlusion_check(np.zeros(3, int), dict.fromkeys(VIEWS, np.full(3, 0.5)), n_bootstrap=10, seed=0), "all one class"),
         (occlusion_check(LABELS, {"whole": RANKS, "lungs_only": NOISE, "outside_only": RANKS, "shape_only": NOISE},
                          n_bootstrap=50, seed=0),
@@ -168,6 +169,53 @@ def test_run_occlusion_with_no_cases_asks_nothing_of_the_model():
 def test_the_model_card_shows_the_check(occlusion, expected):
     card = model_card.ModelCard(model_uri="models:/m/1", evaluate_run_id="r", train_run_id="t", data_source="d",
                                 dataset_digest="x", threshold=0.5, threshold_source="s", metrics={},
-                                occlusion=occlusion, occlusion_note="lung masks: 80 dataset masks")
+                                occlusion=occlusion,
+                                occlusion_note="failed: MemoryError" if occlusion is None else "lung masks: 80 dataset masks")
     page = model_card.render_html(card)
     assert "<h2>Occlusion check</h2>" in page and expected in page
+
+
+def test_run_occlusion_uses_the_callers_whole_view():
+    images, masks, labels = _cases()
+    asked = []
+
+    def predict(pixels):
+        asked.append(len(pixels))
+        return pixels[:, 11, 11].astype(np.float64) / 255.0 + np.linspace(0, 1e-3, len(pixels))
+
+    whole = np.where(labels == 1, 0.9, 0.1) + np.linspace(0, 1e-3, len(labels))
+    result = run_occlusion(images, masks, labels, predict, n_bootstrap=50, seed=0, whole=whole)
+    assert len(asked) == 3  # the three occluded views only
+    assert result.auc["whole"][0] == pytest.approx(1.0)
+
+
+def test_without_the_bootstrap_there_are_no_intervals_and_no_readings():
+    result = occlusion_check(LABELS, {"whole": RANKS, "lungs_only": NOISE, "outside_only": RANKS, "shape_only": NOISE},
+                             n_bootstrap=0, seed=0)
+    assert np.isnan(result.auc["outside_only"][1]) and np.isnan(result.change["lungs_only"].high)
+    assert result.change["lungs_only"].estimate == pytest.approx(result.auc["lungs_only"][0] - 1.0)
+    assert all("no interval" in line and "still ranks" not in line and "loses" not in line for line in result.reading)
+
+
+def test_empty_masks_are_not_occluded():
+    """A stored mask with no lung pixel hides nothing real: such rows are left out, and said so by n."""
+    import pandas as pd
+
+    from cxrexp.evaluation.occlusion import occlusion_for
+
+    images, masks, labels = _cases(n=6)
+    masks[0] = 0  # an empty mask, stored as if real
+
+    class Dataset:  # the parts of a PreparedDataset occlusion_for reads
+        image_size, positive_class, negative_label = 24, "COVID", "Normal"
+        manifest = pd.DataFrame({"row": np.arange(6)})
+
+        def images(self):
+            return images
+
+        def masks(self):
+            return masks
+
+    frame = pd.DataFrame({"row": np.arange(6), "has_mask": True, "label": labels})
+    result, _ = occlusion_for(Dataset(), frame, lambda p: p[:, 11, 11] / 255.0, n_bootstrap=20, seed=0)
+    assert result.n == 5

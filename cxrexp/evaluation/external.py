@@ -18,6 +18,7 @@ import numpy as np
 from cxrexp.data.split import duplicate_groups
 from cxrexp.evaluation import metrics
 from cxrexp.evaluation.metrics import metric_key
+from cxrexp.evaluation.occlusion import OcclusionResult
 
 EXTERNAL_PREFIX = "external_"
 
@@ -63,6 +64,9 @@ class ExternalResult:
     evaluation: metrics.Evaluation
     warning: str = ""
     notes: list[str] = field(default_factory=list)
+    # The occlusion check on the collection (None: not run or failed): on another hospital's films it
+    # shows whether the ranking comes from the lungs or from what surrounds them.
+    occlusion: OcclusionResult | None = None
 
 
 def interval_below(internal: Mapping[str, float], external: Mapping[str, float], name: str = "roc_auc") -> bool:
@@ -82,18 +86,28 @@ def external_warning(name: str, internal: Mapping[str, float], external: Mapping
             "(a shortcut such as the source hospital is the usual cause).")
 
 
+def card_values(result: ExternalResult) -> dict[str, float]:
+    """What the model card's table shows for the collection: its metrics and, when the occlusion check
+    ran, its ``occlusion_*`` figures (the same names as the internal test split's)."""
+    return {**result.evaluation.metrics, **(result.occlusion.logged_metrics() if result.occlusion else {})}
+
+
 def logged_metrics(result: ExternalResult) -> dict[str, float]:
-    """``external_<name>_<metric>`` for every metric of the evaluation, plus n, n_positive, n_dropped."""
+    """``external_<name>_<metric>`` for every metric of the evaluation, plus n, n_positive, n_dropped, and
+    ``external_<name>_occlusion_*`` when the occlusion check ran."""
     prefix = f"{EXTERNAL_PREFIX}{result.name}_"
     values = {f"{prefix}{k}": v for k, v in result.evaluation.metrics.items()}
     values.update({f"{prefix}n": result.n, f"{prefix}n_positive": result.n_positive,
                    f"{prefix}n_dropped_duplicates": result.n_dropped, f"{prefix}n_skipped": result.n_skipped})
+    if result.occlusion is not None:
+        values.update({f"{prefix}{k}": v for k, v in result.occlusion.logged_metrics().items()})
     return values
 
 
 __all__ = [
     "EXTERNAL_PREFIX",
     "ExternalResult",
+    "card_values",
     "collection_names",
     "external_warning",
     "interval_below",

@@ -331,7 +331,7 @@ def _unequal(value: float, gate: float) -> tuple[str, str]:
         shown, gate_shown = f"{value:.{digits}f}", f"{gate:.{digits}f}"
         if shown != gate_shown:
             return shown, gate_shown
-    return f"{value:.6g}", f"{gate:.6g}"
+    return repr(float(value)), repr(float(gate))  # the shortest exact forms: differ whenever the values do
 
 
 def audit(scores: list[dict], min_lung_focus: float, min_heatmaps: int = MIN_AUDIT_HEATMAPS,

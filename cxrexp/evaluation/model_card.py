@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
+from cxrexp.evaluation.occlusion import VIEW_LABELS, OcclusionResult
+
 # (metric key without the test_ prefix, label shown in the table). Counts first, then the rates with
 # their confidence intervals, then the threshold-free scores.
 COUNT_ROWS = (
@@ -120,8 +122,8 @@ class ModelCard:
     # (name, folder, n, n_positive, n_dropped, metrics) per external collection, and warnings in words.
     external: Sequence[tuple[str, str, int, int, int, Mapping[str, float]]] = ()
     external_warnings: Sequence[str] = ()
-    occlusion: Any = None  # occlusion.OcclusionResult, or None when the check was not run
-    occlusion_note: str = ""  # where its lung masks came from
+    occlusion: OcclusionResult | None = None  # None: not run, or failed (occlusion_note says why)
+    occlusion_note: str = ""  # where its lung masks came from, or why the check failed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,21 +301,19 @@ def _audit_html(audit: AuditSummary | None) -> str:
     )
 
 
-def _occlusion_html(result: Any, note: str) -> str:
-    """The occlusion check: the three views' ROC-AUC and each view's change against the whole one."""
+def _occlusion_html(result: OcclusionResult | None, note: str) -> str:
+    """The occlusion check: each view's ROC-AUC and its change against the whole view, or why there are none."""
     intro = ("<p>Not gated. Each test image with a real lung mask is scored again with everything outside "
-             "the lungs set to its mean grey (lungs only), and with the lungs set to that grey (outside only); "
-             "a model that reads the lungs keeps its ranking with the lungs only and loses it with them hidden. "
-             "The lung fields' outline survives both views; the shape-only view (the mask in two fixed greys, "
-             "no pixel of the image) asks about the outline alone.</p>")
+             "the lungs set to the lungs' mean grey (lungs only), and with the lungs set to the mean grey of the "
+             "rest (outside only); a model that reads the lungs keeps its ranking with the lungs only and loses "
+             "it with them hidden. The lung fields' outline survives both views; the shape-only view (the mask "
+             "in two fixed greys, no pixel of the image) asks about the outline alone.</p>")
     if result is None:
-        return intro + "<p>The occlusion check was not run.</p>"
+        return intro + f"<p>Not run: {_e(note or 'no occlusion check in this evaluation')}.</p>"
     if not result.computed:
         return intro + f"<p>Not computed: {_e(result.reason)}.</p>"
-    names = {"whole": "whole view (as served)", "lungs_only": "lungs only", "outside_only": "outside only (lungs hidden)",
-             "shape_only": "shape only (the mask, no pixels)"}
     rows = []
-    for view, label in names.items():
+    for view, label in VIEW_LABELS.items():
         value, low, high = result.auc[view]
         diff = result.change.get(view)
         change = "" if diff is None else f"{diff.estimate:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]"
@@ -337,18 +337,24 @@ def _with_ci(values: Mapping[str, float], name: str) -> str:
 def _external_html(card: ModelCard) -> str:
     """One table: the internal test split, then each external collection, at the same threshold."""
     head = ("<table><tr><th>data</th><th>n</th><th>positives</th><th>dropped (duplicates of training)</th>"
-            "<th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th><th>ROC-AUC</th></tr>")
+            "<th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th><th>ROC-AUC</th>"
+            "<th>ROC-AUC, lungs only</th><th>ROC-AUC, lungs hidden</th></tr>")
+    internal = {**card.metrics, **(card.occlusion.logged_metrics() if card.occlusion is not None else {})}
     rows = [("internal test split", card.n_test, int(card.metrics.get("tp", 0) + card.metrics.get("fn", 0)), 0,
-             card.metrics)]
+             internal)]
     rows += [(f"{name} ({folder})", n, n_pos, dropped, values) for name, folder, n, n_pos, dropped, values in card.external]
     body = "".join(
         f"<tr><td>{_e(label)}</td><td>{n}</td><td>{n_pos}</td><td>{dropped}</td>"
-        + "".join(f"<td>{_e(_with_ci(values, m))}</td>" for m in ("sensitivity", "specificity", "ppv", "npv", "roc_auc"))
+        + "".join(f"<td>{_e(_with_ci(values, m))}</td>" for m in ("sensitivity", "specificity", "ppv", "npv", "roc_auc",
+                                                                  "occlusion_lungs_only_roc_auc",
+                                                                  "occlusion_outside_only_roc_auc"))
         + "</tr>"
         for label, n, n_pos, dropped, values in rows
     )
     warnings = "".join(f"<div class='warning'>{_e(w)}</div>" for w in card.external_warnings)
-    return head + body + "</table>" + warnings
+    note = ("<p class='small'>Lungs only / lungs hidden: the occlusion check (see below) on the same films; "
+            "undefined where it did not run.</p>")
+    return head + body + "</table>" + note + warnings
 
 
 def render_html(card: ModelCard) -> str:

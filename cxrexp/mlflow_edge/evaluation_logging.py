@@ -28,10 +28,9 @@ from cxrexp.evaluation.audit import (
     display_pair,
     pick_per_cell,
     sample_order,
-    lung_masks,
     shortcut_audit,
 )
-from cxrexp.evaluation.occlusion import OcclusionResult, run_occlusion
+from cxrexp.evaluation.occlusion import OcclusionResult, occlusion_for
 from cxrexp.evaluation.test_evaluation import audit_method_text, finite, note_tags
 from cxrexp.mlflow_edge import tracking
 
@@ -240,38 +239,34 @@ def audit_and_gallery(stage: Staging, model: Any, dataset: PreparedDataset, test
     return summary, gallery
 
 
-def occlusion(model: Any, dataset: PreparedDataset, test: pd.DataFrame, cfg: EvaluateConfig, *,
-              segment: Any = None, segmenter_name: str = "") -> tuple[OcclusionResult | None, str]:
-    """The occlusion check on every test case with a real lung mask, logged; (result, mask note).
-
-    Masks as the audit finds them (stored with the image, else ``segment``'s when plausible); cases
-    left with only the geometric prior are not occluded (a guessed region hides a guess). A failure
-    here is logged and leaves the rest of the evaluation as it is: (None, the reason).
+def occlusion(model: Any, dataset: PreparedDataset, frame: pd.DataFrame, cfg: EvaluateConfig, *,
+              segment: Any = None, segmenter_name: str = "", label: str = "test split",
+              whole: np.ndarray | None = None) -> tuple[OcclusionResult | None, str]:
+    """The occlusion check (``occlusion.occlusion_for``) on ``frame``'s rows of ``dataset``, its reading
+    printed under ``label``; (result, mask note). ``whole``: the model's probabilities for ``frame``'s
+    rows, already computed. Not logged here: the caller names the metrics (the test split's
+    ``occlusion_*``, an external collection's ``external_<name>_occlusion_*``). Any failure is logged as
+    an error and leaves the rest of the evaluation as it is: (None, "failed: <reason>").
     """
     from cxrexp.data.tfdata import predict_probabilities
 
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        return predict_probabilities(model, pixels, np.arange(len(pixels)), cfg.batch_size).astype(np.float64)
+
     try:
-        rows = test["row"].to_numpy(np.int64)
-        found = lung_masks(dataset, rows, test["has_mask"].to_numpy(bool), segment, segmenter_name)
-        keep = np.flatnonzero(found.real)
-        stored = dataset.images()
-        images = (np.stack([np.asarray(stored[int(r)]) for r in rows[keep]]) if keep.size
-                  else np.zeros((0, dataset.image_size, dataset.image_size), np.uint8))
-
-        def predict(pixels: np.ndarray) -> np.ndarray:
-            return predict_probabilities(model, pixels, np.arange(len(pixels)), cfg.batch_size).astype(np.float64)
-
-        result = run_occlusion(images, found.masks[keep], test["label"].to_numpy(np.int64)[keep], predict,
-                               n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, positive=dataset.positive_class,
-                               negative=dataset.negative_label)
-    except (ValueError, OSError) as exc:
-        log.error("occlusion check: %s", exc)
-        tracking.log_metrics({"occlusion_n": 0})
-        return None, f"failed: {exc}"
-    tracking.log_metrics(result.logged_metrics())
+        result, note = occlusion_for(dataset, frame, predict, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
+                                     segment=segment, segmenter_name=segmenter_name, whole=whole)
+    except Exception as exc:  # noqa: BLE001 - a report-only check must not cost the evaluation (TF, OpenCV, memory)
+        log.error("occlusion check on the %s: %s: %s", label, type(exc).__name__, exc)
+        return None, f"failed: {type(exc).__name__}: {exc}"
     for line in result.reading or (result.reason,):
-        print(f"occlusion: {line}")
-    return result, found.note
+        print(f"occlusion ({label}): {line}")
+    return result, note
 
 
-__all__ = ["Staging", "audit_and_gallery", "occlusion", "log_figures", "log_test_metrics", "mlflow_cross_check"]
+def occlusion_metrics(result: OcclusionResult | None) -> dict[str, float]:
+    """``occlusion_*`` for the run (``occlusion_n`` 0 when the check failed)."""
+    return result.logged_metrics() if result is not None else {"occlusion_n": 0.0}
+
+
+__all__ = ["Staging", "audit_and_gallery", "occlusion", "occlusion_metrics", "log_figures", "log_test_metrics", "mlflow_cross_check"]

@@ -17,8 +17,9 @@ What it logs (the contract the promote step and readers rely on):
   (``passed``/``failed``) and ``cxrexp.audit_reason``, ``audit/scores.csv``;
 - occlusion check (not gated; ``cxrexp.evaluation.occlusion``): ``occlusion_n`` and, when both classes
   have cases with a real lung mask, ``occlusion_<view>_roc_auc`` (+ ``_ci_low``/``_ci_high``) for
-  ``whole``, ``lungs_only``, ``outside_only`` and ``occlusion_<view>_auc_change`` (paired, + CI) for the
-  last two;
+  ``whole``, ``lungs_only``, ``outside_only``, ``shape_only`` and ``occlusion_<view>_auc_change`` (paired,
+  + CI) for the last three, and tag ``cxrexp.occlusion`` ("computed on N cases", or why not); the same
+  metrics as ``external_<name>_occlusion_*`` for each external collection;
 - ``report.html``: the self-contained model card (``cxrexp.evaluation.model_card``);
 - tags ``cxrexp.model_uri``, ``cxrexp.model_id``, ``cxrexp.registered_model``,
   ``cxrexp.model_version``, ``cxrexp.train_run_id``, ``cxrexp.dataset_digest`` (the test data),
@@ -49,6 +50,7 @@ from cxrexp.errors import ModelNotFound, PreparedDataError
 from cxrexp.evaluation import model_card
 from cxrexp.evaluation.external import (
     ExternalResult,
+    card_values,
     collection_names,
     external_warning,
     logged_metrics,
@@ -73,6 +75,7 @@ from cxrexp.tags import (
     MODEL_ID_TAG,
     MODEL_URI_TAG,
     MODEL_VERSION_TAG,
+    OCCLUSION_TAG,
     PREDICTIONS_ARTIFACT,
     PREPARED_DIR_TAG,
     REGISTERED_MODEL_TAG,
@@ -170,8 +173,10 @@ def run(cfg: EvaluateConfig) -> str:
         judged = evaluate_test_split(test, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
                                      prevalence=prevalence)
         overlap = training_overlap(test, trained_on)
+        segment, segmenter_name = audit_segmenter(cfg, loaded)
         external = score_external(cfg, model, model_spec, threshold, dataset, trained_on,
-                                  lung_masks=loaded.lung_masks) if cfg.external else []
+                                  lung_masks=loaded.lung_masks, segment=segment,
+                                  segmenter_name=segmenter_name) if cfg.external else []
         for result in external:
             tracking.log_metrics(logged_metrics(result))
         external_warnings = [w for w in (external_warning(r.name, judged.evaluation.metrics, r.evaluation.metrics)
@@ -188,12 +193,14 @@ def run(cfg: EvaluateConfig) -> str:
             labels = judged.predictions["label"].to_numpy()
             figures = evaluation_logging.log_figures(stage, labels, probabilities, threshold, judged.counts,
                                                      judged.evaluation, dataset)
-            segment, segmenter_name = audit_segmenter(cfg, loaded)
             audit, gallery = evaluation_logging.audit_and_gallery(stage, model, dataset, test, probabilities,
                                                                   judged.cells, cfg, segment=segment,
                                                                   segmenter_name=segmenter_name)
             occluded, occlusion_note = evaluation_logging.occlusion(model, dataset, test, cfg, segment=segment,
-                                                                    segmenter_name=segmenter_name)
+                                                                    segmenter_name=segmenter_name, whole=probabilities)
+            tracking.log_metrics(evaluation_logging.occlusion_metrics(occluded))
+            mlflow.set_tag(OCCLUSION_TAG, (occlusion_note if occluded is None else
+                                           occluded.reason or f"computed on {occluded.n} cases")[:500])
             mlflow.set_tags({AUDIT_TAG: "passed" if audit.passed else "failed", AUDIT_REASON_TAG: audit.reason[:500]})
             card = model_card.ModelCard(
                 model_uri=cfg.model_uri,
@@ -215,7 +222,7 @@ def run(cfg: EvaluateConfig) -> str:
                 figures=figures,
                 gradcam=model_card.gallery_figure(gallery),
                 audit=audit,
-                external=[(r.name, r.folder, r.n, r.n_positive, r.n_dropped, r.evaluation.metrics) for r in external],
+                external=[(r.name, r.folder, r.n, r.n_positive, r.n_dropped, card_values(r)) for r in external],
                 external_warnings=external_warnings,
                 occlusion=occluded,
                 occlusion_note=occlusion_note,
@@ -266,12 +273,16 @@ def audit_segmenter(cfg: EvaluateConfig, loaded):
 
 
 def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dataset: PreparedDataset,
-                   trained_on: PreparedDataset | None, *, lung_masks=None) -> list[ExternalResult]:
+                   trained_on: PreparedDataset | None, *, lung_masks=None, segment=None,
+                   segmenter_name: str = "") -> list[ExternalResult]:
     """Each ``cfg.external`` collection prepared with the model's image settings (under
-    ``cfg.external_out_dir``; its folder is only read), training duplicates dropped, scored at ``threshold``.
+    ``cfg.external_out_dir``; its folder is only read), training duplicates dropped, scored at ``threshold``,
+    and put through the occlusion check.
 
     ``lung_masks`` is the segmenter the model carries (``LoadedClassifier.lung_masks``; None for a
-    whole-image model), so external images get the crop a served request gets, with no registry lookup."""
+    whole-image model), so external images get the crop a served request gets, with no registry lookup.
+    ``segment``/``segmenter_name``: the audit's segmenter (``audit_segmenter``), for the occlusion masks
+    of images prepared without one."""
     from cxrexp.config import PreprocessConfig
     from cxrexp.data.pipeline import run_preprocess
     from cxrexp.data.tfdata import predict_probabilities
@@ -295,8 +306,11 @@ def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dat
         probabilities = predict_probabilities(model, prepared.dataset.images(), kept["row"].to_numpy(np.int64),
                                               cfg.batch_size).astype(np.float64)
         evaluation = evaluate_predictions(labels, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+        occluded, _ = evaluation_logging.occlusion(model, prepared.dataset, kept, cfg, segment=segment,
+                                                   segmenter_name=segmenter_name, label=f"external {name}",
+                                                   whole=probabilities)
         results.append(ExternalResult(name, folder, len(kept), int(labels.sum()), int(dropped.sum()),
-                                      len(prepared.skipped), evaluation))
+                                      len(prepared.skipped), evaluation, occlusion=occluded))
         print(f"external {name} ({folder}): {len(kept)} images ({int(labels.sum())} {dataset.positive_class}), "
               f"{int(dropped.sum())} dropped as duplicates of training images, {len(prepared.skipped)} skipped; "
               f"ROC-AUC {evaluation.metrics['roc_auc']:.3f}, sensitivity {evaluation.metrics['sensitivity']:.3f}, "
