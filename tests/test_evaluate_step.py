@@ -192,6 +192,8 @@ def test_evaluate_logs_every_metric_and_artifact(alias_run, trained, synthetic_p
     assert logged["occlusion_n"] == len(test_labels)
     assert {"occlusion_lungs_only_roc_auc_ci_low", "occlusion_outside_only_auc_change_ci_high"} <= set(logged)
     assert logged["occlusion_whole_roc_auc"] == pytest.approx(logged["test_roc_auc"], abs=1e-6)
+    assert {"occlusion_shape_only_roc_auc", "occlusion_shape_only_auc_change_ci_low"} <= set(logged)
+    assert run.data.tags["cxrexp.occlusion"] == f"computed on {len(test_labels)} cases"
 
     tags = run.data.tags
     assert tags["cxrexp.train_run_id"] == trained.info.run_id
@@ -218,7 +220,7 @@ def test_evaluate_logs_every_metric_and_artifact(alias_run, trained, synthetic_p
     artifacts = _artifacts(alias_run)
     needed = {"predictions.csv", "metric_notes.json", "report.html", "audit/scores.csv", "gradcam/samples.csv"}
     needed |= {f"figures/{name}.png" for name in ("confusion_matrix", "roc", "pr", "calibration", "threshold_sweep",
-                                                  "gradcam_gallery", "lung_focus")}
+                                                  "gradcam_gallery", "lung_focus", "occlusion_views")}
     assert needed <= artifacts, sorted(needed - artifacts)
     for cell in audit.CELLS:
         has_cases = logged[f"test_{cell.lower()}"] > 0

@@ -145,6 +145,11 @@ def test_run_occlusion_tells_where_a_model_reads(pixel, outside_reading, inside_
 
     result = run_occlusion(images, masks, labels, predict, n_bootstrap=200, seed=0, margin=0.0)
     assert outside_reading in result.reading[0] and inside_reading in result.reading[1], result.reading
+    # the report's figure: every view of the first positive, then the first negative, with its probability
+    titles = [title for title, _ in result.examples]
+    assert len(titles) == 2 * len(VIEWS) and titles[0].startswith("COVID: whole") and titles[4].startswith("Normal")
+    first_positive = int(np.flatnonzero(labels == 1)[0])
+    assert (result.examples[0][1] == images[first_positive]).all() and "p=" in titles[0]
 
 
 def test_run_occlusion_with_no_cases_asks_nothing_of_the_model():
@@ -173,6 +178,11 @@ def test_the_model_card_shows_the_check(occlusion, expected):
                                 occlusion_note="failed: MemoryError" if occlusion is None else "lung masks: 80 dataset masks")
     page = model_card.render_html(card)
     assert "<h2>Occlusion check</h2>" in page and expected in page
+    with_figure = model_card.render_html(model_card.ModelCard(
+        model_uri="m", evaluate_run_id="r", train_run_id="t", data_source="d", dataset_digest="x", threshold=0.5,
+        threshold_source="s", metrics={}, occlusion=occlusion,
+        occlusion_figure=model_card.Figure("Occlusion views", b"\x89PNG\r\n\x1a\n-a-figure", "the views")))
+    assert "Occlusion views" in with_figure and "Occlusion views" not in page
 
 
 def test_run_occlusion_uses_the_callers_whole_view():

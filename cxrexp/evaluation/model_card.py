@@ -124,6 +124,7 @@ class ModelCard:
     external_warnings: Sequence[str] = ()
     occlusion: OcclusionResult | None = None  # None: not run, or failed (occlusion_note says why)
     occlusion_note: str = ""  # where its lung masks came from, or why the check failed
+    occlusion_figure: Figure | None = None  # the views of one case of each class
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,6 +395,8 @@ def render_html(card: ModelCard) -> str:
     parts.append(_audit_html(card.audit))
     parts.append("<h2>Occlusion check</h2>")
     parts.append(_occlusion_html(card.occlusion, card.occlusion_note))
+    if card.occlusion_figure is not None:
+        parts.append(_figure_html(card.occlusion_figure, "100%"))
     if card.gradcam is not None:
         parts.append("<h2>Grad-CAM examples</h2>")
         parts.append(

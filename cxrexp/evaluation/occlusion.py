@@ -27,7 +27,7 @@ docs/evaluate.md, "The occlusion check (not gated)".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -89,7 +89,9 @@ class OcclusionResult:
     """The occlusion check over ``n`` cases (``n_positive`` of them positive).
 
     auc: view -> (ROC-AUC, CI low, CI high) for ``VIEWS``; change: each of ``OCCLUDED`` -> the paired bootstrap difference (that view's AUC minus the whole view's, on the same cases);
-    reading: plain-words lines for the report; reason: why nothing was computed ("" when it was).
+    reading: plain-words lines for the report; reason: why nothing was computed ("" when it was);
+    examples: (title, uint8 (S, S)) for the report's figure: every view of the first positive and the
+    first negative case, titled with the model's probability for that view.
     """
 
     n: int
@@ -98,6 +100,7 @@ class OcclusionResult:
     change: dict[str, metrics.PairedDifference] = field(default_factory=dict)
     reading: tuple[str, ...] = ()
     reason: str = ""
+    examples: tuple[tuple[str, np.ndarray], ...] = ()
 
     @property
     def computed(self) -> bool:
@@ -203,8 +206,24 @@ def run_occlusion(images: np.ndarray, masks: np.ndarray, labels, predict: Callab
                                positive=positive, negative=negative)
     whole_probabilities = predict(np.asarray(images)) if whole is None else np.asarray(whole, dtype=np.float64)
     probabilities = {"whole": whole_probabilities, **{view: predict(views[view]) for view in OCCLUDED}}
-    return occlusion_check(labels, probabilities, n_bootstrap=n_bootstrap, seed=seed, positive=positive,
-                           negative=negative)
+    result = occlusion_check(labels, probabilities, n_bootstrap=n_bootstrap, seed=seed, positive=positive,
+                             negative=negative)
+    return replace(result, examples=_examples(np.asarray(images), views, probabilities, labels, positive, negative))
+
+
+def _examples(images: np.ndarray, views: dict[str, np.ndarray], probabilities: dict[str, np.ndarray], labels,
+              positive: str, negative: str) -> tuple[tuple[str, np.ndarray], ...]:
+    """Every view of the first case of each class (positive first), titled with its probability."""
+    labels_arr = np.asarray(labels).astype(np.int64).reshape(-1)
+    shown = {"whole": images, **views}
+    out = []
+    for label, name in ((1, positive), (0, negative)):
+        found = np.flatnonzero(labels_arr == label)
+        if found.size:
+            i = int(found[0])
+            out += [(f"{name}: {VIEW_LABELS[view]}\np={float(probabilities[view][i]):.2f}", shown[view][i])
+                    for view in VIEWS]
+    return tuple(out)
 
 
 def occlusion_for(dataset: PreparedDataset, frame: pd.DataFrame, predict: Callable[[np.ndarray], np.ndarray], *,

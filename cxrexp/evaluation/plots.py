@@ -217,7 +217,7 @@ def enhancement_panel(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> Fi
 
 
 def gradcam_gallery(items: Sequence[tuple[str, np.ndarray]], ncols: int = 4) -> Figure:
-    """Grid of Grad-CAM overlays, one titled axis per item (empty grid cells are removed).
+    """Grid of Grad-CAM overlays (or occlusion views), one titled axis per item (empty grid cells are removed).
 
     items: (title, uint8 HxWx3 RGB overlay from ``gradcam.overlay``/``contour_overlay``, or HxW grey).
     """
@@ -232,7 +232,11 @@ def gradcam_gallery(items: Sequence[tuple[str, np.ndarray]], ncols: int = 4) -> 
     fig = _new_figure(2.6 * ncols, 2.8 * nrows)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax, (title, image) in zip(axes, items):
-        ax.imshow(np.asarray(image), cmap="gray" if np.asarray(image).ndim == 2 else None)
+        image = np.asarray(image)
+        if image.ndim == 2:  # grey levels as stored (0-255), not stretched: a flat fill must look flat
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(image)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     for ax in axes[len(items):]:

@@ -30,7 +30,7 @@ from cxrexp.evaluation.audit import (
     sample_order,
     shortcut_audit,
 )
-from cxrexp.evaluation.occlusion import OcclusionResult, occlusion_for
+from cxrexp.evaluation.occlusion import VIEWS, OcclusionResult, occlusion_for
 from cxrexp.evaluation.test_evaluation import audit_method_text, finite, note_tags
 from cxrexp.mlflow_edge import tracking
 
@@ -264,9 +264,18 @@ def occlusion(model: Any, dataset: PreparedDataset, frame: pd.DataFrame, cfg: Ev
     return result, note
 
 
+def occlusion_figure(stage: Staging, result: OcclusionResult | None) -> model_card.Figure | None:
+    """The views of one case of each class, logged as ``figures/occlusion_views.png`` (None: nothing to show)."""
+    if result is None or not result.examples:
+        return None
+    fig = plots.gradcam_gallery(list(result.examples), ncols=len(VIEWS))
+    return model_card.Figure("Occlusion views", stage.figure(fig, "figures/occlusion_views.png"),
+                             "what the model was shown in each view, with its probability, for the first case of each class")
+
+
 def occlusion_metrics(result: OcclusionResult | None) -> dict[str, float]:
     """``occlusion_*`` for the run (``occlusion_n`` 0 when the check failed)."""
     return result.logged_metrics() if result is not None else {"occlusion_n": 0.0}
 
 
-__all__ = ["Staging", "audit_and_gallery", "occlusion", "occlusion_metrics", "log_figures", "log_test_metrics", "mlflow_cross_check"]
+__all__ = ["Staging", "audit_and_gallery", "occlusion", "occlusion_figure", "occlusion_metrics", "log_figures", "log_test_metrics", "mlflow_cross_check"]

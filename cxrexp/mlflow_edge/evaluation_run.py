@@ -9,7 +9,7 @@ What it logs (the contract the promote step and readers rely on):
   point estimate;
 - ``predictions.csv`` (source, class_name, label, probability, predicted, cell) for the test split;
 - ``figures/``: confusion matrix, ROC with the operating point, PR, calibration, threshold sweep,
-  Grad-CAM gallery, lung-focus distribution;
+  Grad-CAM gallery, lung-focus distribution, occlusion views (when the occlusion check ran);
 - ``gradcam/<cell>_<n>_overlay.png`` and ``_contour.png`` for a fixed seeded sample per confusion
   cell, with ``gradcam/samples.csv``;
 - shortcut audit: metrics ``audit_lung_focus_mean``, ``audit_lung_focus_median``,
@@ -226,6 +226,7 @@ def run(cfg: EvaluateConfig) -> str:
                 external_warnings=external_warnings,
                 occlusion=occluded,
                 occlusion_note=occlusion_note,
+                occlusion_figure=evaluation_logging.occlusion_figure(stage, occluded),
                 notes=card_notes(labels, dataset, training_digest, overlap, mlflow_status),
             )
             mlflow.log_text(model_card.render_html(card), "report.html")
