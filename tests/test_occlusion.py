@@ -229,3 +229,15 @@ def test_empty_masks_are_not_occluded():
     frame = pd.DataFrame({"row": np.arange(6), "has_mask": True, "label": labels})
     result, _ = occlusion_for(Dataset(), frame, lambda p: p[:, 11, 11] / 255.0, n_bootstrap=20, seed=0)
     assert result.n == 5
+
+
+def test_chunks_give_the_same_result_as_one_pass():
+    images, masks, labels = _cases(n=30)
+
+    def predict(pixels):
+        return pixels[:, 1, 1].astype(np.float64) / 255.0 + pixels[:, 11, 11] / 1000.0 + pixels.mean(axis=(1, 2)) / 1e4
+
+    whole = run_occlusion(images, masks, labels, predict, n_bootstrap=50, seed=0, chunk=1000)
+    chunked = run_occlusion(images, masks, labels, predict, n_bootstrap=50, seed=0, chunk=7)  # 7 does not divide 30
+    assert chunked.logged_metrics() == whole.logged_metrics()
+    assert [t for t, _ in chunked.examples] == [t for t, _ in whole.examples]

@@ -47,6 +47,9 @@ OCCLUSION_MARGIN = 0.10
 # The shape-only view's greys: fixed, so it carries the mask's shape and size and nothing of the
 # image's brightness; dark lungs in a bright body, as in an enhanced chest X-ray.
 SHAPE_GREYS = (64, 192)  # (lungs, everything else)
+# Images cut and scored at a time: three views of 256 images at 299 px are ~70 MB, not the gigabytes
+# a whole external collection's views would take at once.
+OCCLUSION_CHUNK = 256
 VIEWS = ("whole", "lungs_only", "outside_only", "shape_only")
 OCCLUDED = VIEWS[1:]
 # How the report and the benchmarks name each view.
@@ -195,33 +198,45 @@ def occlusion_check(labels, probabilities: dict[str, np.ndarray], *, n_bootstrap
 
 def run_occlusion(images: np.ndarray, masks: np.ndarray, labels, predict: Callable[[np.ndarray], np.ndarray], *,
                   n_bootstrap: int, seed: int, positive: str = "COVID", negative: str = "Normal",
-                  margin: float = OCCLUSION_MARGIN, whole: np.ndarray | None = None) -> OcclusionResult:
+                  margin: float = OCCLUSION_MARGIN, whole: np.ndarray | None = None,
+                  chunk: int = OCCLUSION_CHUNK) -> OcclusionResult:
     """Cut the views of ``images`` (uint8 (n, S, S)) with ``masks``, score each with ``predict`` (uint8
     (n, S, S) -> float (n,) probabilities, the model's forward pass) and compare them. ``whole``: the
-    probabilities of ``images`` when the caller already has them (one forward pass fewer)."""
-    views = occlusion_views(images, masks, margin)
+    probabilities of ``images`` when the caller already has them (one forward pass fewer). The views
+    are cut and scored ``chunk`` images at a time, so memory stays flat however many cases there are."""
+    images = np.asarray(images)
+    masks = np.asarray(masks)
+    if images.shape != masks.shape:  # checked here too: the chunks below would each fail alone
+        raise ValueError(f"images {images.shape} and masks {masks.shape} must both be (B, S, S)")
     if not len(images):  # nothing to show the model: the reason comes from occlusion_check
         empty = np.zeros(0)
         return occlusion_check(labels, dict.fromkeys(VIEWS, empty), n_bootstrap=n_bootstrap, seed=seed,
                                positive=positive, negative=negative)
-    whole_probabilities = predict(np.asarray(images)) if whole is None else np.asarray(whole, dtype=np.float64)
-    probabilities = {"whole": whole_probabilities, **{view: predict(views[view]) for view in OCCLUDED}}
+    parts: dict[str, list[np.ndarray]] = {view: [] for view in OCCLUDED}
+    for start in range(0, len(images), max(1, chunk)):
+        views = occlusion_views(images[start:start + chunk], masks[start:start + chunk], margin)
+        for view in OCCLUDED:
+            parts[view].append(np.asarray(predict(views[view]), dtype=np.float64).reshape(-1))
+    whole_probabilities = predict(images) if whole is None else whole
+    probabilities = {"whole": np.asarray(whole_probabilities, dtype=np.float64).reshape(-1),
+                     **{view: np.concatenate(parts[view]) for view in OCCLUDED}}
     result = occlusion_check(labels, probabilities, n_bootstrap=n_bootstrap, seed=seed, positive=positive,
                              negative=negative)
-    return replace(result, examples=_examples(np.asarray(images), views, probabilities, labels, positive, negative))
+    return replace(result, examples=_examples(images, masks, probabilities, labels, positive, negative, margin))
 
 
-def _examples(images: np.ndarray, views: dict[str, np.ndarray], probabilities: dict[str, np.ndarray], labels,
-              positive: str, negative: str) -> tuple[tuple[str, np.ndarray], ...]:
+def _examples(images: np.ndarray, masks: np.ndarray, probabilities: dict[str, np.ndarray], labels, positive: str,
+              negative: str, margin: float) -> tuple[tuple[str, np.ndarray], ...]:
     """Every view of the first case of each class (positive first), titled with its probability."""
     labels_arr = np.asarray(labels).astype(np.int64).reshape(-1)
-    shown = {"whole": images, **views}
     out = []
     for label, name in ((1, positive), (0, negative)):
         found = np.flatnonzero(labels_arr == label)
         if found.size:
             i = int(found[0])
-            out += [(f"{name}: {VIEW_LABELS[view]}\np={float(probabilities[view][i]):.2f}", shown[view][i])
+            shown = {"whole": images[i], **{v: a[0] for v, a in occlusion_views(images[i:i + 1], masks[i:i + 1],
+                                                                                   margin).items()}}
+            out += [(f"{name}: {VIEW_LABELS[view]}\np={float(probabilities[view][i]):.2f}", shown[view])
                     for view in VIEWS]
     return tuple(out)
 
@@ -254,6 +269,7 @@ def occlusion_for(dataset: PreparedDataset, frame: pd.DataFrame, predict: Callab
 
 __all__ = [
     "OCCLUDED",
+    "OCCLUSION_CHUNK",
     "OCCLUSION_MARGIN",
     "SHAPE_GREYS",
     "VIEWS",
