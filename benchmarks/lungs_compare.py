@@ -33,7 +33,9 @@ paired difference on the cases both test splits share), then per mode and traini
 Printed: per mode and seed ROC-AUC (with its bootstrap CI) and specificity at the model's own
 threshold on each pairing, the COVID-call shares, the audit's lung focus; then per seed the paired
 bootstrap CI of the AUC difference of each mode against ``none`` on the same cases
-(``metrics.paired_difference``; against ``none``, or the first mode when ``none`` is not run). Predictions are kept in the work folder (``predictions.csv``).
+(``metrics.paired_difference``; against ``none``, or the first mode when ``none`` is not run). Predictions are kept in the work folder (``predictions.csv``);
+a later run into the same ``--work`` with other modes keeps the earlier modes' rows and replaces only the (mode, seed)
+pairs it runs, so ``--report-only --modes none,crop,mask`` prints them all.
 Nothing here is used to choose a default automatically: the README and docs/lungs.md say what was
 decided on which pairing.
 """
@@ -125,6 +127,20 @@ def safe_name(mode: str) -> str:
     return mode.replace("/", "-").replace("=", "")
 
 
+def kept_rows(work: Path, modes: list[str], seeds: list[int]) -> tuple[list[dict], list[dict]]:
+    """The rows of ``predictions.csv`` and ``audits.csv`` in ``work`` for (mode, seed) pairs not run now."""
+    out = []
+    for name in ("predictions.csv", "audits.csv"):
+        path = work / name
+        if not path.is_file():
+            out.append([])
+            continue
+        frame = pd.read_csv(path)
+        rerun = frame["mode"].isin(modes) & frame["seed"].isin(seeds)
+        out.append(frame[~rerun].to_dict("records"))
+    return out[0], out[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="42,1,2")
@@ -166,8 +182,9 @@ def main() -> int:
         if code:
             return code
     sets = collections()
-    rows = []
-    audits = []
+    # A folder that already holds other modes' results keeps them (a later `--modes mask` into the same
+    # folder used to overwrite the earlier modes' rows); the (mode, seed) pairs run now are replaced.
+    rows, audits = kept_rows(work, modes, seeds)
     for mode in modes:
         lungs, view_flags, train_flags = mode_flags(mode)
         if args.exclude and "--exclude" not in view_flags:
