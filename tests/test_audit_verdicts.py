@@ -128,6 +128,11 @@ def _occlusion(model_fixture, dataset):
 def test_occlusion_finds_the_marker_models_evidence_outside_the_lungs(marker_model, datasets):
     """With the lungs hidden the marker model still ranks by its letter; with only the lungs it loses."""
     result = _occlusion(marker_model, datasets["marker"])
+    # the occlusion's own forward pass (views as arrays) is the evaluation's (rows of the store)
+    from cxrexp.evaluation.metrics import roc_auc
+
+    _, test, probabilities, _ = marker_model
+    assert result.auc["whole"][0] == pytest.approx(roc_auc(test["label"].to_numpy(), probabilities), abs=1e-6)
     value, low, _ = result.auc["outside_only"]
     assert low > 0.5 and value > 0.8, result.reading
     assert result.change["lungs_only"].high < 0, result.reading

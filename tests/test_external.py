@@ -63,7 +63,7 @@ def test_logged_metric_names():
     assert external.logged_metrics(result) == {
         "external_ext_other_roc_auc": 0.8, "external_ext_other_tp": 3.0, "external_ext_other_n": 10,
         "external_ext_other_n_positive": 4, "external_ext_other_n_dropped_duplicates": 1,
-        "external_ext_other_n_skipped": 0,
+        "external_ext_other_n_skipped": 0, "external_ext_other_occlusion_n": 0.0,  # not run: 0, never missing
     }
 
 

@@ -300,7 +300,7 @@ def test_audit_needs_a_minimum_of_usable_heatmaps(usable, zero, min_heatmaps, pa
         ("the failed-lift reason gives the border share", 0.55, 0.9, 1.0, False, "mean border share 0.00"),
         ("just below the gate reads as below, not '1.00x < 1.00x'", 0.6, 0.998, 1.0, False, "lift 0.998x < 1.000x"),
         ("a focus just below its gate too", 0.4996, 1.5, 1.0, False, "mean lung focus 0.4996 < 0.5000"),
-        ("closer than four decimals", 0.49999999, 1.5, 1.0, False, "mean lung focus 0.4999999"),
+        ("closer than four decimals", 0.49999999, 1.5, 1.0, False, "mean lung focus 0.4999999900 < 0.5000000000"),
         ("evidence on the lungs of a large mask", 0.9, 1.5, 1.0, True, "lift 1.50x >= 1.00x"),
         ("lift not gated (0): focus alone decides", 0.55, 0.9, 0.0, True, "lift 0.90x the mask"),
         ("the focus gate still comes first", 0.3, 1.5, 1.0, False, "outside the lungs"),
@@ -314,6 +314,19 @@ def test_audit_gates_the_lift_too(name, lung_focus, lift, min_lift, passed, word
     assert result.passed is passed, (name, result.reason)
     assert words in result.reason, (name, result.reason)
     assert "{" not in result.reason, result.reason  # every placeholder filled in
+
+
+@pytest.mark.parametrize(
+    "value, gate, expected",
+    [
+        (0.998, 1.0, ("0.998", "1.000")),
+        (0.30, 0.5, ("0.30", "0.50")),
+        (0.6549, 0.655, ("0.65", "0.655")),  # the gate as configured, never rounded to 0.66
+        (0.9999999999999999, 1.0, ("0.9999999999999999", "1.0")),  # below only by float noise: in full
+    ],
+)
+def test_a_failed_gate_reads_as_below_it(value, gate, expected):
+    assert gradcam._unequal(value, gate) == expected
 
 
 def test_audit_refuses_a_bad_lift_gate():

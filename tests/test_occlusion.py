@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrexp.evaluation import model_card
+from cxrexp.evaluation import metrics, model_card
 from cxrexp.evaluation.occlusion import SHAPE_GREYS, VIEWS, occlusion_check, occlusion_views, run_occlusion
 
 
@@ -95,7 +95,7 @@ def test_readings_follow_the_intervals(lungs_only, outside_only, shape_only, fir
     [
         (np.zeros(5, int), "all one class"),
         (np.ones(5, int), "all one class"),
-        (np.zeros(0, int), "no test case has a real lung mask"),
+        (np.zeros(0, int), "no case has a real lung mask"),
     ],
 )
 def test_one_class_or_no_cases_gives_a_reason_not_a_number(labels, reason):
@@ -193,10 +193,11 @@ def test_run_occlusion_uses_the_callers_whole_view():
         asked.append(len(pixels))
         return pixels[:, 11, 11].astype(np.float64) / 255.0 + np.linspace(0, 1e-3, len(pixels))
 
-    whole = np.where(labels == 1, 0.9, 0.1) + np.linspace(0, 1e-3, len(labels))
+    whole = np.where(labels == 1, 0.1, 0.9) + np.linspace(0, 1e-3, len(labels))  # backwards: not what predict says
     result = run_occlusion(images, masks, labels, predict, n_bootstrap=50, seed=0, whole=whole)
     assert len(asked) == 3  # the three occluded views only
-    assert result.auc["whole"][0] == pytest.approx(1.0)
+    assert result.auc["whole"][0] == pytest.approx(0.0)  # the caller's figures, not a forward pass
+    assert "p=0.10" in result.examples[0][0]  # the first positive's whole view, titled with the caller's figure
 
 
 def test_without_the_bootstrap_there_are_no_intervals_and_no_readings():
@@ -229,6 +230,9 @@ def test_empty_masks_are_not_occluded():
     frame = pd.DataFrame({"row": np.arange(6), "has_mask": True, "label": labels})
     result, _ = occlusion_for(Dataset(), frame, lambda p: p[:, 11, 11] / 255.0, n_bootstrap=20, seed=0)
     assert result.n == 5
+    whole = np.array([0.99, 0.2, 0.7, 0.4, 0.6, 0.1])  # row 0 (dropped) would spoil the ranking if misaligned
+    result, _ = occlusion_for(Dataset(), frame, lambda p: p[:, 11, 11] / 255.0, n_bootstrap=20, seed=0, whole=whole)
+    assert result.auc["whole"][0] == pytest.approx(metrics.roc_auc(labels[1:], whole[1:]))
 
 
 def test_chunks_give_the_same_result_as_one_pass():
@@ -238,6 +242,22 @@ def test_chunks_give_the_same_result_as_one_pass():
         return pixels[:, 1, 1].astype(np.float64) / 255.0 + pixels[:, 11, 11] / 1000.0 + pixels.mean(axis=(1, 2)) / 1e4
 
     whole = run_occlusion(images, masks, labels, predict, n_bootstrap=50, seed=0, chunk=1000)
-    chunked = run_occlusion(images, masks, labels, predict, n_bootstrap=50, seed=0, chunk=7)  # 7 does not divide 30
+    asked = []
+
+    def counting(pixels):
+        asked.append(len(pixels))
+        return predict(pixels)
+
+    chunked = run_occlusion(images, masks, labels, counting, n_bootstrap=50, seed=0, chunk=7,
+                            whole=predict(images))  # 7 does not divide 30
+    assert max(asked) <= 7 and sum(asked) == 3 * 30
     assert chunked.logged_metrics() == whole.logged_metrics()
     assert [t for t, _ in chunked.examples] == [t for t, _ in whole.examples]
+
+
+def test_one_class_gives_no_figure_and_a_bad_chunk_is_refused():
+    images, masks, labels = _cases(n=6)
+    result = run_occlusion(images, masks, np.zeros(6, int), lambda p: p[:, 1, 1] / 255.0, n_bootstrap=10, seed=0)
+    assert not result.computed and result.examples == ()
+    with pytest.raises(ValueError, match="chunk"):
+        run_occlusion(images, masks, labels, lambda p: p[:, 1, 1] / 255.0, n_bootstrap=10, seed=0, chunk=0)

@@ -325,13 +325,16 @@ class AuditResult:
 
 
 def _unequal(value: float, gate: float) -> tuple[str, str]:
-    """``value`` and ``gate`` with as many decimals (2 to 4) as it takes to print them differently, so a
-    failed gate never reads "1.00x < 1.00x" (a lift of 0.998 against 1.0 did)."""
-    for digits in (2, 3, 4):
-        shown, gate_shown = f"{value:.{digits}f}", f"{gate:.{digits}f}"
-        if shown != gate_shown:
+    """A failed gate's ``value`` (< ``gate``) and ``gate`` as text that reads as below it: the fewest
+    decimals (2, 3, 4, then 10) at which the printed value is below the gate, so a failed gate never
+    reads "1.00x < 1.00x" (a lift of 0.998 against 1.0 did). The gate is printed exactly (0.655 stays
+    0.655, never "0.66"); a value below it only by float noise prints in full."""
+    for digits in (2, 3, 4, 10):
+        shown = f"{value:.{digits}f}"
+        if float(shown) < gate:
+            gate_shown = f"{gate:.{digits}f}" if round(gate, digits) == gate else repr(float(gate))
             return shown, gate_shown
-    return repr(float(value)), repr(float(gate))  # the shortest exact forms: differ whenever the values do
+    return repr(float(value)), repr(float(gate))
 
 
 def audit(scores: list[dict], min_lung_focus: float, min_heatmaps: int = MIN_AUDIT_HEATMAPS,

@@ -339,22 +339,24 @@ def _external_html(card: ModelCard) -> str:
     """One table: the internal test split, then each external collection, at the same threshold."""
     head = ("<table><tr><th>data</th><th>n</th><th>positives</th><th>dropped (duplicates of training)</th>"
             "<th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th><th>ROC-AUC</th>"
-            "<th>ROC-AUC, lungs only</th><th>ROC-AUC, lungs hidden</th></tr>")
+            "<th>occluded (with a lung mask)</th><th>ROC-AUC, lungs only</th><th>ROC-AUC, lungs hidden</th></tr>")
     internal = {**card.metrics, **(card.occlusion.logged_metrics() if card.occlusion is not None else {})}
     rows = [("internal test split", card.n_test, int(card.metrics.get("tp", 0) + card.metrics.get("fn", 0)), 0,
              internal)]
     rows += [(f"{name} ({folder})", n, n_pos, dropped, values) for name, folder, n, n_pos, dropped, values in card.external]
     body = "".join(
         f"<tr><td>{_e(label)}</td><td>{n}</td><td>{n_pos}</td><td>{dropped}</td>"
-        + "".join(f"<td>{_e(_with_ci(values, m))}</td>" for m in ("sensitivity", "specificity", "ppv", "npv", "roc_auc",
-                                                                  "occlusion_lungs_only_roc_auc",
+        + "".join(f"<td>{_e(_with_ci(values, m))}</td>" for m in ("sensitivity", "specificity", "ppv", "npv", "roc_auc"))
+        + f"<td>{_e(format_count(values.get('occlusion_n')))}</td>"
+        + "".join(f"<td>{_e(_with_ci(values, m))}</td>" for m in ("occlusion_lungs_only_roc_auc",
                                                                   "occlusion_outside_only_roc_auc"))
         + "</tr>"
         for label, n, n_pos, dropped, values in rows
     )
     warnings = "".join(f"<div class='warning'>{_e(w)}</div>" for w in card.external_warnings)
-    note = ("<p class='small'>Lungs only / lungs hidden: the occlusion check (see below) on the same films; "
-            "undefined where it did not run.</p>")
+    note = ("<p class='small'>Lungs only / lungs hidden: the occlusion check (see below) on the films with a real "
+            "lung mask (the 'occluded' column; where that is fewer than n, the check's own whole-view AUC is "
+            "logged as occlusion_whole_roc_auc); undefined where it did not run or failed (occluded 0).</p>")
     return head + body + "</table>" + note + warnings
 
 

@@ -47,8 +47,8 @@ OCCLUSION_MARGIN = 0.10
 # The shape-only view's greys: fixed, so it carries the mask's shape and size and nothing of the
 # image's brightness; dark lungs in a bright body, as in an enhanced chest X-ray.
 SHAPE_GREYS = (64, 192)  # (lungs, everything else)
-# Images cut and scored at a time: three views of 256 images at 299 px are ~70 MB, not the gigabytes
-# a whole external collection's views would take at once.
+# Images cut and scored at a time: three views of 256 images at 299 px are ~70 MB, where a whole
+# external collection's views at once would take three times the collection's own pixels.
 OCCLUSION_CHUNK = 256
 VIEWS = ("whole", "lungs_only", "outside_only", "shape_only")
 OCCLUDED = VIEWS[1:]
@@ -127,7 +127,7 @@ def _against_chance(auc: tuple[float, float, float], what: str, above: str, belo
     """One line: where ``auc``'s interval lies against 0.5, for the view ``what`` names."""
     value, low, high = auc
     if not (np.isfinite(low) and np.isfinite(high)):
-        return f"{what} the model scores ROC-AUC {value:.3f} (no interval: the bootstrap is off, so no reading)."
+        return f"{what} the model scores ROC-AUC {value:.3f} (no interval: bootstrap off or too few cases, so no reading)."
     figure = f"ROC-AUC {value:.3f} [{low:.3f}, {high:.3f}]"
     if low > 0.5:
         return f"{what} the model still ranks {positive} above {negative} ({figure}, above chance): {above}"
@@ -145,8 +145,8 @@ def _reading(auc: dict[str, tuple[float, float, float]], change: dict[str, metri
         "what lies outside the lungs pulls against its lung evidence.", positive, negative)
     diff = change["lungs_only"]
     if not (np.isfinite(diff.low) and np.isfinite(diff.high)):
-        inside = (f"With only the lungs shown its ROC-AUC changes by {diff.estimate:+.3f} (no interval: the "
-                  "bootstrap is off, so no reading).")
+        inside = (f"With only the lungs shown its ROC-AUC changes by {diff.estimate:+.3f} (no interval: "
+                  "bootstrap off or too few cases, so no reading).")
     elif diff.high < 0:
         inside = (f"With only the lungs shown it loses {-diff.estimate:.3f} of ROC-AUC [{-diff.high:.3f}, "
                   f"{-diff.low:.3f}] against the whole view: it uses what lies outside the lungs too.")
@@ -180,8 +180,8 @@ def occlusion_check(labels, probabilities: dict[str, np.ndarray], *, n_bootstrap
             raise ValueError(f"{view}: {int((~np.isfinite(values)).sum())} non-finite probabilities")
     if n_positive == 0 or n_positive == n:
         return OcclusionResult(n, n_positive, reason=(
-            f"the {n} test cases with a lung mask are all one class ({n_positive} {positive}): "
-            "no ROC-AUC to compare" if n else "no test case has a real lung mask (dataset or segmenter)"))
+            f"the {n} cases with a lung mask are all one class ({n_positive} {positive}): "
+            "no ROC-AUC to compare" if n else "no case has a real lung mask (dataset or segmenter)"))
     auc: dict[str, tuple[float, float, float]] = {}
     for view in VIEWS:
         low, high = metrics.bootstrap_ci(labels_arr, probabilities[view], 0.5, n_bootstrap, seed)["roc_auc"]
@@ -203,9 +203,11 @@ def run_occlusion(images: np.ndarray, masks: np.ndarray, labels, predict: Callab
     """Cut the views of ``images`` (uint8 (n, S, S)) with ``masks``, score each with ``predict`` (uint8
     (n, S, S) -> float (n,) probabilities, the model's forward pass) and compare them. ``whole``: the
     probabilities of ``images`` when the caller already has them (one forward pass fewer). The views
-    are cut and scored ``chunk`` images at a time, so memory stays flat however many cases there are."""
+    are cut and scored ``chunk`` images at a time, so the views never take more than ``chunk`` images' worth."""
     images = np.asarray(images)
     masks = np.asarray(masks)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be at least 1")
     if images.shape != masks.shape:  # checked here too: the chunks below would each fail alone
         raise ValueError(f"images {images.shape} and masks {masks.shape} must both be (B, S, S)")
     if not len(images):  # nothing to show the model: the reason comes from occlusion_check
@@ -213,7 +215,7 @@ def run_occlusion(images: np.ndarray, masks: np.ndarray, labels, predict: Callab
         return occlusion_check(labels, dict.fromkeys(VIEWS, empty), n_bootstrap=n_bootstrap, seed=seed,
                                positive=positive, negative=negative)
     parts: dict[str, list[np.ndarray]] = {view: [] for view in OCCLUDED}
-    for start in range(0, len(images), max(1, chunk)):
+    for start in range(0, len(images), chunk):
         views = occlusion_views(images[start:start + chunk], masks[start:start + chunk], margin)
         for view in OCCLUDED:
             parts[view].append(np.asarray(predict(views[view]), dtype=np.float64).reshape(-1))
@@ -222,6 +224,8 @@ def run_occlusion(images: np.ndarray, masks: np.ndarray, labels, predict: Callab
                      **{view: np.concatenate(parts[view]) for view in OCCLUDED}}
     result = occlusion_check(labels, probabilities, n_bootstrap=n_bootstrap, seed=seed, positive=positive,
                              negative=negative)
+    if not result.computed:  # a figure of views nobody scored would only confuse the reader
+        return result
     return replace(result, examples=_examples(images, masks, probabilities, labels, positive, negative, margin))
 
 
@@ -255,7 +259,7 @@ def occlusion_for(dataset: PreparedDataset, frame: pd.DataFrame, predict: Callab
     """
     rows = frame["row"].to_numpy(np.int64)
     found = lung_masks(dataset, rows, frame["has_mask"].to_numpy(bool), segment, segmenter_name)
-    keep = np.flatnonzero(found.real & found.masks.reshape(len(rows), -1).any(axis=1))
+    keep = np.flatnonzero(found.real & found.masks.any(axis=(1, 2)))
     stored = dataset.images()
     size = dataset.image_size
     images = (np.stack([np.asarray(stored[int(r)]) for r in rows[keep]]) if keep.size

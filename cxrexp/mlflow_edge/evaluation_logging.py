@@ -268,9 +268,14 @@ def occlusion_figure(stage: Staging, result: OcclusionResult | None) -> model_ca
     """The views of one case of each class, logged as ``figures/occlusion_views.png`` (None: nothing to show)."""
     if result is None or not result.examples:
         return None
-    fig = plots.gradcam_gallery(list(result.examples), ncols=len(VIEWS))
-    return model_card.Figure("Occlusion views", stage.figure(fig, "figures/occlusion_views.png"),
-                             "what the model was shown in each view, with its probability, for the first case of each class")
+    try:
+        fig = plots.gradcam_gallery(list(result.examples), ncols=len(VIEWS))
+        png = stage.figure(fig, "figures/occlusion_views.png")
+    except Exception as exc:  # noqa: BLE001 - a figure must not cost the report
+        log.error("occlusion figure: %s: %s", type(exc).__name__, exc)
+        return None
+    return model_card.Figure("Occlusion views", png, "what the model was shown in each view, with its "
+                             "probability, for the first case of each class that has a lung mask")
 
 
 def occlusion_metrics(result: OcclusionResult | None) -> dict[str, float]:

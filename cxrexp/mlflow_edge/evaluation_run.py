@@ -9,7 +9,7 @@ What it logs (the contract the promote step and readers rely on):
   point estimate;
 - ``predictions.csv`` (source, class_name, label, probability, predicted, cell) for the test split;
 - ``figures/``: confusion matrix, ROC with the operating point, PR, calibration, threshold sweep,
-  Grad-CAM gallery, lung-focus distribution, occlusion views (when the occlusion check ran);
+  Grad-CAM gallery, lung-focus distribution, occlusion views (when the occlusion check computed);
 - ``gradcam/<cell>_<n>_overlay.png`` and ``_contour.png`` for a fixed seeded sample per confusion
   cell, with ``gradcam/samples.csv``;
 - shortcut audit: metrics ``audit_lung_focus_mean``, ``audit_lung_focus_median``,
@@ -173,6 +173,12 @@ def run(cfg: EvaluateConfig) -> str:
         judged = evaluate_test_split(test, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
                                      prevalence=prevalence)
         overlap = training_overlap(test, trained_on)
+        # The test split's own figures are logged first: nothing after them (a segmenter lookup, an
+        # external collection) can cost the user what the run is for.
+        evaluation_logging.log_test_metrics(judged.evaluation, len(test), threshold, overlap, source.model_id, test_data)
+        tracking.log_frame(judged.predictions, PREDICTIONS_ARTIFACT)
+        mlflow_status = evaluation_logging.mlflow_cross_check(judged.predictions, judged.counts)
+        mlflow.set_tag(MLFLOW_EVALUATE_TAG, mlflow_status[:500])
         segment, segmenter_name = audit_segmenter(cfg, loaded)
         external = score_external(cfg, model, model_spec, threshold, dataset, trained_on,
                                   lung_masks=loaded.lung_masks, segment=segment,
@@ -183,10 +189,6 @@ def run(cfg: EvaluateConfig) -> str:
                                          for r in external) if w]
         for text in external_warnings:
             print(f"WARNING: {text}")
-        evaluation_logging.log_test_metrics(judged.evaluation, len(test), threshold, overlap, source.model_id, test_data)
-        tracking.log_frame(judged.predictions, PREDICTIONS_ARTIFACT)
-        mlflow_status = evaluation_logging.mlflow_cross_check(judged.predictions, judged.counts)
-        mlflow.set_tag(MLFLOW_EVALUATE_TAG, mlflow_status[:500])
 
         stage = evaluation_logging.Staging()
         try:
@@ -307,11 +309,12 @@ def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dat
         probabilities = predict_probabilities(model, prepared.dataset.images(), kept["row"].to_numpy(np.int64),
                                               cfg.batch_size).astype(np.float64)
         evaluation = evaluate_predictions(labels, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
-        occluded, _ = evaluation_logging.occlusion(model, prepared.dataset, kept, cfg, segment=segment,
-                                                   segmenter_name=segmenter_name, label=f"external {name}",
-                                                   whole=probabilities)
+        occluded, occlusion_note = evaluation_logging.occlusion(
+            model, prepared.dataset, kept, cfg, segment=segment, segmenter_name=segmenter_name,
+            label=f"external {name}", whole=probabilities)
         results.append(ExternalResult(name, folder, len(kept), int(labels.sum()), int(dropped.sum()),
-                                      len(prepared.skipped), evaluation, occlusion=occluded))
+                                      len(prepared.skipped), evaluation, occlusion=occluded,
+                                      occlusion_note=occlusion_note))
         print(f"external {name} ({folder}): {len(kept)} images ({int(labels.sum())} {dataset.positive_class}), "
               f"{int(dropped.sum())} dropped as duplicates of training images, {len(prepared.skipped)} skipped; "
               f"ROC-AUC {evaluation.metrics['roc_auc']:.3f}, sensitivity {evaluation.metrics['sensitivity']:.3f}, "
