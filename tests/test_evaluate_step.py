@@ -87,6 +87,9 @@ def test_training_overlap_is_always_measured(name, test_hashes, expected):
         ({"batch_size": 0}, "--batch-size 0"),
         ({"model_uri": " "}, "--model-uri is empty"),
         ({"min_audit_heatmaps": 0}, "--min-audit-heatmaps 0"),
+        ({"occlusion_margin": 0.5}, "--occlusion-margin 0.5"),
+        ({"occlusion_margin": -0.01}, "--occlusion-margin -0.01"),
+        ({"occlusion_margin": float("nan")}, "--occlusion-margin nan"),
         ({"audit_lung_model": "models:/"}, "--audit-lung-model"),
     ],
 )
@@ -278,9 +281,14 @@ def test_evaluate_by_logged_model_uri_with_explicit_data_and_threshold(alias_run
     # The model's own threshold, given as a flag: same calls, so the audit must draw the same images.
     threshold = round(trained.data.metrics["threshold"], 6)
     code, run_id = _evaluate(["--model-uri", model_uri, "--data", str(synthetic_prepared.root),
-                              "--threshold", str(threshold), *FAST])
+                              "--threshold", str(threshold), "--occlusion-margin", "0.2", *FAST])
     assert code == 0 and run_id != alias_run
     run = mlflow.get_run(run_id)
+    assert float(run.data.params["occlusion_margin"]) == 0.2
+    # A wider hidden region changes what the views show, not the cases or the whole view.
+    first = mlflow.get_run(alias_run).data.metrics
+    assert run.data.metrics["occlusion_n"] == first["occlusion_n"]
+    assert run.data.metrics["occlusion_whole_roc_auc"] == pytest.approx(first["occlusion_whole_roc_auc"])
     assert run.data.metrics["threshold"] == pytest.approx(threshold)
     assert run.data.tags["cxrexp.threshold_source"] == "flag"
     assert run.data.tags["cxrexp.train_run_id"] == trained.info.run_id

@@ -261,3 +261,18 @@ def test_one_class_gives_no_figure_and_a_bad_chunk_is_refused():
     assert not result.computed and result.examples == ()
     with pytest.raises(ValueError, match="chunk"):
         run_occlusion(images, masks, labels, lambda p: p[:, 1, 1] / 255.0, n_bootstrap=10, seed=0, chunk=0)
+
+
+def test_evaluate_passes_its_occlusion_margin_flag_to_the_check(monkeypatch):
+    from cxrexp.config import EvaluateConfig
+    from cxrexp.mlflow_edge import evaluation_logging
+
+    seen = {}
+
+    def fake_occlusion_for(dataset, frame, predict, **kwargs):
+        seen.update(kwargs)
+        return occlusion_check(np.zeros(0), dict.fromkeys(VIEWS, np.zeros(0)), n_bootstrap=0, seed=0), "note"
+
+    monkeypatch.setattr(evaluation_logging, "occlusion_for", fake_occlusion_for)
+    evaluation_logging.occlusion(None, None, None, EvaluateConfig(occlusion_margin=0.2))
+    assert seen["margin"] == 0.2

@@ -255,7 +255,8 @@ def occlusion(model: Any, dataset: PreparedDataset, frame: pd.DataFrame, cfg: Ev
 
     try:
         result, note = occlusion_for(dataset, frame, predict, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
-                                     segment=segment, segmenter_name=segmenter_name, whole=whole)
+                                     segment=segment, segmenter_name=segmenter_name, whole=whole,
+                                     margin=cfg.occlusion_margin)
     except Exception as exc:  # noqa: BLE001 - a report-only check must not cost the evaluation (TF, OpenCV, memory)
         log.error("occlusion check on the %s: %s: %s", label, type(exc).__name__, exc)
         return None, f"failed: {type(exc).__name__}: {exc}"

@@ -30,6 +30,8 @@ def check_config(cfg: EvaluateConfig) -> None:
         problems.append(f"--min-lung-focus-lift {cfg.min_lung_focus_lift} must be a number >= 0 (0: not gated)")
     if cfg.min_audit_heatmaps < 1:
         problems.append(f"--min-audit-heatmaps {cfg.min_audit_heatmaps} must be >= 1")
+    if not 0 <= cfg.occlusion_margin < 0.5:  # also NaN: no comparison holds
+        problems.append(f"--occlusion-margin {cfg.occlusion_margin} must be in [0, 0.5) (a share of the image side)")
     if cfg.audit_lung_model:
         from cxrexp.mlflow_edge.model_uri import parse_model_uri
 
