@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cxrexp.evaluation import metrics, model_card
-from cxrexp.evaluation.occlusion import SHAPE_GREYS, VIEWS, occlusion_check, occlusion_views, run_occlusion
+from cxrexp.evaluation.occlusion import SHAPE_GREYS, VIEWS, occlusion_check, occlusion_metrics, occlusion_views, run_occlusion
 
 
 def _square(size: int = 20, top: int = 5, bottom: int = 15) -> np.ndarray:
@@ -103,6 +103,8 @@ def test_one_class_or_no_cases_gives_a_reason_not_a_number(labels, reason):
     result = occlusion_check(labels, probabilities, n_bootstrap=50, seed=0)
     assert not result.computed and reason in result.reason
     assert result.logged_metrics() == {"occlusion_n": float(labels.size)}
+    assert occlusion_metrics(result) == result.logged_metrics()
+    assert occlusion_metrics(None) == {"occlusion_n": 0.0}  # failed: recorded as 0, never missing
 
 
 @pytest.mark.parametrize(

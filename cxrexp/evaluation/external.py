@@ -18,7 +18,7 @@ import numpy as np
 from cxrexp.data.split import duplicate_groups
 from cxrexp.evaluation import metrics
 from cxrexp.evaluation.metrics import metric_key
-from cxrexp.evaluation.occlusion import OcclusionResult
+from cxrexp.evaluation.occlusion import OcclusionResult, occlusion_metrics
 
 EXTERNAL_PREFIX = "external_"
 
@@ -67,7 +67,6 @@ class ExternalResult:
     # The occlusion check on the collection (None: not run or failed): on another hospital's films it
     # shows whether the ranking comes from the lungs or from what surrounds them.
     occlusion: OcclusionResult | None = None
-    occlusion_note: str = ""  # where its masks came from, or why the check failed
 
 
 def interval_below(internal: Mapping[str, float], external: Mapping[str, float], name: str = "roc_auc") -> bool:
@@ -87,16 +86,10 @@ def external_warning(name: str, internal: Mapping[str, float], external: Mapping
             "(a shortcut such as the source hospital is the usual cause).")
 
 
-def _occlusion_metrics(result: ExternalResult) -> dict[str, float]:
-    """``occlusion_*`` of the collection; ``occlusion_n`` 0 when the check failed, as on the test split,
-    so "not run" is never a missing metric."""
-    return result.occlusion.logged_metrics() if result.occlusion is not None else {"occlusion_n": 0.0}
-
-
 def card_values(result: ExternalResult) -> dict[str, float]:
     """What the model card's table shows for the collection: its metrics and, when the occlusion check
     ran, its ``occlusion_*`` figures (the same names as the internal test split's)."""
-    return {**result.evaluation.metrics, **_occlusion_metrics(result)}
+    return {**result.evaluation.metrics, **occlusion_metrics(result.occlusion)}
 
 
 def logged_metrics(result: ExternalResult) -> dict[str, float]:
@@ -106,7 +99,7 @@ def logged_metrics(result: ExternalResult) -> dict[str, float]:
     values = {f"{prefix}{k}": v for k, v in result.evaluation.metrics.items()}
     values.update({f"{prefix}n": result.n, f"{prefix}n_positive": result.n_positive,
                    f"{prefix}n_dropped_duplicates": result.n_dropped, f"{prefix}n_skipped": result.n_skipped})
-    values.update({f"{prefix}{k}": v for k, v in _occlusion_metrics(result).items()})
+    values.update({f"{prefix}{k}": v for k, v in occlusion_metrics(result.occlusion).items()})
     return values
 
 

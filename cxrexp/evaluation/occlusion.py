@@ -116,6 +116,12 @@ class OcclusionResult:
         return out
 
 
+def occlusion_metrics(result: OcclusionResult | None) -> dict[str, float]:
+    """``occlusion_*`` for a run: the result's, or ``occlusion_n`` 0 when the check failed (None), so "not
+    run" is never a missing metric (the test split's and each external collection's alike)."""
+    return result.logged_metrics() if result is not None else {"occlusion_n": 0.0}
+
+
 def _against_chance(auc: tuple[float, float, float], what: str, above: str, below: str, positive: str,
                     negative: str) -> str:
     """One line: where ``auc``'s interval lies against 0.5, for the view ``what`` names."""
@@ -275,6 +281,7 @@ __all__ = [
     "OcclusionResult",
     "occlusion_check",
     "occlusion_for",
+    "occlusion_metrics",
     "occlusion_views",
     "run_occlusion",
 ]

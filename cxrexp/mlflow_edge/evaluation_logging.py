@@ -279,9 +279,4 @@ def occlusion_figure(stage: Staging, result: OcclusionResult | None) -> model_ca
                              "probability, for the first case of each class that has a lung mask")
 
 
-def occlusion_metrics(result: OcclusionResult | None) -> dict[str, float]:
-    """``occlusion_*`` for the run (``occlusion_n`` 0 when the check failed)."""
-    return result.logged_metrics() if result is not None else {"occlusion_n": 0.0}
-
-
-__all__ = ["Staging", "audit_and_gallery", "occlusion", "occlusion_figure", "occlusion_metrics", "log_figures", "log_test_metrics", "mlflow_cross_check"]
+__all__ = ["Staging", "audit_and_gallery", "occlusion", "occlusion_figure", "log_figures", "log_test_metrics", "mlflow_cross_check"]

@@ -57,6 +57,7 @@ from cxrexp.evaluation.external import (
     training_duplicates,
 )
 from cxrexp.evaluation.metrics import evaluate_predictions
+from cxrexp.evaluation.occlusion import occlusion_metrics
 from cxrexp.evaluation.test_evaluation import (
     card_notes,
     check_spec,
@@ -200,7 +201,7 @@ def run(cfg: EvaluateConfig) -> str:
                                                                   segmenter_name=segmenter_name)
             occluded, occlusion_note = evaluation_logging.occlusion(model, dataset, test, cfg, segment=segment,
                                                                     segmenter_name=segmenter_name, whole=probabilities)
-            tracking.log_metrics(evaluation_logging.occlusion_metrics(occluded))
+            tracking.log_metrics(occlusion_metrics(occluded))
             mlflow.set_tag(OCCLUSION_TAG, (occlusion_note if occluded is None else
                                            occluded.reason or f"computed on {occluded.n} cases")[:500])
             mlflow.set_tags({AUDIT_TAG: "passed" if audit.passed else "failed", AUDIT_REASON_TAG: audit.reason[:500]})
@@ -309,12 +310,11 @@ def score_external(cfg: EvaluateConfig, model, model_spec, threshold: float, dat
         probabilities = predict_probabilities(model, prepared.dataset.images(), kept["row"].to_numpy(np.int64),
                                               cfg.batch_size).astype(np.float64)
         evaluation = evaluate_predictions(labels, probabilities, threshold, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
-        occluded, occlusion_note = evaluation_logging.occlusion(
+        occluded, _ = evaluation_logging.occlusion(  # a failure is logged there; the run records occlusion_n 0
             model, prepared.dataset, kept, cfg, segment=segment, segmenter_name=segmenter_name,
             label=f"external {name}", whole=probabilities)
         results.append(ExternalResult(name, folder, len(kept), int(labels.sum()), int(dropped.sum()),
-                                      len(prepared.skipped), evaluation, occlusion=occluded,
-                                      occlusion_note=occlusion_note))
+                                      len(prepared.skipped), evaluation, occlusion=occluded))
         print(f"external {name} ({folder}): {len(kept)} images ({int(labels.sum())} {dataset.positive_class}), "
               f"{int(dropped.sum())} dropped as duplicates of training images, {len(prepared.skipped)} skipped; "
               f"ROC-AUC {evaluation.metrics['roc_auc']:.3f}, sensitivity {evaluation.metrics['sensitivity']:.3f}, "
