@@ -19,7 +19,12 @@ Lung masks: the ones stored with the prepared images (a lung-view model's segmen
 its view), else the store's ``cxr-lung-seg@champion`` applied to the stored image (whole-image
 models). Printed: n, the whole view's ROC-AUC, the lungs-only and outside-only ROC-AUC with bootstrap
 CIs, and each view's paired AUC change against the whole view (``cxrexp.evaluation.occlusion``, the
-same code ``evaluate`` runs on the test split). Nothing is chosen here; docs/lungs.md says what was read.
+same code ``evaluate`` runs on the test split). Then, per mode and set, how many models promote's
+occlusion gate (``cxrexp.promotion``, the same decision ``promote`` makes from an evaluate run's metrics)
+lets through at each ``--gate-losses`` margin: how that gate's default margin was chosen, on the
+validation split with ``mask`` models (they see only the lungs) as the positive control and ``none``
+models (they read the surroundings) as the negative one. Nothing is chosen automatically here;
+docs/lungs.md and docs/serving.md say what was read.
 """
 
 from __future__ import annotations
@@ -73,11 +78,18 @@ def main() -> int:
     parser.add_argument("--margin", type=float, default=None,
                         help="widen the masks by this share of the side (default: the product's OCCLUSION_MARGIN)")
     parser.add_argument("--csv", default="occlusion.csv", help="the table's file in --work")
+    parser.add_argument("--audit", action="store_true",
+                        help="also run evaluate's heatmap audit (HiResCAM against the same lung masks, at the model's "
+                             "own threshold and evaluate's default gates) on each set, beside the occlusion check")
+    parser.add_argument("--gate-losses", default="0.02,0.03,0.05,0.08,0.10",
+                        help="promote --max-lungs-only-loss values to show the occlusion gate's verdicts at")
     parser.add_argument("--report-only", action="store_true", help="only print the table of --work's occlusion.csv")
     args = parser.parse_args()
     work = Path(args.work).resolve()
+    losses = [float(v) for v in args.gate_losses.split(",") if v.strip()]
     if args.report_only:
         report(pd.read_csv(work / args.csv))
+        gate_table(pd.read_csv(work / args.csv), losses)
         return 0
     if not (work / "mlflow.db").is_file():
         print(f"{work} holds no mlflow.db: run benchmarks/lungs_compare.py --work {work} first", file=sys.stderr)
@@ -129,13 +141,35 @@ def main() -> int:
                                              segment=segment, segmenter_name=segmenter, margin=margin)
                 row = {"mode": mode, "seed": seed, "set": set_name, "margin": margin, "n": result.n, "of": len(frame),
                        **result.logged_metrics()}
+                if args.audit:
+                    row.update(heatmap_audit(loaded, dataset, frame, segment, segmenter))
                 rows.append(row)
                 print(f"{mode} seed {seed} {set_name}: {note}; " + " | ".join(result.reading or (result.reason,)),
                       flush=True)
             pd.DataFrame(rows).to_csv(work / args.csv, index=False)
     report(pd.DataFrame(rows))
+    gate_table(pd.DataFrame(rows), losses)
     print(f"load average at end: {load_average()}")
     return 0
+
+
+def heatmap_audit(loaded, dataset, frame: pd.DataFrame, segment, segmenter: str) -> dict[str, float]:
+    """Evaluate's shortcut audit (``audit.shortcut_audit``, its default gates) on ``frame``'s rows, at the
+    model's own threshold: ``audit_lung_focus``, ``audit_lift``, ``audit_n``, ``audit_passed``."""
+    from cxrexp.config import EvaluateConfig
+    from cxrexp.data.tfdata import predict_probabilities
+    from cxrexp.evaluation import audit
+
+    cfg = EvaluateConfig()
+    frame = frame.reset_index(drop=True)
+    probabilities = predict_probabilities(loaded.keras_model, dataset.images(), frame["row"].to_numpy(np.int64), 64)
+    cells = audit.confusion_cells(frame["label"].to_numpy(), probabilities >= loaded.threshold)
+    outcome, _ = audit.shortcut_audit(loaded.keras_model, dataset, frame, cells, min_lung_focus=cfg.min_lung_focus,
+                                      seed=cfg.seed, segment=segment, segmenter_name=segmenter,
+                                      min_heatmaps=cfg.min_audit_heatmaps, min_lung_focus_lift=cfg.min_lung_focus_lift)
+    result = outcome.result
+    return {"audit_lung_focus": result.lung_focus_mean, "audit_lift": result.lung_focus_lift_mean,
+            "audit_n": float(result.n), "audit_passed": float(result.passed)}
 
 
 def report(frame: pd.DataFrame) -> None:
@@ -147,18 +181,50 @@ def report(frame: pd.DataFrame) -> None:
         fmt = "{:+.3f}" if signed else "{:.3f}"
         return f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]"
 
-    from cxrexp.evaluation.occlusion import OCCLUDED, VIEW_LABELS
+    from cxrexp.evaluation.occlusion import OCCLUDED, VIEW_LABELS, auc_metric, change_metric
 
     views = [(view, VIEW_LABELS[view]) for view in OCCLUDED]
     print("\n| mode | seed | set | n | whole AUC | " + " | ".join(f"{label} AUC [95% CI] | change [paired CI]"
                                                          for _, label in views) + " |")
     print("|---|---|---|---|---|" + "---|---|" * len(views))
     for _, row in frame.sort_values(["mode", "set", "seed"], kind="stable").iterrows():
-        whole = row.get("occlusion_whole_roc_auc", np.nan)
-        cells = " | ".join(f"{cell(row, f'occlusion_{view}_roc_auc')} | {cell(row, f'occlusion_{view}_auc_change', True)}"
+        whole = row.get(auc_metric("whole"), np.nan)
+        cells = " | ".join(f"{cell(row, auc_metric(view))} | {cell(row, change_metric(view), True)}"
                            for view, _ in views)
         print(f"| {row['mode']} | {row['seed']} | {row['set']} | {int(row['n'])} of {int(row['of'])} | "
               f"{whole:.3f} | {cells} |")
+
+
+def gate_table(frame: pd.DataFrame, losses: list[float]) -> None:
+    """Per mode and set: the models promote's occlusion gate passes at each margin (of those scored)."""
+    from cxrexp.config import OCCLUSION_MARGIN
+    from cxrexp.promotion import OCCLUSION_GATE, Evidence, Gates, decide
+
+    def passes(row: pd.Series, loss: float) -> bool:
+        metrics = {k: float(v) for k, v in row.items() if str(k).startswith("occlusion_") and pd.notna(v)}
+        decision = decide(Evidence(version=f"{row['mode']}-{row['seed']}", metrics=metrics,
+                                   occlusion_note="from occlusion_check.py", occlusion_margin=float(row["margin"])),
+                          None, Gates(max_lungs_only_loss=loss, max_occlusion_margin=max(OCCLUSION_MARGIN, float(row["margin"]))))
+        return bool(decision.gate_values[OCCLUSION_GATE]["passed"])
+
+    print("\nThe occlusion gate (promote --max-lungs-only-loss L): models passed, by mode and set (seeds in order)")
+    print("| mode | set | seeds | " + " | ".join(f"L = {loss:g}" for loss in losses) + " |")
+    print("|---|---|---|" + "---|" * len(losses))
+    for (mode, set_name), group in frame.sort_values(["mode", "set", "seed"], kind="stable").groupby(
+            ["mode", "set"], sort=False):
+        cells = []
+        for loss in losses:
+            verdicts = [passes(row, loss) for _, row in group.iterrows()]
+            cells.append(f"{sum(verdicts)} of {len(verdicts)} (" + "".join("P" if v else "F" for v in verdicts) + ")")
+        print(f"| {mode} | {set_name} | {', '.join(str(s) for s in group['seed'])} | " + " | ".join(cells) + " |")
+    if "audit_passed" in frame.columns:
+        print("\nThe heatmap audit (evaluate's default gates, the model's threshold) on the same sets")
+        print("| mode | set | seed | heatmaps | lung focus | lift | passed |")
+        print("|---|---|---|---|---|---|---|")
+        for _, row in frame.sort_values(["mode", "set", "seed"], kind="stable").iterrows():
+            if pd.notna(row.get("audit_passed")):
+                print(f"| {row['mode']} | {row['set']} | {row['seed']} | {int(row['audit_n'])} | "
+                      f"{row['audit_lung_focus']:.2f} | {row['audit_lift']:.2f} | {'yes' if row['audit_passed'] else 'no'} |")
 
 
 if __name__ == "__main__":

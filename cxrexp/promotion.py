@@ -9,10 +9,22 @@ Gates, each reported in plain words whether it passes or fails:
     ``test_<metric>`` (or ``test_<metric>_ci_low`` when ``gate_on_ci_low``, the lower end of the
     bootstrap confidence interval) must be >= its minimum. Equal passes.
 ``audit``
-    when ``require_audit``, the evaluate step's shortcut/lung-focus audit must have passed, and with
+    when ``require_audit`` (off by default: see ``occlusion``), the evaluate step's shortcut/lung-focus audit must have passed, and with
     a ``min_lung_focus`` and a ``min_lung_focus_lift`` each at least promote's own (default:
     evaluate's defaults): an audit passed at a laxer gate does not count. An unknown result or gate
     (not recorded) fails, since "not checked" is not "fine"; a gate promote sets to 0 is not asked.
+``occlusion``
+    when ``require_occlusion``, the evaluate run's occlusion check must show that the lungs carry the
+    model's ranking: with only the (widened) lung fields shown, the test ROC-AUC may fall against the
+    whole view by no more than ``max_lungs_only_loss``, judged on the paired bootstrap interval (its
+    lower bound ``occlusion_lungs_only_auc_change_ci_low`` >= ``-max_lungs_only_loss``), a
+    non-inferiority test like the champion gate's. The check must have widened the masks by no more
+    than ``max_occlusion_margin`` (a wider widening shows more than the lungs: laxer; not recorded fails). This asks whether the model's evidence is in the
+    lungs by intervening on the image, where the audit reads heatmaps; the margin, and why this gate and
+    not the audit's is the default, were chosen on the validation split with controls (models that see
+    only their lungs, models that read whole films), never on a test split (docs/serving.md, "The
+    occlusion gate"). Not computed (no real lung masks, one class, a failure) or recorded without an
+    interval fails, with the evaluate run's own reason.
 ``overlap``
     ``test_overlap_with_training`` (test images whose bytes are in the training data) must be 0: a
     figure measured partly on training images is not a test figure. Not recorded (the training
@@ -49,13 +61,16 @@ import numpy as np
 
 from cxrexp.config import PromoteConfig
 from cxrexp.evaluation.metrics import RATE_NAMES, paired_difference
+from cxrexp.evaluation.occlusion import N_METRIC as OCCLUSION_N_METRIC
+from cxrexp.evaluation.occlusion import change_metric
 
 # Gate names, in the order they are reported. They become tag keys (``promotion.<gate>``).
 THRESHOLD_GATES = ("sensitivity", "specificity", "roc_auc")
 AUDIT_GATE = "audit"
+OCCLUSION_GATE = "occlusion"
 OVERLAP_GATE = "overlap"
 CHAMPION_GATE = "champion"
-GATE_NAMES = (*THRESHOLD_GATES, AUDIT_GATE, OVERLAP_GATE, CHAMPION_GATE)
+GATE_NAMES = (*THRESHOLD_GATES, AUDIT_GATE, OCCLUSION_GATE, OVERLAP_GATE, CHAMPION_GATE)
 OVERLAP_METRIC = "test_overlap_with_training"
 
 METRIC_PREFIX = "test_"
@@ -83,6 +98,9 @@ class Gates:
     require_audit: bool = PromoteConfig.require_audit
     min_lung_focus: float = PromoteConfig.min_lung_focus
     min_lung_focus_lift: float = PromoteConfig.min_lung_focus_lift
+    require_occlusion: bool = PromoteConfig.require_occlusion
+    max_lungs_only_loss: float = PromoteConfig.max_lungs_only_loss
+    max_occlusion_margin: float = PromoteConfig.max_occlusion_margin
     n_bootstrap: int = PromoteConfig.n_bootstrap
     seed: int = PromoteConfig.seed
 
@@ -94,6 +112,12 @@ class Gates:
         lift = self.min_lung_focus_lift
         if not (isinstance(lift, (int, float)) and math.isfinite(lift) and lift >= 0):
             raise ValueError(f"min_lung_focus_lift={lift!r} must be a finite number >= 0")
+        loss = self.max_lungs_only_loss
+        if not (isinstance(loss, (int, float)) and math.isfinite(loss) and 0 <= loss < 1):
+            raise ValueError(f"max_lungs_only_loss={loss!r} must be a number in [0, 1) (ROC-AUC units, e.g. 0.08)")
+        widest = self.max_occlusion_margin
+        if not (isinstance(widest, (int, float)) and math.isfinite(widest) and 0 <= widest < 0.5):
+            raise ValueError(f"max_occlusion_margin={widest!r} must be a number in [0, 0.5) (a share of the image side)")
         if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and abs(self.margin) < 1):
             raise ValueError(f"margin={self.margin!r} must be a finite number in (-1, 1), e.g. 0.01")
         if not self.primary_metric or not isinstance(self.primary_metric, str):
@@ -114,6 +138,9 @@ class Gates:
             require_audit=bool(cfg.require_audit),
             min_lung_focus=float(cfg.min_lung_focus),
             min_lung_focus_lift=float(cfg.min_lung_focus_lift),
+            require_occlusion=bool(cfg.require_occlusion),
+            max_lungs_only_loss=float(cfg.max_lungs_only_loss),
+            max_occlusion_margin=float(cfg.max_occlusion_margin),
             n_bootstrap=int(cfg.n_bootstrap),
             seed=int(cfg.seed),
         )
@@ -141,7 +168,9 @@ class Evidence:
     ``dataset_digest``: the prepared dataset the figures come from (None when unknown).
     ``predictions``: the per-case test predictions, for the paired champion comparison (None: unknown).
     ``audit_min_lung_focus`` / ``audit_min_lung_focus_lift``: the gates the evaluate run's audit was
-    judged at (None: not recorded).
+    judged at (None: not recorded). ``occlusion_note``: the evaluate run's word on its occlusion check
+    ("computed on N cases" or why not; None: not recorded); ``occlusion_margin``: the mask widening
+    that check used (its param; None: not recorded).
     """
 
     version: str
@@ -151,6 +180,8 @@ class Evidence:
     predictions: CasePredictions | None = None
     audit_min_lung_focus: float | None = None
     audit_min_lung_focus_lift: float | None = None
+    occlusion_note: str | None = None
+    occlusion_margin: float | None = None
 
 
 @dataclass(frozen=True)
@@ -279,6 +310,61 @@ def _audit_check(challenger: Evidence, gates: Gates) -> GateCheck:
     )
 
 
+def _signed(value: float | None) -> str:
+    return _fmt(value) if _undefined(value) else f"{value:+.4f}"
+
+
+def _occlusion_check(challenger: Evidence, gates: Gates) -> GateCheck:
+    n = _metric(challenger.metrics, OCCLUSION_N_METRIC)
+    estimate = _metric(challenger.metrics, change_metric("lungs_only"))
+    low = _metric(challenger.metrics, change_metric("lungs_only", "ci_low"))
+    high = _metric(challenger.metrics, change_metric("lungs_only", "ci_high"))
+    loss = f"{gates.max_lungs_only_loss:g}"
+    limit = -gates.max_lungs_only_loss
+    detail = {"lungs_only_auc_change": estimate, "lungs_only_auc_change_ci_low": low,
+              "lungs_only_auc_change_ci_high": high, "n_cases": n, "occlusion_margin": challenger.occlusion_margin}
+    if not gates.require_occlusion:
+        shown = "not recorded" if low is None else f"lower bound {_signed(low)}"
+        return GateCheck(OCCLUSION_GATE, True, low, None, f"pass occlusion: not required (its lungs-only change: {shown})",
+                         detail)
+    if n is None:
+        return GateCheck(OCCLUSION_GATE, False, None, limit,
+                         "FAIL occlusion: the evaluate run recorded no occlusion check (evaluate again with this "
+                         "release, or set require_occlusion=false)", detail)
+    if _undefined(n) or n <= 0:
+        why = challenger.occlusion_note or "no reason recorded"
+        return GateCheck(OCCLUSION_GATE, False, None, limit,
+                         f"FAIL occlusion: the occlusion check was not computed ({why}); it needs real lung masks "
+                         "for test images of both classes (the dataset's, or a segmenter's: evaluate -P "
+                         "audit_lung_model=...), or set require_occlusion=false", detail)
+    # A wider widening shows the model more than the lungs, which is laxer (as an audit judged at a laxer gate).
+    margin = challenger.occlusion_margin
+    if margin is None or _undefined(margin) or margin > gates.max_occlusion_margin + TIE_TOLERANCE:
+        shown = "does not record its mask widening (occlusion_margin)" if margin is None or _undefined(margin) else (
+            f"widened the lung masks by {margin:g} of the side, more than promote's max_occlusion_margin "
+            f"{gates.max_occlusion_margin:g}: its lungs-only view showed more than the lungs")
+        return GateCheck(OCCLUSION_GATE, False, low, limit,
+                         f"FAIL occlusion: the evaluate run {shown}; evaluate again with -P occlusion_margin <= "
+                         f"{gates.max_occlusion_margin:g}, or raise promote's --max-occlusion-margin for a lung view "
+                         "cut with a wider lung_margin", detail)
+    if _undefined(low) or _undefined(high):
+        return GateCheck(OCCLUSION_GATE, False, estimate, limit,
+                         f"FAIL occlusion: the lungs-only ROC-AUC change ({_signed(estimate)}) has no interval "
+                         "(evaluate ran with n_bootstrap 0 or the resamples were undefined): evaluate again with "
+                         "bootstrap resamples", detail)
+    assert low is not None and high is not None
+    passed = low >= limit - TIE_TOLERANCE
+    figure = (f"with only the lungs shown, test ROC-AUC changes by {_signed(estimate)} [{low:+.4f}, {high:+.4f}] "
+              f"(paired 95% interval, {int(n)} cases)")
+    if passed:
+        return GateCheck(OCCLUSION_GATE, True, low, limit,
+                         f"pass occlusion: {figure}; the lower bound is at or above -{loss}: the lungs carry the "
+                         "ranking", detail)
+    return GateCheck(OCCLUSION_GATE, False, low, limit,
+                     f"FAIL occlusion: {figure}; the lower bound {low:+.4f} is below -{loss}: not shown that the "
+                     "lungs carry the ranking (the model may use what lies outside them)", detail)
+
+
 def paired_cases(challenger: CasePredictions, champion: CasePredictions) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
     """(labels, champion probabilities, challenger probabilities) on the cases both scored, in one
     order; or the reason they cannot be paired."""
@@ -385,6 +471,7 @@ def decide(challenger: Evidence, champion: Evidence | None, gates: Gates) -> Dec
     checks = (
         *(_threshold_check(gate, challenger, gates) for gate in THRESHOLD_GATES),
         _audit_check(challenger, gates),
+        _occlusion_check(challenger, gates),
         _overlap_check(challenger),
         _champion_check(challenger, champion, gates),
     )
@@ -420,6 +507,7 @@ __all__ = [
     "segmenter_champion",
     "AUDIT_GATE",
     "CHAMPION_GATE",
+    "OCCLUSION_GATE",
     "OVERLAP_GATE",
     "GATE_NAMES",
     "THRESHOLD_GATES",

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cxrexp.config import EvaluateConfig, TrainConfig
+from cxrexp.promotion import GATE_NAMES, OCCLUSION_GATE, Evidence, Gates, decide
 
 from .conftest import tiny_preprocess_config
 
@@ -138,14 +139,24 @@ def test_occlusion_finds_the_marker_models_evidence_outside_the_lungs(marker_mod
     assert result.change["lungs_only"].high < 0, result.reading
     assert "still ranks" in result.reading[0] and "loses" in result.reading[1]
     assert "cannot be told from chance" in result.reading[2]  # the synthetic lungs' shape says nothing of the label
+    # and promote's occlusion gate, at its default margin, refuses it from these figures
+    decision = decide(Evidence("marker", metrics=result.logged_metrics(), occlusion_margin=0.1), None, Gates())
+    assert not decision.gate_values[OCCLUSION_GATE]["passed"]
+    assert "FAIL occlusion" in decision.reasons[GATE_NAMES.index(OCCLUSION_GATE)]
 
 
 def test_occlusion_finds_the_clean_models_evidence_inside_the_lungs(clean_model, datasets):
-    """With the lungs hidden the clean model is at chance; with only the lungs it keeps most of its ranking."""
+    """With only the lungs the clean model keeps its ranking; hiding them costs it, and far more.
+
+    Not asserted: that it is at chance with the lungs hidden. On one host it was; on another (same
+    code, seed and data; an AMD EPYC, whose float kernels train a slightly different model) it ranked
+    at 0.668 [0.546, 0.806] with the lungs hidden on these 60 cases, while keeping 0.806 of its 0.818
+    with the lungs only. What the test holds to is the contrast, which held on both.
+    """
     result = _occlusion(clean_model, datasets["clean"])
-    value, low, high = result.auc["outside_only"]
-    assert low <= 0.5 <= high, result.reading
-    assert "cannot be told from chance" in result.reading[0]
-    assert result.auc["lungs_only"][0] > 0.8, result.reading
-    assert result.change["outside_only"].high < 0, result.reading  # hiding the lungs costs it
+    lungs_only, hidden = result.change["lungs_only"], result.change["outside_only"]
+    assert lungs_only.low <= 0 <= lungs_only.high, result.reading  # no loss the cases can resolve
+    assert "no loss the test cases can resolve" in result.reading[1]
+    assert hidden.high < 0, result.reading  # hiding the lungs costs it
+    assert result.auc["lungs_only"][0] - result.auc["outside_only"][0] > 0.1, result.reading
     assert "cannot be told from chance" in result.reading[2]

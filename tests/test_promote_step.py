@@ -80,15 +80,23 @@ def add_version(store, name: str, digest: str = DIGEST) -> str:
                              tags={"dataset_digest": digest, "train_run_id": store["train_run_id"]})
 
 
+# An occlusion check that the lungs carry the ranking (lungs-only change -0.01 [-0.03, +0.01]).
+LUNGS_READ = {"occlusion_n": 100.0, "occlusion_lungs_only_auc_change": -0.01,
+              "occlusion_lungs_only_auc_change_ci_low": -0.03, "occlusion_lungs_only_auc_change_ci_high": 0.01}
+
+
 def fake_evaluation(name: str, version: str, metrics: dict, *, digest: str = DIGEST, audit: str = "passed",
-                    model_uri: str | None = None, threshold: float = -1.0, predictions=None) -> str:
-    """An evaluate run as evaluate_step records it: step/model_uri/digest/audit tags and test_* metrics
-    (and, when given, the per-case ``predictions.csv``)."""
+                    model_uri: str | None = None, threshold: float = -1.0, predictions=None,
+                    occlusion: dict | None = None, occlusion_note: str = "computed on 100 cases") -> str:
+    """An evaluate run as evaluate_step records it: step/model_uri/digest/audit/occlusion tags, test_* and
+    occlusion_* metrics (``occlusion`` default ``LUNGS_READ``) and, when given, the per-case ``predictions.csv``."""
     with mlflow.start_run(run_name="fake-evaluate") as run:
         mlflow.set_tags({STEP_TAG: "evaluate", MODEL_URI_TAG: model_uri or f"models:/{name}/{version}",
-                         DIGEST_TAG: digest, "cxrexp.audit": audit})
-        mlflow.log_params({"threshold": threshold, "min_lung_focus": 0.5, "min_lung_focus_lift": 1.0})
-        mlflow.log_metrics({**metrics, "audit_passed": float(audit == "passed"), "threshold": 0.5})
+                         DIGEST_TAG: digest, "cxrexp.audit": audit, "cxrexp.occlusion": occlusion_note})
+        mlflow.log_params({"threshold": threshold, "min_lung_focus": 0.5, "min_lung_focus_lift": 1.0,
+                           "occlusion_margin": 0.1})
+        mlflow.log_metrics({**metrics, "audit_passed": float(audit == "passed"), "threshold": 0.5,
+                            **(LUNGS_READ if occlusion is None else occlusion)})
         if predictions is not None:
             from cxrexp.mlflow_edge import tracking
 
@@ -145,7 +153,8 @@ def test_first_promotion_sets_champion_and_records_tags(store, capsys):
     assert tags["promotion.roc_auc"] == "pass value=0.95 limit=0.85"
     assert tags["promotion.champion"] == "pass"
     assert tags["promotion.replaced"] == ""
-    assert tags["promotion.reasons"].count("\n") == 5  # six gates, one line each
+    assert tags["promotion.reasons"].count("\n") == 6  # seven gates, one line each
+    assert tags["promotion.occlusion"].startswith("pass value=-0.03 limit=")
     out = capsys.readouterr().out
     assert "PROMOTED: version 1" in out and "no champion yet" in out and evaluate_run in out
     (run,) = promote_runs(name)
@@ -309,11 +318,21 @@ def test_already_champion_is_not_judged_again(store, capsys):
 def test_failing_gates_refuse_a_first_model(store, capsys):
     name = new_name()
     v1 = add_version(store, name)
-    fake_evaluation(name, v1, _metrics(0.95, sens=0.6), audit="failed")
-    assert promote_step.run(config(name)) == 0
+    fake_evaluation(name, v1, _metrics(0.95, sens=0.6), audit="failed",
+                    occlusion={"occlusion_n": 0.0}, occlusion_note="no case has a real lung mask (dataset or segmenter)")
+    assert promote_step.run(config(name, require_audit=True)) == 0
     assert registry.aliases(name) == {"challenger": v1}
     out = capsys.readouterr().out
-    assert "failed 2 gate(s) (sensitivity, audit); there is still no @champion" in out
+    assert "failed 3 gate(s) (sensitivity, audit, occlusion); there is still no @champion" in out
+    # The evaluate run's own reason travels to the decision (its tag), so the fix is in the message.
+    assert "occlusion check was not computed (no case has a real lung mask (dataset or segmenter))" in out
+    # By default the heatmap audit is shown, not required: the same evidence fails on the other two alone.
+    v2 = add_version(store, name)
+    fake_evaluation(name, v2, _metrics(0.95, sens=0.6), audit="failed",
+                    occlusion={"occlusion_n": 0.0}, occlusion_note="no case has a real lung mask (dataset or segmenter)")
+    assert promote_step.run(config(name)) == 0
+    out = capsys.readouterr().out
+    assert "failed 2 gate(s) (sensitivity, occlusion)" in out and "pass audit: not required (its result: failed)" in out
 
 
 def test_missing_evaluations_are_run_first_outside_the_promote_run(store, fake_evaluate_step, capsys):
@@ -398,11 +417,14 @@ def test_real_pipeline_train_evaluate_promote(synthetic_prepared, tmp_path, monk
                                 patience=2, lr_patience=1, batch_size=32, registered_model_name=name)
         train_step.run(train_cfg)
         # Lenient gates: an untrained-looking tiny model must still be promotable on the first go.
-        lenient = dict(min_sensitivity=0.0, min_specificity=0.0, min_roc_auc=0.0, require_audit=False)
+        lenient = dict(min_sensitivity=0.0, min_specificity=0.0, min_roc_auc=0.0, require_audit=False,
+                       require_occlusion=False)
         assert promote_step.run(config(name, **lenient)) == 0
         assert registry.aliases(name) == {"champion": "1"}
         out = capsys.readouterr().out
         assert "(evaluated now)" in out and "PROMOTED: version 1" in out
+        # The occlusion metrics' names as the real evaluate step logs them reach the gate (shown, not required).
+        assert "pass occlusion: not required (its lungs-only change: lower bound " in out
         evaluations = MlflowClient().search_runs(
             [e.experiment_id for e in MlflowClient().search_experiments()],
             filter_string=f"tags.`{STEP_TAG}` = 'evaluate'",

@@ -19,12 +19,17 @@ GOOD = {
     "test_sensitivity": 0.90, "test_sensitivity_ci_low": 0.82, "test_sensitivity_ci_high": 0.95,
     "test_specificity": 0.92, "test_specificity_ci_low": 0.85, "test_specificity_ci_high": 0.97,
     "test_roc_auc": 0.95, "test_roc_auc_ci_low": 0.90, "test_roc_auc_ci_high": 0.98,
+    # The occlusion check: with only the lungs shown the AUC barely moves.
+    "occlusion_n": 120.0, "occlusion_lungs_only_auc_change": -0.01,
+    "occlusion_lungs_only_auc_change_ci_low": -0.03, "occlusion_lungs_only_auc_change_ci_high": 0.01,
 }
 
 
-def challenger(audit=True, digest=DIGEST, audit_at=0.5, lift_at=1.0, **metrics) -> Evidence:
+def challenger(audit=True, digest=DIGEST, audit_at=0.5, lift_at=1.0, occlusion_note=None, occlusion_margin=0.1,
+               **metrics) -> Evidence:
     return Evidence(version="3", metrics={**GOOD, **metrics}, audit_passed=audit, dataset_digest=digest,
-                    audit_min_lung_focus=audit_at, audit_min_lung_focus_lift=lift_at)
+                    audit_min_lung_focus=audit_at, audit_min_lung_focus_lift=lift_at, occlusion_note=occlusion_note,
+                    occlusion_margin=occlusion_margin)
 
 
 def champion(roc_auc=0.95, digest=DIGEST) -> Evidence:
@@ -35,7 +40,7 @@ def test_everything_passes_and_every_gate_is_reported():
     decision = decide(challenger(), champion(), GATES)
     assert decision.promote is True
     assert decision.failed_gates == []
-    assert len(decision.reasons) == len(GATE_NAMES) == 6
+    assert len(decision.reasons) == len(GATE_NAMES) == 7
     assert all(reason.startswith("pass ") for reason in decision.reasons)
     assert list(decision.gate_values) == list(GATE_NAMES)
     assert decision.gate_values["sensitivity"] == {"passed": True, "value": 0.90, "limit": 0.8}
@@ -218,7 +223,7 @@ def test_nan_metric_fails_with_a_reason(metrics, champ_auc, failed):
 
 def test_missing_metric_fails_with_a_reason():
     evidence = Evidence("3", {k: v for k, v in GOOD.items() if k != "test_specificity"}, True, DIGEST,
-                        audit_min_lung_focus=0.5, audit_min_lung_focus_lift=1.0)
+                        audit_min_lung_focus=0.5, audit_min_lung_focus_lift=1.0, occlusion_margin=0.1)
     decision = decide(evidence, None, GATES)
     assert decision.failed_gates == ["specificity"]
     assert "test_specificity was not recorded" in decision.reasons[1]
@@ -277,8 +282,14 @@ def test_decision_serialises_to_json_without_nan():
 def test_gates_from_config_uses_promote_config_fields():
     from cxrexp.config import PromoteConfig
 
-    gates = Gates.from_config(PromoteConfig(min_roc_auc=0.7, gate_on_ci_low=True, margin=0.0))
+    gates = Gates.from_config(PromoteConfig(min_roc_auc=0.7, gate_on_ci_low=True, margin=0.0, require_audit=True,
+                                            max_lungs_only_loss=0.03))
     assert (gates.min_roc_auc, gates.gate_on_ci_low, gates.margin, gates.require_audit) == (0.7, True, 0.0, True)
+    assert (gates.require_occlusion, gates.max_lungs_only_loss) == (True, 0.03)
+    # The defaults: the occlusion gate required, the heatmap audit reported (docs/serving.md says why).
+    default = Gates.from_config(PromoteConfig())
+    assert (default.require_audit, default.require_occlusion) == (False, True) == (Gates().require_audit,
+                                                                                    Gates().require_occlusion)
     assert math.isclose(gates.min_sensitivity, 0.8)
 
 
@@ -299,7 +310,94 @@ def test_gates_from_config_uses_promote_config_fields():
 def test_overlap_and_audit_threshold_gates(name, overlap, audit_at, gate_at, lift_at, lift_gate, passed_gates):
     metrics = {} if overlap is None else {"test_overlap_with_training": overlap}
     decision = decide(challenger(audit_at=audit_at, lift_at=lift_at, **metrics), None,
-                      Gates(min_lung_focus=gate_at, min_lung_focus_lift=lift_gate))
+                      Gates(min_lung_focus=gate_at, min_lung_focus_lift=lift_gate, require_audit=True))
     assert decision.promote is passed_gates, (name, decision.reasons)
     if overlap is None:
         assert "not recorded" in decision.reasons[GATE_NAMES.index("overlap")]
+
+
+def _occluded(estimate, low, high, n=120.0) -> dict[str, float]:
+    return {"occlusion_n": n, "occlusion_lungs_only_auc_change": estimate,
+            "occlusion_lungs_only_auc_change_ci_low": low, "occlusion_lungs_only_auc_change_ci_high": high}
+
+
+OCCLUSION = GATE_NAMES.index("occlusion")
+
+
+@pytest.mark.parametrize(
+    "name, metrics, note, loss, passed, words",
+    [
+        ("no loss the cases can resolve", _occluded(-0.01, -0.03, 0.01), None, 0.05, True,
+         "changes by -0.0100 [-0.0300, +0.0100] (paired 95% interval, 120 cases); the lower bound is at or above -0.05"),
+        ("a lower bound exactly at the margin passes", _occluded(-0.02, -0.05, 0.01), None, 0.05, True, "at or above"),
+        ("a gain is fine", _occluded(0.02, 0.0, 0.04), None, 0.05, True, "the lungs carry the ranking"),
+        ("a point loss inside the margin with a wide interval fails", _occluded(-0.02, -0.08, 0.03), None, 0.05, False,
+         "lower bound -0.0800 is below -0.05"),
+        ("an uncropped model's loss fails", _occluded(-0.12, -0.19, -0.06), None, 0.05, False,
+         "may use what lies outside them"),
+        ("a stricter margin refuses what a laxer one lets through", _occluded(-0.01, -0.03, 0.01), None, 0.02, False,
+         "below -0.02"),
+        ("margin 0 asks for no loss at all", _occluded(0.01, 0.0, 0.02), None, 0.0, True, "at or above -0:"),
+        ("an interval without its estimate is still judged", {k: v for k, v in _occluded(0.0, -0.03, 0.01).items()
+                                                               if k != "occlusion_lungs_only_auc_change"}, None, 0.05,
+         True, "changes by missing [-0.0300, +0.0100]"),
+        ("a NaN estimate is shown as such", _occluded(NAN, -0.03, 0.01), None, 0.05, True, "changes by NaN"),
+        ("not computed: the evaluate run's reason is quoted", {"occlusion_n": 0.0}, "no case has a real lung mask",
+         0.05, False, "not computed (no case has a real lung mask)"),
+        ("not computed, no reason recorded", {"occlusion_n": 0.0}, None, 0.05, False, "no reason recorded"),
+        ("bootstrap off: no interval, no verdict", _occluded(-0.01, NAN, NAN), None, 0.05, False, "has no interval"),
+    ],
+)
+def test_occlusion_gate(name, metrics, note, loss, passed, words):
+    # GOOD without its occlusion figures, then the row's: a check not computed logs only occlusion_n
+    rest = {k: v for k, v in GOOD.items() if not k.startswith("occlusion")}
+    evidence = Evidence(version="3", metrics=rest | metrics, audit_passed=True, dataset_digest=DIGEST,
+                        audit_min_lung_focus=0.5, audit_min_lung_focus_lift=1.0, occlusion_note=note,
+                        occlusion_margin=0.1)
+    decision = decide(evidence, None, Gates(max_lungs_only_loss=loss))
+    assert decision.promote is passed, (name, decision.reasons)
+    assert decision.failed_gates == ([] if passed else ["occlusion"]), name
+    reason = decision.reasons[OCCLUSION]
+    assert reason.startswith("pass occlusion" if passed else "FAIL occlusion"), reason
+    assert words in reason, (name, reason)
+
+
+def test_occlusion_gate_needs_a_recorded_check_unless_not_required():
+    bare = Evidence(version="3", metrics={k: v for k, v in GOOD.items() if not k.startswith("occlusion")},
+                    audit_passed=True, dataset_digest=DIGEST, audit_min_lung_focus=0.5, audit_min_lung_focus_lift=1.0,
+                    occlusion_margin=0.1)
+    refused = decide(bare, None, Gates())
+    assert refused.failed_gates == ["occlusion"]
+    assert "recorded no occlusion check" in refused.reasons[OCCLUSION]
+    allowed = decide(bare, None, Gates(require_occlusion=False))
+    assert allowed.promote is True
+    assert allowed.reasons[OCCLUSION] == "pass occlusion: not required (its lungs-only change: not recorded)"
+    # Not required, a failing check is still shown for the record.
+    shown = decide(challenger(**_occluded(-0.12, -0.19, -0.06)), None, Gates(require_occlusion=False))
+    assert shown.promote is True and "lower bound -0.1900" in shown.reasons[OCCLUSION]
+    assert shown.gate_values["occlusion"]["lungs_only_auc_change"] == -0.12
+
+
+@pytest.mark.parametrize(
+    "name, margin, widest, passed, words",
+    [
+        ("the default widening", 0.1, 0.1, True, "pass occlusion"),
+        ("a narrower widening is stricter: fine", 0.05, 0.1, True, "pass occlusion"),
+        ("a wider widening showed more than the lungs", 0.25, 0.1, False,
+         "widened the lung masks by 0.25 of the side, more than promote's max_occlusion_margin 0.1"),
+        ("promote told to accept it", 0.25, 0.3, True, "pass occlusion"),
+        ("not recorded", None, 0.1, False, "does not record its mask widening"),
+    ],
+)
+def test_occlusion_gate_refuses_a_laxer_mask_widening(name, margin, widest, passed, words):
+    decision = decide(challenger(occlusion_margin=margin), None, Gates(max_occlusion_margin=widest))
+    assert decision.gate_values["occlusion"]["passed"] is passed, (name, decision.reasons)
+    assert words in decision.reasons[OCCLUSION], name
+
+
+@pytest.mark.parametrize("settings", [{"max_lungs_only_loss": -0.01}, {"max_lungs_only_loss": 1.0},
+                                      {"max_lungs_only_loss": NAN}, {"max_lungs_only_loss": "0.05"},
+                                      {"max_occlusion_margin": 0.5}, {"max_occlusion_margin": -0.1}])
+def test_bad_occlusion_settings_are_refused(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        Gates(**settings)

@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-from cxrexp.evaluation.occlusion import VIEW_LABELS, OcclusionResult
+from cxrexp.evaluation.occlusion import N_METRIC, VIEW_LABELS, OcclusionResult, auc_metric
 
 # (metric key without the test_ prefix, label shown in the table). Counts first, then the rates with
 # their confidence intervals, then the threshold-free scores.
@@ -304,7 +304,8 @@ def _audit_html(audit: AuditSummary | None) -> str:
 
 def _occlusion_html(result: OcclusionResult | None, note: str) -> str:
     """The occlusion check: each view's ROC-AUC and its change against the whole view, or why there are none."""
-    intro = ("<p>Not gated. Each test image with a real lung mask is scored again with everything outside "
+    intro = ("<p>Not gated here; promote's occlusion gate (required by default) reads the lungs-only change's "
+             "lower bound (docs/serving.md). Each test image with a real lung mask is scored again with everything outside "
              "the lungs set to the lungs' mean grey (lungs only), and with the lungs set to the mean grey of the "
              "rest (outside only); a model that reads the lungs keeps its ranking with the lungs only and loses "
              "it with them hidden. The lung fields' outline survives both views; the shape-only view (the mask "
@@ -347,9 +348,8 @@ def _external_html(card: ModelCard) -> str:
     body = "".join(
         f"<tr><td>{_e(label)}</td><td>{n}</td><td>{n_pos}</td><td>{dropped}</td>"
         + "".join(f"<td>{_e(_with_ci(values, m))}</td>" for m in ("sensitivity", "specificity", "ppv", "npv", "roc_auc"))
-        + f"<td>{_e(format_count(values.get('occlusion_n')))}</td>"
-        + "".join(f"<td>{_e(_with_ci(values, m))}</td>" for m in ("occlusion_lungs_only_roc_auc",
-                                                                  "occlusion_outside_only_roc_auc"))
+        + f"<td>{_e(format_count(values.get(N_METRIC)))}</td>"
+        + "".join(f"<td>{_e(_with_ci(values, auc_metric(view)))}</td>" for view in ("lungs_only", "outside_only"))
         + "</tr>"
         for label, n, n_pos, dropped, values in rows
     )

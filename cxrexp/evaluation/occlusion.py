@@ -20,9 +20,10 @@ on such images would score; the comparison between views is the point. A fill ca
 region's mean brightness to where the hidden region was: a model that reads that place then reads
 the shown region's brightness, which is still information from the shown region only.
 
-Reported, never gated: no threshold here was chosen on any data (the readings below are statements
-about bootstrap intervals, not cut-offs). Why and how to read it, and how the margin was chosen:
-docs/evaluate.md, "The occlusion check (not gated)".
+Evaluate reports it and gates nothing on it (the readings below are statements about bootstrap
+intervals, not cut-offs); promote's ``occlusion`` gate (``cxrexp.promotion``) reads the lungs-only
+change it logs, at a margin chosen on validation (docs/serving.md, "The occlusion gate"). Why and how
+to read it, and how the mask widening was chosen: docs/evaluate.md, "The occlusion check".
 """
 
 from __future__ import annotations
@@ -46,6 +47,21 @@ SHAPE_GREYS = (64, 192)  # (lungs, everything else)
 OCCLUSION_CHUNK = 256
 VIEWS = ("whole", "lungs_only", "outside_only", "shape_only")
 OCCLUDED = VIEWS[1:]
+# The logged metrics' names, here only: evaluate writes them, promote's occlusion gate reads them.
+N_METRIC = "occlusion_n"
+
+
+def auc_metric(view: str, bound: str = "") -> str:
+    """The metric holding ``view``'s ROC-AUC (``bound`` "", "ci_low" or "ci_high"), e.g. ``occlusion_whole_roc_auc``."""
+    return f"occlusion_{view}_roc_auc" + (f"_{bound}" if bound else "")
+
+
+def change_metric(view: str, bound: str = "") -> str:
+    """The metric holding ``view``'s paired ROC-AUC change against the whole view (``bound`` "", "ci_low"
+    or "ci_high"), e.g. ``occlusion_lungs_only_auc_change_ci_low``."""
+    return f"occlusion_{view}_auc_change" + (f"_{bound}" if bound else "")
+
+
 # How the report and the benchmarks name each view.
 VIEW_LABELS = {"whole": "whole view (as evaluated)", "lungs_only": "lungs only",
                "outside_only": "outside only (lungs hidden)", "shape_only": "shape only (the mask, no pixels)"}
@@ -105,21 +121,19 @@ class OcclusionResult:
 
     def logged_metrics(self) -> dict[str, float]:
         """Flat ``occlusion_*`` metrics for MLflow (only ``occlusion_n`` when nothing was computed)."""
-        out: dict[str, float] = {"occlusion_n": float(self.n)}
+        out: dict[str, float] = {N_METRIC: float(self.n)}
         for view, (value, low, high) in self.auc.items():
-            out.update({f"occlusion_{view}_roc_auc": value, f"occlusion_{view}_roc_auc_ci_low": low,
-                        f"occlusion_{view}_roc_auc_ci_high": high})
+            out.update({auc_metric(view): value, auc_metric(view, "ci_low"): low, auc_metric(view, "ci_high"): high})
         for view, diff in self.change.items():
-            out.update({f"occlusion_{view}_auc_change": diff.estimate,
-                        f"occlusion_{view}_auc_change_ci_low": diff.low,
-                        f"occlusion_{view}_auc_change_ci_high": diff.high})
+            out.update({change_metric(view): diff.estimate, change_metric(view, "ci_low"): diff.low,
+                        change_metric(view, "ci_high"): diff.high})
         return out
 
 
 def occlusion_metrics(result: OcclusionResult | None) -> dict[str, float]:
     """``occlusion_*`` for a run: the result's, or ``occlusion_n`` 0 when the check failed (None), so "not
     run" is never a missing metric (the test split's and each external collection's alike)."""
-    return result.logged_metrics() if result is not None else {"occlusion_n": 0.0}
+    return result.logged_metrics() if result is not None else {N_METRIC: 0.0}
 
 
 def _against_chance(auc: tuple[float, float, float], what: str, above: str, below: str, positive: str,
@@ -272,6 +286,7 @@ def occlusion_for(dataset: PreparedDataset, frame: pd.DataFrame, predict: Callab
 
 
 __all__ = [
+    "N_METRIC",
     "OCCLUDED",
     "OCCLUSION_CHUNK",
     "OCCLUSION_MARGIN",
@@ -279,6 +294,8 @@ __all__ = [
     "VIEWS",
     "VIEW_LABELS",
     "OcclusionResult",
+    "auc_metric",
+    "change_metric",
     "occlusion_check",
     "occlusion_for",
     "occlusion_metrics",

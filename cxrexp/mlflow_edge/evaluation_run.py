@@ -15,7 +15,7 @@ What it logs (the contract the promote step and readers rely on):
 - shortcut audit: metrics ``audit_lung_focus_mean``, ``audit_lung_focus_median``,
   ``audit_border_share_mean``, ``audit_n``, ``audit_passed`` (1/0), tags ``cxrexp.audit``
   (``passed``/``failed``) and ``cxrexp.audit_reason``, ``audit/scores.csv``;
-- occlusion check (not gated; ``cxrexp.evaluation.occlusion``): ``occlusion_n`` and, when both classes
+- occlusion check (gated by promote, not here; ``cxrexp.evaluation.occlusion``): ``occlusion_n`` and, when both classes
   have cases with a real lung mask, ``occlusion_<view>_roc_auc`` (+ ``_ci_low``/``_ci_high``) for
   ``whole``, ``lungs_only``, ``outside_only``, ``shape_only`` and ``occlusion_<view>_auc_change`` (paired,
   + CI) for the last three, and tag ``cxrexp.occlusion`` ("computed on N cases", or why not); the same

@@ -45,6 +45,7 @@ from cxrexp.tags import (
     CHAMPION_VERSION_TAG,
     DECISION_OUTCOME_TAG,
     DIGEST_TAG,
+    OCCLUSION_TAG,
     MODEL_URI_TAG,
     PREDICTIONS_ARTIFACT,
     PREPARED_DIR_TAG,
@@ -162,6 +163,8 @@ def evidence_from_run(version: ModelVersion, run: Run) -> Evidence:
         audit_min_lung_focus=_as_float(run.data.params["min_lung_focus"]) if "min_lung_focus" in run.data.params else None,
         audit_min_lung_focus_lift=(_as_float(run.data.params["min_lung_focus_lift"])
                                    if "min_lung_focus_lift" in run.data.params else None),
+        occlusion_note=run.data.tags.get(OCCLUSION_TAG),
+        occlusion_margin=_as_float(run.data.params["occlusion_margin"]) if "occlusion_margin" in run.data.params else None,
     )
 
 
