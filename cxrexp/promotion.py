@@ -314,7 +314,10 @@ def _signed(value: float | None) -> str:
     return _fmt(value) if _undefined(value) else f"{value:+.4f}"
 
 
-def _occlusion_check(challenger: Evidence, gates: Gates) -> GateCheck:
+def occlusion_gate(challenger: Evidence, gates: Gates) -> GateCheck:
+    """The ``occlusion`` gate alone (``decide`` runs it with the others; evaluate runs it to tell the
+    reader, before any promote, what promote's default gate will say of the test split and of each
+    external collection)."""
     n = _metric(challenger.metrics, OCCLUSION_N_METRIC)
     estimate = _metric(challenger.metrics, change_metric("lungs_only"))
     low = _metric(challenger.metrics, change_metric("lungs_only", "ci_low"))
@@ -471,7 +474,7 @@ def decide(challenger: Evidence, champion: Evidence | None, gates: Gates) -> Dec
     checks = (
         *(_threshold_check(gate, challenger, gates) for gate in THRESHOLD_GATES),
         _audit_check(challenger, gates),
-        _occlusion_check(challenger, gates),
+        occlusion_gate(challenger, gates),
         _overlap_check(challenger),
         _champion_check(challenger, champion, gates),
     )
@@ -519,5 +522,6 @@ __all__ = [
     "GateCheck",
     "Gates",
     "decide",
+    "occlusion_gate",
     "paired_cases",
 ]

@@ -99,7 +99,7 @@ def _write_collection(root: Path, seed: int, count: int, copy_of_training: np.nd
 
 
 def test_evaluate_scores_external_collections_and_drops_training_duplicates(session_store, synthetic_prepared,
-                                                                            tmp_path):
+                                                                            tmp_path, capsys):
     import mlflow
 
     from cxrexp import cli
@@ -142,6 +142,15 @@ def test_evaluate_scores_external_collections_and_drops_training_duplicates(sess
                                                       dst_path=str(tmp_path / "dl"))).read_text()
     assert "external collections" in report and "ext_other_2" in report
     assert "ROC-AUC, lungs only" in report and "ROC-AUC, lungs hidden" in report
+    # What promote's occlusion gate says, before any promote: of the test split, and of each collection.
+    out = capsys.readouterr().out
+    gate_lines = [line.strip() for line in out.splitlines() if "occlusion gate" in line or "the same gate" in line]
+    assert gate_lines[0].startswith("promote's occlusion gate (its defaults), test split: ")
+    assert gate_lines[0].split(": ", 1)[1].startswith(("pass occlusion: with only the lungs shown",
+                                                       "FAIL occlusion: with only the lungs shown"))
+    assert [line.split(" (shown")[0] for line in gate_lines[1:]] == ["the same gate on external ext_other",
+                                                                      "the same gate on external ext_other_2"]
+    assert "What promote's occlusion gate" in report and "the same gate on external ext_other_2" in report
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")} == before  # nothing written there
 
 

@@ -26,6 +26,10 @@ def _mlflow_run(tmp_path: Path, uri: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
 
 
+# Slow (3 min 19 s on a 2-core AMD EPYC host, 2026-12-07): out of the default run to keep it inside 15
+# minutes; `python -m pytest -m slow` runs it (README). The default run keeps main's refusals and the
+# reuse rule (below), and tests/test_quickstart.py (slow too) runs main as a user does.
+@pytest.mark.slow
 def test_main_chains_the_steps_and_reuses_finished_ones(tmp_path):
     """The default (lungs=crop) on the built-in set: segment on its synthetic masks, registered apart
     -> preprocess with the exact version segment registered -> train -> evaluate; the classifier carries

@@ -113,6 +113,7 @@ def _trial_pids(study) -> dict[int, int]:
 
 
 @pytest.mark.postgres
+@pytest.mark.slow  # 1 min 44 s on a 2-core host: `python -m pytest -m slow` (README); the other server tests stay
 def test_two_machines_search_one_study_through_the_server_and_survive_one_of_them_killed(tmp_path):
     """The team setup end to end: one `mlflow server` on PostgreSQL with proxied artifacts, one
     Optuna storage on PostgreSQL, two `mlflow run . -e train` started at once from two folders (two

@@ -125,6 +125,8 @@ class ModelCard:
     occlusion: OcclusionResult | None = None  # None: not run, or failed (occlusion_note says why)
     occlusion_note: str = ""  # where its lung masks came from, or why the check failed
     occlusion_figure: Figure | None = None  # the views of one case of each class
+    # What promote's occlusion gate, at its defaults, says of the test split and each external collection.
+    occlusion_gate: Sequence[str] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,6 +399,9 @@ def render_html(card: ModelCard) -> str:
     parts.append(_audit_html(card.audit))
     parts.append("<h2>Occlusion check</h2>")
     parts.append(_occlusion_html(card.occlusion, card.occlusion_note))
+    if card.occlusion_gate:
+        parts.append("<p>What promote's occlusion gate (at its defaults) says; promote judges only the test split:</p><ul>"
+                     + "".join(f"<li>{_e(line)}</li>" for line in card.occlusion_gate) + "</ul>")
     if card.occlusion_figure is not None:
         parts.append(_figure_html(card.occlusion_figure, "100%"))
     if card.gradcam is not None:

@@ -42,7 +42,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cxrexp.config import EvaluateConfig
+from cxrexp.config import EvaluateConfig, PromoteConfig
 from cxrexp.credentials import redact
 from cxrexp.data.discovery import discover
 from cxrexp.data.store import PreparedDataset, open_prepared
@@ -57,7 +57,7 @@ from cxrexp.evaluation.external import (
     training_duplicates,
 )
 from cxrexp.evaluation.metrics import evaluate_predictions
-from cxrexp.evaluation.occlusion import occlusion_metrics
+from cxrexp.evaluation.occlusion import OcclusionResult, occlusion_metrics
 from cxrexp.evaluation.test_evaluation import (
     card_notes,
     check_spec,
@@ -68,6 +68,7 @@ from cxrexp.evaluation.test_evaluation import (
 )
 from cxrexp.mlflow_edge import evaluation_logging, run_names, tracking
 from cxrexp.mlflow_edge.model_uri import ModelSource, describe_model
+from cxrexp.promotion import Evidence, Gates, occlusion_gate
 from cxrexp.tags import (
     AUDIT_REASON_TAG,
     AUDIT_TAG,
@@ -205,6 +206,7 @@ def run(cfg: EvaluateConfig) -> str:
             mlflow.set_tag(OCCLUSION_TAG, (occlusion_note if occluded is None else
                                            occluded.reason or f"computed on {occluded.n} cases")[:500])
             mlflow.set_tags({AUDIT_TAG: "passed" if audit.passed else "failed", AUDIT_REASON_TAG: audit.reason[:500]})
+            gate_lines = occlusion_gate_lines(cfg, occluded, occlusion_note, external)
             card = model_card.ModelCard(
                 model_uri=cfg.model_uri,
                 evaluate_run_id=run_id,
@@ -230,6 +232,7 @@ def run(cfg: EvaluateConfig) -> str:
                 occlusion=occluded,
                 occlusion_note=occlusion_note,
                 occlusion_figure=evaluation_logging.occlusion_figure(stage, occluded),
+                occlusion_gate=tuple(gate_lines),
                 notes=card_notes(labels, dataset, training_digest, overlap, mlflow_status),
             )
             mlflow.log_text(model_card.render_html(card), "report.html")
@@ -238,7 +241,28 @@ def run(cfg: EvaluateConfig) -> str:
 
         print(summary_text(run_id, cfg.model_uri, judged.evaluation.metrics, threshold, len(test), audit.passed,
                            audit.reason, mlflow.get_artifact_uri("report.html")))
+        for line in gate_lines:
+            print(f"  {line}")
         return run_id
+
+
+def occlusion_gate_lines(cfg: EvaluateConfig, occluded: OcclusionResult | None, note: str,
+                         external: list) -> list[str]:
+    """What promote's occlusion gate, at its defaults, says of the test split (what promote will judge)
+    and of each external collection (which promote does not judge: shown so that a model whose lungs
+    carry its ranking at home but not on another hospital's films is seen before it is promoted)."""
+    gates = Gates.from_config(PromoteConfig())
+
+    def verdict(result: OcclusionResult | None, why: str) -> str:
+        reason = result.reason if result is not None and result.reason else why
+        evidence = Evidence(version="", metrics=occlusion_metrics(result), occlusion_note=reason or "failed: see the log",
+                            occlusion_margin=cfg.occlusion_margin)
+        return occlusion_gate(evidence, gates).reason
+
+    lines = [f"promote's occlusion gate (its defaults), test split: {verdict(occluded, note)}"]
+    lines += [f"the same gate on external {r.name} (shown, not judged by promote): {verdict(r.occlusion, '')}"
+              for r in external]
+    return lines
 
 
 def audit_segmenter(cfg: EvaluateConfig, loaded):
