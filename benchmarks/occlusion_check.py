@@ -137,12 +137,15 @@ def main() -> int:
                         out_dir=str(work / "occlusion" / f"prepared-{mode}-{seed}-{set_name}"), exclude=(),
                     ), progress=False, lung_masks=loaded.lung_masks).dataset
                     frame = dataset.manifest
+                # The whole view's probabilities once, for the occlusion check and the heatmap audit's cells.
+                whole = predict_probabilities(loaded.keras_model, dataset.images(), frame["row"].to_numpy(np.int64),
+                                              64).astype(np.float64)
                 result, note = occlusion_for(dataset, frame, predict, n_bootstrap=args.n_bootstrap, seed=42,
-                                             segment=segment, segmenter_name=segmenter, margin=margin)
+                                             segment=segment, segmenter_name=segmenter, margin=margin, whole=whole)
                 row = {"mode": mode, "seed": seed, "set": set_name, "margin": margin, "n": result.n, "of": len(frame),
                        **result.logged_metrics()}
                 if args.audit:
-                    row.update(heatmap_audit(loaded, dataset, frame, segment, segmenter))
+                    row.update(heatmap_audit(loaded, dataset, frame, whole, segment, segmenter))
                 rows.append(row)
                 print(f"{mode} seed {seed} {set_name}: {note}; " + " | ".join(result.reading or (result.reason,)),
                       flush=True)
@@ -153,16 +156,16 @@ def main() -> int:
     return 0
 
 
-def heatmap_audit(loaded, dataset, frame: pd.DataFrame, segment, segmenter: str) -> dict[str, float]:
+def heatmap_audit(loaded, dataset, frame: pd.DataFrame, probabilities: np.ndarray, segment,
+                  segmenter: str) -> dict[str, float]:
     """Evaluate's shortcut audit (``audit.shortcut_audit``, its default gates) on ``frame``'s rows, at the
-    model's own threshold: ``audit_lung_focus``, ``audit_lift``, ``audit_n``, ``audit_passed``."""
+    model's own threshold (``probabilities``: the model's, for those rows in order): ``audit_lung_focus``,
+    ``audit_lift``, ``audit_n``, ``audit_passed``."""
     from cxrexp.config import EvaluateConfig
-    from cxrexp.data.tfdata import predict_probabilities
     from cxrexp.evaluation import audit
 
     cfg = EvaluateConfig()
     frame = frame.reset_index(drop=True)
-    probabilities = predict_probabilities(loaded.keras_model, dataset.images(), frame["row"].to_numpy(np.int64), 64)
     cells = audit.confusion_cells(frame["label"].to_numpy(), probabilities >= loaded.threshold)
     outcome, _ = audit.shortcut_audit(loaded.keras_model, dataset, frame, cells, min_lung_focus=cfg.min_lung_focus,
                                       seed=cfg.seed, segment=segment, segmenter_name=segmenter,

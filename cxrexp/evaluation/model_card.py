@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-from cxrexp.evaluation.occlusion import N_METRIC, VIEW_LABELS, OcclusionResult, auc_metric
+from cxrexp.evaluation.occlusion import N_METRIC, VIEW_LABELS, OcclusionResult, auc_metric, occlusion_metrics
 
 # (metric key without the test_ prefix, label shown in the table). Counts first, then the rates with
 # their confidence intervals, then the threshold-free scores.
@@ -343,7 +343,7 @@ def _external_html(card: ModelCard) -> str:
     head = ("<table><tr><th>data</th><th>n</th><th>positives</th><th>dropped (duplicates of training)</th>"
             "<th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th><th>ROC-AUC</th>"
             "<th>occluded (with a lung mask)</th><th>ROC-AUC, lungs only</th><th>ROC-AUC, lungs hidden</th></tr>")
-    internal = {**card.metrics, **(card.occlusion.logged_metrics() if card.occlusion is not None else {})}
+    internal = {**card.metrics, **occlusion_metrics(card.occlusion)}
     rows = [("internal test split", card.n_test, int(card.metrics.get("tp", 0) + card.metrics.get("fn", 0)), 0,
              internal)]
     rows += [(f"{name} ({folder})", n, n_pos, dropped, values) for name, folder, n, n_pos, dropped, values in card.external]

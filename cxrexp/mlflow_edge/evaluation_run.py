@@ -42,7 +42,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cxrexp.config import EvaluateConfig, PromoteConfig
+from cxrexp.config import EvaluateConfig
 from cxrexp.credentials import redact
 from cxrexp.data.discovery import discover
 from cxrexp.data.store import PreparedDataset, open_prepared
@@ -251,7 +251,7 @@ def occlusion_gate_lines(cfg: EvaluateConfig, occluded: OcclusionResult | None, 
     """What promote's occlusion gate, at its defaults, says of the test split (what promote will judge)
     and of each external collection (which promote does not judge: shown so that a model whose lungs
     carry its ranking at home but not on another hospital's films is seen before it is promoted)."""
-    gates = Gates.from_config(PromoteConfig())
+    gates = Gates()  # promote's defaults (Gates' defaults are PromoteConfig's)
 
     def verdict(result: OcclusionResult | None, why: str) -> str:
         reason = result.reason if result is not None and result.reason else why

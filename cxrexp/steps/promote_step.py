@@ -160,11 +160,10 @@ def evidence_from_run(version: ModelVersion, run: Run) -> Evidence:
         audit_passed=audit_result(run),
         dataset_digest=run.data.tags.get(DIGEST_TAG),
         predictions=case_predictions(run),
-        audit_min_lung_focus=_as_float(run.data.params["min_lung_focus"]) if "min_lung_focus" in run.data.params else None,
-        audit_min_lung_focus_lift=(_as_float(run.data.params["min_lung_focus_lift"])
-                                   if "min_lung_focus_lift" in run.data.params else None),
+        audit_min_lung_focus=_float_param(run, "min_lung_focus"),
+        audit_min_lung_focus_lift=_float_param(run, "min_lung_focus_lift"),
         occlusion_note=run.data.tags.get(OCCLUSION_TAG),
-        occlusion_margin=_as_float(run.data.params["occlusion_margin"]) if "occlusion_margin" in run.data.params else None,
+        occlusion_margin=_float_param(run, "occlusion_margin"),
     )
 
 
@@ -220,6 +219,11 @@ def ensure_evaluation(name: str, version: ModelVersion, digest: str, data: str |
             "pass --data explicitly"
         )
     return Evaluation(version, run_id, evidence_from_run(version, run), evaluated_now=True)
+
+
+def _float_param(run: Run, name: str) -> float | None:
+    """The evaluate run's param ``name`` as a float (NaN when unreadable), or None when it was not recorded."""
+    return _as_float(run.data.params[name]) if name in run.data.params else None
 
 
 def _as_float(value: Any) -> float:
