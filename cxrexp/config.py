@@ -450,6 +450,11 @@ class PromoteConfig:
     max_lungs_only_loss: float = 0.08
     # The widest mask widening the evaluate run's check may have used (a wider one is laxer).
     max_occlusion_margin: float = OCCLUSION_MARGIN
+    # External collections (folders, as evaluate's -P external) whose occlusion check must pass the same
+    # rule (gate external_occlusion): the challenger's evaluate run must have scored them (promote runs
+    # one that does when it must). Off by default: on the two external dev pairings the default
+    # lungs=crop models fail it (docs/serving.md, "The external occlusion gate").
+    external: tuple[str, ...] = ()
     # The paired bootstrap of challenger - champion on the same test cases (the champion gate).
     n_bootstrap: int = 2000
     seed: int = 42

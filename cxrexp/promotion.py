@@ -60,6 +60,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cxrexp.config import PromoteConfig
+from cxrexp.evaluation.external import EXTERNAL_PREFIX, collection_names
 from cxrexp.evaluation.metrics import RATE_NAMES, paired_difference
 from cxrexp.evaluation.occlusion import N_METRIC as OCCLUSION_N_METRIC
 from cxrexp.evaluation.occlusion import change_metric
@@ -68,9 +69,10 @@ from cxrexp.evaluation.occlusion import change_metric
 THRESHOLD_GATES = ("sensitivity", "specificity", "roc_auc")
 AUDIT_GATE = "audit"
 OCCLUSION_GATE = "occlusion"
+EXTERNAL_OCCLUSION_GATE = "external_occlusion"
 OVERLAP_GATE = "overlap"
 CHAMPION_GATE = "champion"
-GATE_NAMES = (*THRESHOLD_GATES, AUDIT_GATE, OCCLUSION_GATE, OVERLAP_GATE, CHAMPION_GATE)
+GATE_NAMES = (*THRESHOLD_GATES, AUDIT_GATE, OCCLUSION_GATE, EXTERNAL_OCCLUSION_GATE, OVERLAP_GATE, CHAMPION_GATE)
 OVERLAP_METRIC = "test_overlap_with_training"
 
 METRIC_PREFIX = "test_"
@@ -101,6 +103,9 @@ class Gates:
     require_occlusion: bool = PromoteConfig.require_occlusion
     max_lungs_only_loss: float = PromoteConfig.max_lungs_only_loss
     max_occlusion_margin: float = PromoteConfig.max_occlusion_margin
+    # Names of the external collections (``external.collection_names`` of promote's -P external folders)
+    # whose occlusion check must pass too; () asks nothing of them.
+    external: tuple[str, ...] = ()
     n_bootstrap: int = PromoteConfig.n_bootstrap
     seed: int = PromoteConfig.seed
 
@@ -141,6 +146,7 @@ class Gates:
             require_occlusion=bool(cfg.require_occlusion),
             max_lungs_only_loss=float(cfg.max_lungs_only_loss),
             max_occlusion_margin=float(cfg.max_occlusion_margin),
+            external=tuple(collection_names(tuple(getattr(cfg, "external", ())))),
             n_bootstrap=int(cfg.n_bootstrap),
             seed=int(cfg.seed),
         )
@@ -314,58 +320,123 @@ def _signed(value: float | None) -> str:
     return _fmt(value) if _undefined(value) else f"{value:+.4f}"
 
 
-def occlusion_gate(challenger: Evidence, gates: Gates) -> GateCheck:
-    """The ``occlusion`` gate alone (``decide`` runs it with the others; evaluate runs it to tell the
-    reader, before any promote, what promote's default gate will say of the test split and of each
-    external collection)."""
-    n = _metric(challenger.metrics, OCCLUSION_N_METRIC)
-    estimate = _metric(challenger.metrics, change_metric("lungs_only"))
-    low = _metric(challenger.metrics, change_metric("lungs_only", "ci_low"))
-    high = _metric(challenger.metrics, change_metric("lungs_only", "ci_high"))
+@dataclass(frozen=True)
+class _OcclusionVerdict:
+    """The occlusion rule's outcome on one set of cases, without the gate's name (the internal gate
+    and the external one word it each their own way)."""
+
+    passed: bool
+    value: float | None
+    text: str
+    detail: Mapping[str, Any]
+
+
+def _occlusion_verdict(metrics: Mapping[str, float], note: str | None, margin: float | None, gates: Gates, *,
+                       cases: str, switch_off: str) -> _OcclusionVerdict:
+    """The occlusion rule on ``metrics`` named as the internal test split's (``occlusion_n``,
+    ``occlusion_lungs_only_auc_change``...); ``note`` the evaluate run's reason when not computed,
+    ``margin`` the mask widening it used; ``cases`` names the images ("test"), ``switch_off`` how the
+    user stops asking."""
+    n = _metric(metrics, OCCLUSION_N_METRIC)
+    estimate = _metric(metrics, change_metric("lungs_only"))
+    low = _metric(metrics, change_metric("lungs_only", "ci_low"))
+    high = _metric(metrics, change_metric("lungs_only", "ci_high"))
     loss = f"{gates.max_lungs_only_loss:g}"
     limit = -gates.max_lungs_only_loss
     detail = {"lungs_only_auc_change": estimate, "lungs_only_auc_change_ci_low": low,
-              "lungs_only_auc_change_ci_high": high, "n_cases": n, "occlusion_margin": challenger.occlusion_margin}
-    if not gates.require_occlusion:
-        shown = "not recorded" if low is None else f"lower bound {_signed(low)}"
-        return GateCheck(OCCLUSION_GATE, True, low, None, f"pass occlusion: not required (its lungs-only change: {shown})",
-                         detail)
+              "lungs_only_auc_change_ci_high": high, "n_cases": n, "occlusion_margin": margin}
     if n is None:
-        return GateCheck(OCCLUSION_GATE, False, None, limit,
-                         "FAIL occlusion: the evaluate run recorded no occlusion check (evaluate again with this "
-                         "release, or set require_occlusion=false)", detail)
+        return _OcclusionVerdict(False, None, "the evaluate run recorded no occlusion check (evaluate again with "
+                                 f"this release, or {switch_off})", detail)
     if _undefined(n) or n <= 0:
-        why = challenger.occlusion_note or "no reason recorded"
-        return GateCheck(OCCLUSION_GATE, False, None, limit,
-                         f"FAIL occlusion: the occlusion check was not computed ({why}); it needs real lung masks "
-                         "for test images of both classes (the dataset's, or a segmenter's: evaluate -P "
-                         "audit_lung_model=...), or set require_occlusion=false", detail)
+        return _OcclusionVerdict(False, None, f"the occlusion check was not computed ({note or 'no reason recorded'}); "
+                                 f"it needs real lung masks for {cases} images of both classes (the dataset's, or a "
+                                 f"segmenter's: evaluate -P audit_lung_model=...), or {switch_off}", detail)
     # A wider widening shows the model more than the lungs, which is laxer (as an audit judged at a laxer gate).
-    margin = challenger.occlusion_margin
     if margin is None or _undefined(margin) or margin > gates.max_occlusion_margin + TIE_TOLERANCE:
         shown = "does not record its mask widening (occlusion_margin)" if margin is None or _undefined(margin) else (
             f"widened the lung masks by {margin:g} of the side, more than promote's max_occlusion_margin "
             f"{gates.max_occlusion_margin:g}: its lungs-only view showed more than the lungs")
-        return GateCheck(OCCLUSION_GATE, False, low, limit,
-                         f"FAIL occlusion: the evaluate run {shown}; evaluate again with -P occlusion_margin <= "
-                         f"{gates.max_occlusion_margin:g}, or raise promote's --max-occlusion-margin for a lung view "
-                         "cut with a wider lung_margin", detail)
+        return _OcclusionVerdict(False, low, f"the evaluate run {shown}; evaluate again with -P occlusion_margin <= "
+                                 f"{gates.max_occlusion_margin:g}, or raise promote's --max-occlusion-margin for a "
+                                 "lung view cut with a wider lung_margin", detail)
     if _undefined(low) or _undefined(high):
-        return GateCheck(OCCLUSION_GATE, False, estimate, limit,
-                         f"FAIL occlusion: the lungs-only ROC-AUC change ({_signed(estimate)}) has no interval "
-                         "(evaluate ran with n_bootstrap 0 or the resamples were undefined): evaluate again with "
-                         "bootstrap resamples", detail)
+        return _OcclusionVerdict(False, estimate, f"the lungs-only ROC-AUC change ({_signed(estimate)}) has no "
+                                 "interval (evaluate ran with n_bootstrap 0 or the resamples were undefined): "
+                                 "evaluate again with bootstrap resamples", detail)
     assert low is not None and high is not None
-    passed = low >= limit - TIE_TOLERANCE
-    figure = (f"with only the lungs shown, test ROC-AUC changes by {_signed(estimate)} [{low:+.4f}, {high:+.4f}] "
+    figure = (f"with only the lungs shown, {cases} ROC-AUC changes by {_signed(estimate)} [{low:+.4f}, {high:+.4f}] "
               f"(paired 95% interval, {int(n)} cases)")
-    if passed:
-        return GateCheck(OCCLUSION_GATE, True, low, limit,
-                         f"pass occlusion: {figure}; the lower bound is at or above -{loss}: the lungs carry the "
-                         "ranking", detail)
-    return GateCheck(OCCLUSION_GATE, False, low, limit,
-                     f"FAIL occlusion: {figure}; the lower bound {low:+.4f} is below -{loss}: not shown that the "
-                     "lungs carry the ranking (the model may use what lies outside them)", detail)
+    if low >= limit - TIE_TOLERANCE:
+        return _OcclusionVerdict(True, low, f"{figure}; the lower bound is at or above -{loss}: the lungs carry "
+                                 "the ranking", detail)
+    return _OcclusionVerdict(False, low, f"{figure}; the lower bound {low:+.4f} is below -{loss}: not shown that "
+                             "the lungs carry the ranking (the model may use what lies outside them)", detail)
+
+
+def occlusion_gate(challenger: Evidence, gates: Gates) -> GateCheck:
+    """The ``occlusion`` gate alone, on the test split (``decide`` runs it with the others; evaluate runs it
+    to tell the reader, before any promote, what promote's default gate will say of the test split and of
+    each external collection)."""
+    limit = -gates.max_lungs_only_loss
+    verdict = _occlusion_verdict(challenger.metrics, challenger.occlusion_note, challenger.occlusion_margin, gates,
+                                 cases="test", switch_off="set require_occlusion=false")
+    if not gates.require_occlusion:
+        low = verdict.detail["lungs_only_auc_change_ci_low"]
+        shown = "not recorded" if low is None else f"lower bound {_signed(low)}"
+        return GateCheck(OCCLUSION_GATE, True, low, None, f"pass occlusion: not required (its lungs-only change: {shown})",
+                         verdict.detail)
+    word = "pass" if verdict.passed else "FAIL"
+    return GateCheck(OCCLUSION_GATE, verdict.passed, verdict.value, limit,
+                     f"{word} occlusion: {verdict.text}",
+                     verdict.detail)
+
+
+def external_collections(metrics: Mapping[str, float]) -> list[str]:
+    """Names of the external collections whose occlusion check an evaluate run recorded (its
+    ``external_<name>_occlusion_n`` metrics), sorted."""
+    suffix = f"_{OCCLUSION_N_METRIC}"
+    return sorted(key[len(EXTERNAL_PREFIX):-len(suffix)] for key in metrics
+                  if key.startswith(EXTERNAL_PREFIX) and key.endswith(suffix) and len(key) > len(EXTERNAL_PREFIX) + len(suffix))
+
+
+def external_metrics(metrics: Mapping[str, float], name: str) -> dict[str, float]:
+    """Collection ``name``'s metrics under the internal names (``external_<name>_occlusion_n`` ->
+    ``occlusion_n``), for the rules written for the test split."""
+    prefix = f"{EXTERNAL_PREFIX}{name}_"
+    return {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
+
+
+def external_occlusion_gate(challenger: Evidence, gates: Gates) -> GateCheck:
+    """The ``external_occlusion`` gate: the occlusion rule (``max_lungs_only_loss``, ``max_occlusion_margin``)
+    on each collection named in ``gates.external``, as the evaluate run scored it; passes when every one
+    passes. With none named it passes and shows what the recorded collections would say."""
+    limit = -gates.max_lungs_only_loss
+    recorded = external_collections(challenger.metrics)
+    verdicts = {name: _occlusion_verdict(external_metrics(challenger.metrics, name),
+                                         f"external {name}: see the evaluate run's log", challenger.occlusion_margin,
+                                         gates, cases="its", switch_off=f"leave {name} out of promote's -P external")
+                for name in (gates.external or recorded) if name in recorded}
+    detail = {f"{name}_lungs_only_auc_change_ci_low": v.detail["lungs_only_auc_change_ci_low"]
+              for name, v in verdicts.items()}
+    if not gates.external:
+        shown = "; ".join(f"{name} {'passes' if v.passed else 'fails'}" for name, v in verdicts.items())
+        return GateCheck(EXTERNAL_OCCLUSION_GATE, True, None, None,
+                         "pass external_occlusion: not required (no -P external given"
+                         + (f"; the evaluate run's external collections at this rule: {shown})" if shown else ")"),
+                         detail)
+    missing = [name for name in gates.external if name not in recorded]
+    if missing:
+        return GateCheck(EXTERNAL_OCCLUSION_GATE, False, None, limit,
+                         f"FAIL external_occlusion: the evaluate run recorded no occlusion check of {', '.join(missing)} "
+                         f"(it has: {', '.join(recorded) or 'none'}); evaluate with -P external=<the collections' "
+                         "folders>, or leave them out of promote's -P external", detail)
+    values = [v.value for v in verdicts.values()]
+    value = None if any(_undefined(v) for v in values) else min(values)  # type: ignore[type-var]
+    passed = all(v.passed for v in verdicts.values())
+    texts = "; ".join(f"{name}: {'' if v.passed else 'FAILS: '}{v.text}" for name, v in verdicts.items())
+    return GateCheck(EXTERNAL_OCCLUSION_GATE, passed, value, limit,
+                     f"{'pass' if passed else 'FAIL'} external_occlusion: {texts}", detail)
 
 
 def paired_cases(challenger: CasePredictions, champion: CasePredictions) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
@@ -475,6 +546,7 @@ def decide(challenger: Evidence, champion: Evidence | None, gates: Gates) -> Dec
         *(_threshold_check(gate, challenger, gates) for gate in THRESHOLD_GATES),
         _audit_check(challenger, gates),
         occlusion_gate(challenger, gates),
+        external_occlusion_gate(challenger, gates),
         _overlap_check(challenger),
         _champion_check(challenger, champion, gates),
     )
@@ -521,7 +593,11 @@ __all__ = [
     "Evidence",
     "GateCheck",
     "Gates",
+    "EXTERNAL_OCCLUSION_GATE",
     "decide",
+    "external_collections",
+    "external_metrics",
+    "external_occlusion_gate",
     "occlusion_gate",
     "paired_cases",
 ]

@@ -144,13 +144,15 @@ def test_evaluate_scores_external_collections_and_drops_training_duplicates(sess
     assert "ROC-AUC, lungs only" in report and "ROC-AUC, lungs hidden" in report
     # What promote's occlusion gate says, before any promote: of the test split, and of each collection.
     out = capsys.readouterr().out
-    gate_lines = [line.strip() for line in out.splitlines() if "occlusion gate" in line or "the same gate" in line]
+    gate_lines = [line.strip() for line in out.splitlines() if "occlusion gate" in line or "judged by promote" in line]
     assert gate_lines[0].startswith("promote's occlusion gate (its defaults), test split: ")
     assert gate_lines[0].split(": ", 1)[1].startswith(("pass occlusion: with only the lungs shown",
                                                        "FAIL occlusion: with only the lungs shown"))
-    assert [line.split(" (shown")[0] for line in gate_lines[1:]] == ["the same gate on external ext_other",
-                                                                      "the same gate on external ext_other_2"]
-    assert "What promote's occlusion gate" in report and "the same gate on external ext_other_2" in report
+    assert [line.split(", judged")[0] for line in gate_lines[1:]] == ["external ext_other", "external ext_other_2"]
+    assert gate_lines[1].split(": ", 1)[1].startswith(("pass external_occlusion: ext_other: with only the lungs shown",
+                                                       "FAIL external_occlusion: ext_other: "))
+    assert "What promote's occlusion gates" in report
+    assert "external ext_other_2, judged by promote only with -P external=&lt;its folder&gt;" in report
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")} == before  # nothing written there
 
 

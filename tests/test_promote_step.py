@@ -129,7 +129,7 @@ def fake_evaluate_step(monkeypatch):
 
     def run(cfg):
         calls.append({"model_uri": cfg.model_uri, "data": cfg.data, "active_run": mlflow.active_run(),
-                      "env_run_id": __import__("os").environ.get("MLFLOW_RUN_ID")})
+                      "env_run_id": __import__("os").environ.get("MLFLOW_RUN_ID"), "external": cfg.external})
         name, version = cfg.model_uri[len("models:/"):].split("/")
         return fake_evaluation(name, version, metrics_by_uri[cfg.model_uri], digest=digest_by_data[cfg.data])
 
@@ -153,7 +153,7 @@ def test_first_promotion_sets_champion_and_records_tags(store, capsys):
     assert tags["promotion.roc_auc"] == "pass value=0.95 limit=0.85"
     assert tags["promotion.champion"] == "pass"
     assert tags["promotion.replaced"] == ""
-    assert tags["promotion.reasons"].count("\n") == 6  # seven gates, one line each
+    assert tags["promotion.reasons"].count("\n") == 7  # eight gates, one line each
     assert tags["promotion.occlusion"].startswith("pass value=-0.03 limit=")
     out = capsys.readouterr().out
     assert "PROMOTED: version 1" in out and "no champion yet" in out and evaluate_run in out
@@ -365,6 +365,36 @@ def test_missing_evaluations_are_run_first_outside_the_promote_run(store, fake_e
     fake_evaluation(name, v3, WORSE)
     assert promote_step.run(config(name)) == 0
     assert len(calls) == 2
+
+
+# An external collection's occlusion check as evaluate logs it: with only the lungs shown the ranking falls.
+EXT_FALLS = {"external_ext_nih_occlusion_n": 311.0, "external_ext_nih_occlusion_lungs_only_auc_change": -0.18,
+             "external_ext_nih_occlusion_lungs_only_auc_change_ci_low": -0.24,
+             "external_ext_nih_occlusion_lungs_only_auc_change_ci_high": -0.12}
+
+
+def test_external_occlusion_needs_an_evaluation_that_scored_the_collections(store, fake_evaluate_step, capsys):
+    """promote -P external=DIR: an evaluate run without that collection is not reused; the step runs one
+    with the folders, and the decision holds the collection to the occlusion rule."""
+    name = new_name()
+    v1 = add_version(store, name)
+    fake_evaluation(name, v1, GOOD)  # scored no external collection
+    fake_evaluate_step.metrics[f"models:/{name}/{v1}"] = {**GOOD, **EXT_FALLS}
+    folder = "/data/collections/ext-nih"
+    assert promote_step.run(config(name, external=(folder,))) == 0
+    assert [(c["model_uri"], c["external"]) for c in fake_evaluate_step.calls] == [(f"models:/{name}/{v1}", (folder,))]
+    assert registry.aliases(name) == {"challenger": v1}  # refused: the collection's ranking leaves the lungs
+    out = capsys.readouterr().out
+    assert "failed 1 gate(s) (external_occlusion)" in out
+    assert "ext_nih: FAILS: with only the lungs shown, its ROC-AUC changes by -0.1800 [-0.2400, -0.1200]" in out
+    (run,) = promote_runs(name)
+    assert run.data.metrics["gate_external_occlusion_passed"] == 0.0
+    # Without -P external the same evidence is promotable, and the collection is still shown.
+    assert promote_step.run(config(name)) == 0
+    assert len(fake_evaluate_step.calls) == 1  # the evaluation that scored ext_nih is reused
+    assert registry.aliases(name) == {"champion": v1}
+    assert "not required (no -P external given; the evaluate run's external collections at this rule: ext_nih fails)" \
+        in capsys.readouterr().out
 
 
 def test_evaluation_of_the_source_logged_model_is_reused(store, fake_evaluate_step):

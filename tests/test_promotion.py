@@ -40,7 +40,7 @@ def test_everything_passes_and_every_gate_is_reported():
     decision = decide(challenger(), champion(), GATES)
     assert decision.promote is True
     assert decision.failed_gates == []
-    assert len(decision.reasons) == len(GATE_NAMES) == 7
+    assert len(decision.reasons) == len(GATE_NAMES) == 8
     assert all(reason.startswith("pass ") for reason in decision.reasons)
     assert list(decision.gate_values) == list(GATE_NAMES)
     assert decision.gate_values["sensitivity"] == {"passed": True, "value": 0.90, "limit": 0.8}
@@ -401,3 +401,75 @@ def test_occlusion_gate_refuses_a_laxer_mask_widening(name, margin, widest, pass
 def test_bad_occlusion_settings_are_refused(settings):
     with pytest.raises(ValueError, match=next(iter(settings))):
         Gates(**settings)
+
+
+EXTERNAL = GATE_NAMES.index("external_occlusion")
+
+
+def _external(name, estimate, low, high, n=311.0) -> dict[str, float]:
+    return {f"external_{name}_{key}": value for key, value in _occluded(estimate, low, high, n).items()}
+
+
+# Two collections as evaluate logs them: one whose ranking holds with only the lungs shown, one where it
+# falls (a model reading what surrounds the lungs on that hospital's films).
+HOLDS = _external("ext_other", -0.02, -0.05, 0.01)
+FALLS = _external("cxr_external_dev", -0.18, -0.24, -0.12)
+
+
+@pytest.mark.parametrize(
+    "name, metrics, required, passed, words",
+    [
+        ("not asked: passes and shows what the recorded collections say", HOLDS | FALLS, (), True,
+         "not required (no -P external given; the evaluate run's external collections at this rule: "
+         "cxr_external_dev fails; ext_other passes)"),
+        ("not asked, none recorded", {}, (), True, "pass external_occlusion: not required (no -P external given)"),
+        ("the one asked for holds", HOLDS | FALLS, ("ext_other",), True,
+         "ext_other: with only the lungs shown, its ROC-AUC changes by -0.0200 [-0.0500, +0.0100] (paired 95% "
+         "interval, 311 cases); the lower bound is at or above -0.08"),
+        ("the one asked for falls", HOLDS | FALLS, ("cxr_external_dev",), False,
+         "cxr_external_dev: FAILS: with only the lungs shown, its ROC-AUC changes by -0.1800"),
+        ("every one asked for must hold", HOLDS | FALLS, ("ext_other", "cxr_external_dev"), False,
+         "the lower bound -0.2400 is below -0.08"),
+        ("one the evaluate run did not score", HOLDS, ("ext_other", "cxr_external_dev"), False,
+         "recorded no occlusion check of cxr_external_dev (it has: ext_other); evaluate with -P external="),
+        ("scored but not computed there", HOLDS | {"external_nih_occlusion_n": 0.0}, ("nih",), False,
+         "not computed (external nih: see the evaluate run's log); it needs real lung masks for its images"),
+        ("no interval", _external("ext_other", -0.02, NAN, NAN), ("ext_other",), False, "has no interval"),
+    ],
+)
+def test_external_occlusion_gate(name, metrics, required, passed, words):
+    decision = decide(challenger(**metrics), None, Gates(external=required))
+    assert decision.promote is passed, (name, decision.reasons)
+    assert decision.failed_gates == ([] if passed else ["external_occlusion"]), name
+    reason = decision.reasons[EXTERNAL]
+    assert reason.startswith("pass external_occlusion" if passed else "FAIL external_occlusion"), reason
+    assert words in reason, (name, reason)
+    # The internal occlusion gate reads only the test split's figures, whatever the collections say.
+    assert decision.gate_values["occlusion"]["passed"] is True, name
+
+
+def test_external_occlusion_gate_holds_each_collection_to_promotes_widening_and_loss():
+    # The evaluate run's occlusion_margin applies to its external checks too: a laxer one fails them.
+    wide = decide(challenger(occlusion_margin=0.25, **HOLDS), None, Gates(external=("ext_other",), max_occlusion_margin=0.3))
+    assert wide.gate_values["external_occlusion"]["passed"] is True
+    laxer = decide(challenger(occlusion_margin=0.25, **HOLDS), None, Gates(external=("ext_other",)))
+    assert laxer.gate_values["external_occlusion"]["passed"] is False
+    assert "widened the lung masks by 0.25" in laxer.reasons[EXTERNAL]
+    # A stricter loss refuses what the default lets through (the test split's -0.03 too); the gate's value
+    # is the worst lower bound.
+    strict = decide(challenger(**HOLDS), None, Gates(external=("ext_other",), max_lungs_only_loss=0.02))
+    assert strict.failed_gates == ["occlusion", "external_occlusion"]
+    both = decide(challenger(**HOLDS, **FALLS), None, Gates(external=("ext_other", "cxr_external_dev")))
+    assert both.gate_values["external_occlusion"]["value"] == -0.24
+    assert both.gate_values["external_occlusion"]["limit"] == -0.08
+
+
+@pytest.mark.parametrize(
+    "folders, names",
+    [((), ()), (("/data/ext-other",), ("ext_other",)), (("/a/ext-other/", "/b/ext-other"), ("ext_other", "ext_other_2")),
+     (("../shared/data/cxr-external-dev",), ("cxr_external_dev",))],
+)
+def test_promote_names_its_external_folders_as_evaluate_does(folders, names):
+    from cxrexp.config import PromoteConfig
+
+    assert Gates.from_config(PromoteConfig(external=folders)).external == names

@@ -400,7 +400,8 @@ def render_html(card: ModelCard) -> str:
     parts.append("<h2>Occlusion check</h2>")
     parts.append(_occlusion_html(card.occlusion, card.occlusion_note))
     if card.occlusion_gate:
-        parts.append("<p>What promote's occlusion gate (at its defaults) says; promote judges only the test split:</p><ul>"
+        parts.append("<p>What promote's occlusion gates (at their defaults) say; promote judges the test split, and an "
+                     "external collection only when given its folder (-P external=...):</p><ul>"
                      + "".join(f"<li>{_e(line)}</li>" for line in card.occlusion_gate) + "</ul>")
     if card.occlusion_figure is not None:
         parts.append(_figure_html(card.occlusion_figure, "100%"))

@@ -68,7 +68,7 @@ from cxrexp.evaluation.test_evaluation import (
 )
 from cxrexp.mlflow_edge import evaluation_logging, run_names, tracking
 from cxrexp.mlflow_edge.model_uri import ModelSource, describe_model
-from cxrexp.promotion import Evidence, Gates, occlusion_gate
+from cxrexp.promotion import Evidence, Gates, external_occlusion_gate, occlusion_gate
 from cxrexp.tags import (
     AUDIT_REASON_TAG,
     AUDIT_TAG,
@@ -248,20 +248,18 @@ def run(cfg: EvaluateConfig) -> str:
 
 def occlusion_gate_lines(cfg: EvaluateConfig, occluded: OcclusionResult | None, note: str,
                          external: list) -> list[str]:
-    """What promote's occlusion gate, at its defaults, says of the test split (what promote will judge)
-    and of each external collection (which promote does not judge: shown so that a model whose lungs
-    carry its ranking at home but not on another hospital's films is seen before it is promoted)."""
-    gates = Gates()  # promote's defaults (Gates' defaults are PromoteConfig's)
-
-    def verdict(result: OcclusionResult | None, why: str) -> str:
-        reason = result.reason if result is not None and result.reason else why
-        evidence = Evidence(version="", metrics=occlusion_metrics(result), occlusion_note=reason or "failed: see the log",
-                            occlusion_margin=cfg.occlusion_margin)
-        return occlusion_gate(evidence, gates).reason
-
-    lines = [f"promote's occlusion gate (its defaults), test split: {verdict(occluded, note)}"]
-    lines += [f"the same gate on external {r.name} (shown, not judged by promote): {verdict(r.occlusion, '')}"
-              for r in external]
+    """What promote's occlusion gate, at its defaults, says of the test split (what promote judges by
+    default) and what its external_occlusion gate says of each external collection (judged only when
+    promote is given the collection's folder: shown so that a model whose lungs carry its ranking at
+    home but not on another hospital's films is seen before it is promoted)."""
+    reason = occluded.reason if occluded is not None and occluded.reason else note
+    evidence = Evidence(version="", metrics=occlusion_metrics(occluded), occlusion_note=reason or "failed: see the log",
+                        occlusion_margin=cfg.occlusion_margin)
+    lines = [f"promote's occlusion gate (its defaults), test split: {occlusion_gate(evidence, Gates()).reason}"]
+    for result in external:  # Gates' defaults are PromoteConfig's, i.e. promote's
+        collection = Evidence(version="", metrics=logged_metrics(result), occlusion_margin=cfg.occlusion_margin)
+        verdict = external_occlusion_gate(collection, Gates(external=(result.name,))).reason
+        lines.append(f"external {result.name}, judged by promote only with -P external=<its folder>: {verdict}")
     return lines
 
 

@@ -7,8 +7,9 @@ Flow (one MLflow run, tagged ``cxrexp.step=promote``):
    dataset (its ``dataset_digest`` tag and its train run's ``cxrexp.prepared_dir``);
 3. for each version, reuse a FINISHED evaluate run on that dataset digest whose ``cxrexp.model_uri``
    is the version (``models:/<name>/<version>``, or the logged model it was registered from) and
-   that used the model's own threshold; when there is none, run the evaluate step on
-   ``models:/<name>/<version>`` first. The evaluations happen BEFORE the promote run starts, so each
+   that used the model's own threshold (for the challenger, with ``--external``: one that also scored
+   those collections); when there is none, run the evaluate step on ``models:/<name>/<version>``
+   (with the challenger's ``--external`` folders) first. The evaluations happen BEFORE the promote run starts, so each
    is its own top-level run, never nested in the promote run;
 4. ``promotion.decide`` (pure), then (unless ``dry_run``) ``registry.promote`` and
    ``registry.record_decision``; ``decision.json`` and metrics go to the promote run.
@@ -35,7 +36,8 @@ from cxrexp.config import EvaluateConfig, PromoteConfig
 from cxrexp.data.store import PreparedDataError
 from cxrexp.mlflow_edge import evaluation_run, registry, run_names, tracking
 from cxrexp.mlflow_edge.model_uri import version_uri
-from cxrexp.promotion import CasePredictions, Decision, Evidence, Gates, decide
+from cxrexp.evaluation.external import collection_names
+from cxrexp.promotion import CasePredictions, Decision, Evidence, Gates, decide, external_collections
 from cxrexp.tags import (
     AUDIT_PASSED_METRIC,
     AUDIT_TAG,
@@ -107,8 +109,9 @@ def _used_own_threshold(run: Run) -> bool:
         return False
 
 
-def find_evaluation(name: str, version: ModelVersion, digest: str) -> Run | None:
-    """The newest FINISHED evaluate run of this version on dataset ``digest`` (model's own threshold)."""
+def find_evaluation(name: str, version: ModelVersion, digest: str, collections: tuple[str, ...] = ()) -> Run | None:
+    """The newest FINISHED evaluate run of this version on dataset ``digest`` (model's own threshold)
+    that recorded the occlusion check of every external collection named in ``collections``."""
     client = MlflowClient()
     wanted = equivalent_uris(name, version)
     runs = client.search_runs(
@@ -121,7 +124,8 @@ def find_evaluation(name: str, version: ModelVersion, digest: str) -> Run | None
         max_results=500,
     )
     for run in runs:
-        if run.data.tags.get(MODEL_URI_TAG) in wanted and _used_own_threshold(run):
+        if (run.data.tags.get(MODEL_URI_TAG) in wanted and _used_own_threshold(run)
+                and set(collections) <= set(external_collections(run.data.metrics))):
             return run
     return None
 
@@ -191,26 +195,30 @@ def target_dataset(cfg: PromoteConfig, challenger: ModelVersion) -> tuple[str, s
     return digest, prepared
 
 
-def _run_evaluate(model_uri: str, data: str) -> str:
-    print(f"evaluating {model_uri} on {data} (no evaluate run on this dataset yet)")
+def _run_evaluate(model_uri: str, data: str, external: tuple[str, ...] = ()) -> str:
+    scored = f" and the external collections {', '.join(external)}" if external else ""
+    print(f"evaluating {model_uri} on {data}{scored} (no evaluate run of them yet)")
     # We are not inside the promote run yet; still, under `mlflow run` MLFLOW_RUN_ID names the promote
     # run and evaluate's start_run would resume it: evaluate must get a run of its own.
     with tracking.outside_project_run():
-        return evaluation_run.run(EvaluateConfig(model_uri=model_uri, data=data))
+        return evaluation_run.run(EvaluateConfig(model_uri=model_uri, data=data, external=external))
 
 
-def ensure_evaluation(name: str, version: ModelVersion, digest: str, data: str | None) -> Evaluation:
-    """Evidence for ``version`` on dataset ``digest``: a finished evaluate run, or a new one."""
-    found = find_evaluation(name, version, digest)
+def ensure_evaluation(name: str, version: ModelVersion, digest: str, data: str | None,
+                      external: tuple[str, ...] = ()) -> Evaluation:
+    """Evidence for ``version`` on dataset ``digest``: a finished evaluate run that also scored the
+    ``external`` collection folders (matched by ``collection_names``), or a new one of them all."""
+    found = find_evaluation(name, version, digest, tuple(collection_names(external)))
     if found is not None:
         return Evaluation(version, found.info.run_id, evidence_from_run(version, found), evaluated_now=False)
     uri = version_uri(name, version.version)
     if not data:
+        also = f" that scored the external collections {', '.join(collection_names(external))}" if external else ""
         raise CannotDecide(
-            f"no evaluate run of {uri} on dataset {digest}, and the folder of that dataset is unknown: "
+            f"no evaluate run of {uri} on dataset {digest}{also}, and the folder of that dataset is unknown: "
             "pass --data <prepared folder or preprocess run id>"
         )
-    run_id = _run_evaluate(uri, data)
+    run_id = _run_evaluate(uri, data, external)
     run = MlflowClient().get_run(run_id)
     recorded = run.data.tags.get(DIGEST_TAG)
     if recorded != digest:
@@ -335,7 +343,7 @@ def run(cfg: PromoteConfig) -> int:
             return EXIT_OK
         digest, data = target_dataset(cfg, challenger_version)
         # Evaluations first, outside any run: each evaluate run stays a top-level run of its own.
-        challenger = ensure_evaluation(name, challenger_version, digest, data)
+        challenger = ensure_evaluation(name, challenger_version, digest, data, cfg.external)
         champion = ensure_evaluation(name, champion_version, digest, data) if champion_version else None
     except (CannotDecide, registry.RegistryError, PreparedDataError) as err:
         return _fail(f"cannot decide: {err}")
