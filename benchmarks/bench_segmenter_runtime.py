@@ -14,7 +14,11 @@ prints ms per image and the ratio to the baseline:
 - a TensorFlow Lite conversion (``model.export`` as a SavedModel, then
   ``tf.lite.TFLiteConverter.from_saved_model``, run by ``tf.lite.Interpreter`` with 2 threads), with
   the largest difference from the Keras output, so a conversion that lost the weights cannot pass
-  for a fast one.
+  for a fast one;
+- an ONNX Runtime session on a ``tf2onnx`` conversion of the Keras model (the converter Keras 3's own
+  ONNX export uses for TensorFlow), with the same difference column. Neither package is a cxrexp
+  dependency: the row says "not installed" unless ``pip install onnxruntime tf2onnx`` was run (best
+  in a virtual environment of its own made with ``--system-site-packages``).
 
 The networks are untrained: a forward pass costs the same whatever the weights. Why it exists:
 docs/lungs.md ("What a lung view costs") decides whether a cheaper runtime or network could bring
@@ -70,6 +74,20 @@ def tflite_runner(model, batch: np.ndarray) -> Callable[[np.ndarray], np.ndarray
     return run
 
 
+def onnxruntime_runner(model, batch: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The model converted by tf2onnx (opset 17), run by an ONNX Runtime CPU session (its default threads).
+    Raises ImportError when either package is missing."""
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+
+    signature = (tf.TensorSpec((None, *batch.shape[1:]), tf.float32, name="image"),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=17)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=64)
@@ -100,6 +118,15 @@ def main() -> int:
                          f"largest difference from Keras {gap:.1e}"))
         except Exception as err:  # noqa: BLE001 - a runtime that cannot convert is a finding, not a crash
             rows.append((f"{conv}, TensorFlow Lite", float("nan"), f"conversion failed: {type(err).__name__}: {err}"[:160]))
+        try:
+            run = onnxruntime_runner(model, batch)
+            gap = float(np.abs(run(batch) - reference).max())
+            rows.append((f"{conv}, ONNX Runtime", per_image_ms(run, batch, args.repeats),
+                         f"largest difference from Keras {gap:.1e}"))
+        except ImportError as err:
+            rows.append((f"{conv}, ONNX Runtime", float("nan"), f"not installed ({err.name}): pip install onnxruntime tf2onnx"))
+        except Exception as err:  # noqa: BLE001
+            rows.append((f"{conv}, ONNX Runtime", float("nan"), f"conversion failed: {type(err).__name__}: {err}"[:160]))
     baseline = rows[0][1]
     print(f"\nload average at the end: {load_average()}")
     print("| network, runtime | ms per image | ratio to the baseline | note |")

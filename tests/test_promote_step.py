@@ -373,14 +373,19 @@ EXT_FALLS = {"external_ext_nih_occlusion_n": 311.0, "external_ext_nih_occlusion_
              "external_ext_nih_occlusion_lungs_only_auc_change_ci_high": -0.12}
 
 
-def test_external_occlusion_needs_an_evaluation_that_scored_the_collections(store, fake_evaluate_step, capsys):
+def test_external_occlusion_needs_an_evaluation_that_scored_the_collections(store, fake_evaluate_step, capsys, tmp_path):
     """promote -P external=DIR: an evaluate run without that collection is not reused; the step runs one
     with the folders, and the decision holds the collection to the occlusion rule."""
     name = new_name()
     v1 = add_version(store, name)
     fake_evaluation(name, v1, GOOD)  # scored no external collection
     fake_evaluate_step.metrics[f"models:/{name}/{v1}"] = {**GOOD, **EXT_FALLS}
-    folder = "/data/collections/ext-nih"
+    folder = str(tmp_path / "ext-nih")
+    # A folder that is not there: refused before any evaluation, naming it.
+    assert promote_step.run(config(name, external=(folder,))) == promote_step.EXIT_CANNOT_DECIDE
+    assert f"--external {folder} is not a folder" in capsys.readouterr().err
+    assert fake_evaluate_step.calls == []
+    (tmp_path / "ext-nih").mkdir()
     assert promote_step.run(config(name, external=(folder,))) == 0
     assert [(c["model_uri"], c["external"]) for c in fake_evaluate_step.calls] == [(f"models:/{name}/{v1}", (folder,))]
     assert registry.aliases(name) == {"challenger": v1}  # refused: the collection's ranking leaves the lungs

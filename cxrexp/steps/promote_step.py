@@ -25,6 +25,7 @@ import logging
 import math
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -217,6 +218,13 @@ def ensure_evaluation(name: str, version: ModelVersion, digest: str, data: str |
         raise CannotDecide(
             f"no evaluate run of {uri} on dataset {digest}{also}, and the folder of that dataset is unknown: "
             "pass --data <prepared folder or preprocess run id>"
+        )
+    missing = [folder for folder in external if not Path(folder).expanduser().is_dir()]
+    if missing:  # before evaluate loads anything: a typo in a folder is the likely cause
+        raise CannotDecide(
+            f"no evaluate run of {uri} on dataset {digest} scored the external collections "
+            f"{', '.join(collection_names(external))}, and --external {', '.join(missing)} is not a folder "
+            "(give collections with class folders, e.g. COVID/ and Normal/)"
         )
     run_id = _run_evaluate(uri, data, external)
     run = MlflowClient().get_run(run_id)
