@@ -693,6 +693,7 @@ def test_ctrl_c_leaves_no_run_running_and_the_study_resumable(in_shared_store, s
 # --------------------------------------------------------------------------- processes and PostgreSQL
 
 
+@pytest.mark.slow  # 30-47 s each on a 2-core host: README, "Tests"
 def test_two_worker_processes_run_exactly_the_requested_trials(in_shared_store, synthetic_prepared, tmp_path):
     cfg = study_cfg(study_name="parallel", n_trials=3, n_jobs=2, storage=f"sqlite:///{tmp_path / 'parallel.db'}",
                     registered_model_name="m-parallel")
@@ -781,6 +782,7 @@ def _wait_for(condition, what: str, timeout_s: float = 180.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # 30-47 s each on a 2-core host: README, "Tests"
 def test_a_dead_workers_trial_is_failed_by_its_heartbeat_and_retried_while_a_live_one_is_left_alone(
         in_shared_store, synthetic_prepared, tmp_path):
     from cxrexp.tags import RETRY_OF_TAG
@@ -862,6 +864,7 @@ print("opened")
 """
 
 
+@pytest.mark.slow  # 35 s on a 2-core host: README, "Tests"
 @pytest.mark.postgres
 def test_machines_opening_a_fresh_postgresql_storage_at_once_all_succeed(tmp_path):
     """Optuna's CREATE TABLE/TYPE on a fresh database used to kill all but one of them (UniqueViolation)."""
@@ -892,6 +895,7 @@ def test_machines_opening_a_fresh_postgresql_storage_at_once_all_succeed(tmp_pat
         admin.dispose()
 
 
+@pytest.mark.slow  # 30-47 s each on a 2-core host: README, "Tests"
 def test_system_metrics_are_logged_on_the_train_run_and_the_trials_when_asked(in_shared_store, synthetic_prepared,
                                                                              monkeypatch):
     from cxrexp.steps import train_step
