@@ -25,6 +25,13 @@ Gates, each reported in plain words whether it passes or fails:
     only their lungs, models that read whole films), never on a test split (docs/serving.md, "The
     occlusion gate"). Not computed (no real lung masks, one class, a failure) or recorded without an
     interval fails, with the evaluate run's own reason.
+``external_occlusion``
+    when promote is given external collections (``Gates.external``: their names as evaluate logs them,
+    ``external_<name>_occlusion_*``), the same occlusion rule must hold on each: the check on another
+    hospital's films is what shows whether the lungs carry the ranking off the model's own database.
+    A collection the evaluate run did not score, or scored without occluding, fails. Not asked by
+    default (the default lung-cropped models fail it on both external dev pairings: docs/serving.md,
+    "The external occlusion gate"); then it passes and shows what each recorded collection would say.
 ``overlap``
     ``test_overlap_with_training`` (test images whose bytes are in the training data) must be 0: a
     figure measured partly on training images is not a test figure. Not recorded (the training
