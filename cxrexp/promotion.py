@@ -153,7 +153,7 @@ class Gates:
             require_occlusion=bool(cfg.require_occlusion),
             max_lungs_only_loss=float(cfg.max_lungs_only_loss),
             max_occlusion_margin=float(cfg.max_occlusion_margin),
-            external=tuple(collection_names(tuple(getattr(cfg, "external", ())))),
+            external=tuple(collection_names(cfg.external)),
             n_bootstrap=int(cfg.n_bootstrap),
             seed=int(cfg.seed),
         )
@@ -383,8 +383,8 @@ def _occlusion_verdict(metrics: Mapping[str, float], note: str | None, margin: f
 
 def occlusion_gate(challenger: Evidence, gates: Gates) -> GateCheck:
     """The ``occlusion`` gate alone, on the test split (``decide`` runs it with the others; evaluate runs it
-    to tell the reader, before any promote, what promote's default gate will say of the test split and of
-    each external collection)."""
+    to tell the reader, before any promote, what promote's default gate will say of the test split;
+    ``external_occlusion_gate`` says it of each external collection)."""
     limit = -gates.max_lungs_only_loss
     verdict = _occlusion_verdict(challenger.metrics, challenger.occlusion_note, challenger.occlusion_margin, gates,
                                  cases="test", switch_off="set require_occlusion=false")

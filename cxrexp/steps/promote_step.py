@@ -35,9 +35,9 @@ from mlflow.tracking import MlflowClient
 
 from cxrexp.config import EvaluateConfig, PromoteConfig
 from cxrexp.data.store import PreparedDataError
+from cxrexp.evaluation.external import collection_names
 from cxrexp.mlflow_edge import evaluation_run, registry, run_names, tracking
 from cxrexp.mlflow_edge.model_uri import version_uri
-from cxrexp.evaluation.external import collection_names
 from cxrexp.promotion import CasePredictions, Decision, Evidence, Gates, decide, external_collections
 from cxrexp.tags import (
     AUDIT_PASSED_METRIC,
@@ -209,12 +209,14 @@ def ensure_evaluation(name: str, version: ModelVersion, digest: str, data: str |
                       external: tuple[str, ...] = ()) -> Evaluation:
     """Evidence for ``version`` on dataset ``digest``: a finished evaluate run that also scored the
     ``external`` collection folders (matched by ``collection_names``), or a new one of them all."""
-    found = find_evaluation(name, version, digest, tuple(collection_names(external)))
+    collections = tuple(collection_names(external))
+    names = ", ".join(collections)
+    found = find_evaluation(name, version, digest, collections)
     if found is not None:
         return Evaluation(version, found.info.run_id, evidence_from_run(version, found), evaluated_now=False)
     uri = version_uri(name, version.version)
     if not data:
-        also = f" that scored the external collections {', '.join(collection_names(external))}" if external else ""
+        also = f" that scored the external collections {names}" if external else ""
         raise CannotDecide(
             f"no evaluate run of {uri} on dataset {digest}{also}, and the folder of that dataset is unknown: "
             "pass --data <prepared folder or preprocess run id>"
@@ -223,7 +225,7 @@ def ensure_evaluation(name: str, version: ModelVersion, digest: str, data: str |
     if missing:  # before evaluate loads anything: a typo in a folder is the likely cause
         raise CannotDecide(
             f"no evaluate run of {uri} on dataset {digest} scored the external collections "
-            f"{', '.join(collection_names(external))}, and --external {', '.join(missing)} is not a folder "
+            f"{names}, and --external {', '.join(missing)} is not a folder "
             "(give collections with class folders, e.g. COVID/ and Normal/)"
         )
     run_id = _run_evaluate(uri, data, external)
